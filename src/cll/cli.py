@@ -1,0 +1,122 @@
+"""The ``cll`` command: parse arguments, call one function, turn user mistakes into one line.
+
+    cll train   --config run.yaml --out DIR [--set key=value ...]   -> DIR/model.pt, DIR/train.json
+    cll certify --run DIR [--eps 36/255 ...] [--device auto]        -> DIR/certify.json
+    cll list                                                        registered names and config keys
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import CllError, ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.set)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out!r} is a file, not a run directory")
+    summary = train(cfg, args.out)
+    last = summary["epochs"][-1] if summary["epochs"] else {}
+    print(f"trained {cfg.arch} on {cfg.dataset} ({cfg.loss}) into {args.out}: "
+          f"train accuracy {100 * last.get('accuracy', float('nan')):.1f}%, "
+          f"K estimate {summary['lipschitz_estimate']:.4g}, bound {summary['lipschitz_bound']:.4g}, "
+          f"{summary['wall_time']:.1f} s")
+
+
+def cmd_certify(args: argparse.Namespace) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from . import certify, data, losses, results
+    from .config import parse_number
+    from .train import load_run, resolve_device
+
+    device = resolve_device(args.device)
+    cfg, model = load_run(args.run, device)
+    eps = [parse_number("--eps", e) for e in args.eps] if args.eps else cfg.certify_eps
+    if any(e <= 0 for e in eps):
+        raise ConfigError(f"--eps: {args.eps} must all be > 0")
+    _, test_set, _ = data.load_dataset(cfg.dataset, root=cfg.data_root, augment=False, seed=cfg.seed,
+                                       max_test=cfg.max_test)
+    loader = DataLoader(test_set, batch_size=args.batch_size or cfg.eval_batch_size)
+    t0 = time.time()
+    with torch.no_grad():
+        out = certify.certify(model, loader, eps, device)
+    out["k_hf"] = losses.k_hf(cfg.eps, cfg.p) if cfg.loss == "cll" else None
+    out["eps"] = list(eps)
+    out["seconds"] = time.time() - t0
+    results.write_json(Path(args.run) / results.CERTIFY, out)
+    cra = "  ".join(f"CRA@{k} {100 * v:.1f}%" for k, v in out["cra"].items())
+    print(f"{args.run}: clean {100 * out['clean_accuracy']:.1f}%  {cra}  K {out['lipschitz_constant']:.4g}"
+          f" (n={out['n_samples']})")
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from . import data, losses, models
+    from .config import KEYS
+
+    print("architectures:", ", ".join(models.names()))
+    print("losses:       ", ", ".join(losses.names()))
+    print("datasets:     ", ", ".join(data.dataset_names()))
+    print("config keys:  ", ", ".join(KEYS))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cll", description="Train and certify Lipschitz-margin classifiers (CLL).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train one run (resumes if DIR holds a checkpoint)")
+    p.add_argument("--config", help="YAML run config (keys: cll list)")
+    p.add_argument("--out", required=True, help="run directory for model.pt and train.json")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set p=0.01 epochs=10")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("certify", help="certify a trained run on its test set")
+    p.add_argument("--run", required=True, help="run directory written by cll train")
+    p.add_argument("--eps", nargs="+", help="radii (default: the run's certify_eps); fractions like 36/255 work")
+    p.add_argument("--batch-size", type=_positive_int, help="evaluation batch size (default: the run's)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("list", help="registered architectures, losses, data sets and config keys")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CllError as err:
+        print(f"cll: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cll: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

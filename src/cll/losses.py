@@ -1,0 +1,183 @@
+"""Training losses: CLL (pairwise and per-logit), GloRo (bottom class, TRADES), cross-entropy.
+
+Every loss is called as ``loss(logits, target, head_weight, lip_body, progress)``:
+``logits`` (N, C), ``target`` (N,) int64, ``head_weight`` the classifier's W (C, d), ``lip_body``
+the body's Lipschitz estimate K_F (a scalar tensor, refreshed by power iteration earlier in the
+same step, with gradient), ``progress`` the fraction of training done in [0, 1] (for schedules).
+
+The K penalty ``lambda * K^pow`` is a separate term (``lipschitz_penalty``), added by the trainer
+for any loss, as in the CLL reference (``GlobalLipschitzDecay``, shared/spec/cll.md section 1.2).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lipschitz import head_factor
+from .registry import Registry
+
+LOSSES = Registry("loss")
+
+
+# ---------------------------------------------------------------- CLL
+def k_hf(eps: float, p: float) -> float:
+    """K^(h o f) = 1/sigma = log((2-p)/p) / eps: the Lipschitz constant of the calibrated model.
+
+    Losch, Stutz, Schiele, Fritz, "Certified Robust Models with Slack Control and Large Lipschitz
+    Constants", GCPR 2023, arXiv 2309.06166. The reference code puts p/2 in each tail:
+    sigma = 2 eps / (logit(1 - p/2) - logit(p/2)) = eps / log((2-p)/p) (spec section 1.3), which
+    is the convention of every K^(h o f) value printed on the poster (e.g. eps 0.5, p 0.01 -> 10.6).
+    """
+    return math.log((2.0 - p) / p) / eps
+
+
+def cll_sigma(eps: float, p: float) -> float:
+    """Temperature sigma = eps / log((2-p)/p), computed in float64 (stable down to p = 1e-15)."""
+    return 1.0 / k_hf(eps, p)
+
+
+def cll_loss(logits: torch.Tensor, target: torch.Tensor, head_weight: torch.Tensor,
+             lip_body: torch.Tensor | float, eps: float, p: float, delta: float | None = None,
+             form: str = "pairwise", offset: str = "two-sided", k_scale: float = 1.0) -> torch.Tensor:
+    """Calibrated Lipschitz-margin loss (Losch et al. 2023), batch mean.
+
+    pairwise (the ``CLL`` class of the reference; default):
+        u_j = (z_j - z_t) / (k_scale * sigma * K_F * ||W_t - W_j||) + delta/sigma  (j != t),
+        u_t = -delta/sigma (two-sided) or 0 (one-sided);  loss = CE(u, t), i.e.
+        log(1 + sum_{j!=t} exp((-d_tj + 2 delta)/sigma)) with d_tj = (z_t - z_j)/(K_F ||W_t-W_j||),
+        the certified distance to the t/j boundary (two-sided: centred at 2 delta; one-sided: delta).
+    per_logit (``KeepLipschitzMarginCELossV2``, the 6C2F/8C2F/two-moons recipes):
+        u_i = z_i / (k_scale * sigma * K_F * ||W_i||) + delta/sigma * (+1 if i != t else -1 or 0).
+
+    K_F and W are detached here: CLL's gradient flows through the logits only; K is steered by the
+    separate penalty. ``delta`` (the offset) defaults to ``eps``. ``k_scale`` is not applied to the
+    offset.
+    """
+    sigma = cll_sigma(eps, p)
+    delta = eps if delta is None else delta
+    w = head_weight.detach()
+    k_f = lip_body.detach() if torch.is_tensor(lip_body) else torch.tensor(lip_body)
+    scale = k_scale * sigma * k_f.to(logits.dtype)
+    if form == "pairwise":
+        k_tj = torch.cdist(w[target], w)  # (N, C): ||W_t - W_j||
+        # K_tt is 0 and so is z_t - z_t: any nonzero filler avoids 0/0 (spec pitfall 4)
+        k_tj = k_tj.scatter(1, target[:, None], 1.0)
+        u = (logits - logits.gather(1, target[:, None])) / (scale * k_tj)
+    elif form == "per_logit":
+        u = logits / (scale * w.norm(dim=1))
+    else:
+        raise ValueError(f"unknown CLL form {form!r}; allowed: pairwise, per_logit")
+    if offset not in ("two-sided", "one-sided"):
+        raise ValueError(f"unknown CLL offset {offset!r}; allowed: two-sided, one-sided")
+    target_offset = -delta / sigma if offset == "two-sided" else 0.0
+    shift = torch.full_like(u, delta / sigma).scatter(1, target[:, None], target_offset)
+    return F.cross_entropy(u + shift, target)
+
+
+def polynomial(start: float, end: float, power: float, progress: float) -> float:
+    """The reference's PolynomialScheduler: end + (start - end) * (1 - progress)^power."""
+    return end + (start - end) * (1.0 - min(max(progress, 0.0), 1.0)) ** power
+
+
+class CLL(nn.Module):
+    """CLL with its K_scale schedule (poly from ``k_scale_start`` to 1; 8C2F recipe: 0.01, power 10)."""
+
+    needs_lipschitz = True
+
+    def __init__(self, eps: float, p: float, delta: float | None = None, form: str = "pairwise",
+                 offset: str = "two-sided", k_scale_start: float = 1.0, k_scale_power: float = 10.0):
+        super().__init__()
+        self.eps, self.p, self.delta, self.form, self.offset = eps, p, delta, form, offset
+        self.k_scale_start, self.k_scale_power = k_scale_start, k_scale_power
+
+    def forward(self, logits, target, head_weight, lip_body, progress: float = 1.0):
+        k_scale = polynomial(self.k_scale_start, 1.0, self.k_scale_power, progress)
+        return cll_loss(logits, target, head_weight, lip_body, self.eps, self.p, self.delta,
+                        self.form, self.offset, k_scale)
+
+
+# ---------------------------------------------------------------- GloRo
+def gloro_logits(logits: torch.Tensor, head_weight: torch.Tensor, lip_body: torch.Tensor | float,
+                 eps: float) -> torch.Tensor:
+    """The C+1 logits [z, y_bot] of GloRo (Leino et al., ICML 2021, arXiv 2102.08452, eq. 5):
+    y_bot = max_{i != j} (z_i + eps * K_F * ||W_j - W_i||) with j = argmax z (no gradient through
+    the argmax). The bound keeps its gradient: GloRo trains through K."""
+    j = logits.detach().argmax(1)
+    k_ji = lip_body * torch.cdist(head_weight[j], head_weight)  # (N, C)
+    others = (logits + eps * k_ji).scatter(1, j[:, None], float("-inf"))
+    return torch.cat([logits, others.max(1, keepdim=True).values], dim=1)
+
+
+def gloro_loss(logits, target, head_weight, lip_body, eps: float, trades: float = 0.0):
+    """CE over GloRo's C+1 logits (the bottom class is never a label), or with ``trades`` > 0 the
+    TRADES form CE(z, y) + trades * KL([softmax(z), 0] || softmax([z, y_bot])), where the KL equals
+    logsumexp([z, y_bot]) - logsumexp(z)."""
+    augmented = gloro_logits(logits, head_weight, lip_body, eps)
+    if trades == 0:
+        return F.cross_entropy(augmented, target)
+    kl = torch.logsumexp(augmented, 1) - torch.logsumexp(logits, 1)
+    return F.cross_entropy(logits, target) + trades * kl.mean()
+
+
+class GloRo(nn.Module):
+    """GloRo loss with its eps warm-up: poly 0 -> eps (power 5) over the first ``eps_warmup`` fraction
+    of training (the CLL repo's PyTorch GloRo baseline ramps over the whole run: 1.0)."""
+
+    needs_lipschitz = True
+
+    def __init__(self, eps: float, trades: float = 0.0, eps_warmup: float = 1.0, warmup_power: float = 5.0):
+        super().__init__()
+        self.eps, self.trades, self.eps_warmup, self.warmup_power = eps, trades, eps_warmup, warmup_power
+
+    def current_eps(self, progress: float) -> float:
+        if self.eps_warmup <= 0:
+            return self.eps
+        return polynomial(0.0, self.eps, self.warmup_power, progress / self.eps_warmup)
+
+    def forward(self, logits, target, head_weight, lip_body, progress: float = 1.0):
+        return gloro_loss(logits, target, head_weight, lip_body, self.current_eps(progress), self.trades)
+
+
+class CrossEntropy(nn.Module):
+    """Plain cross-entropy on the logits (a non-robust baseline; K still logged and certified)."""
+
+    needs_lipschitz = False
+
+    def forward(self, logits, target, head_weight=None, lip_body=None, progress: float = 1.0):
+        return F.cross_entropy(logits, target)
+
+
+# ---------------------------------------------------------------- the K penalty
+def lipschitz_penalty(lip_body: torch.Tensor, head_weight: torch.Tensor, lam: float,
+                      power: float = 2.0) -> torch.Tensor:
+    """lambda * K^power with K = K_F * max_ij ||W_i - W_j|| (the reference's GlobalLipschitzDecay);
+    the gradient flows through the power iterations that produced K_F and through W."""
+    return lam * (lip_body * head_factor(head_weight)) ** power
+
+
+# ---------------------------------------------------------------- registry (built from a RunConfig)
+@LOSSES.register("cll")
+def _cll(cfg) -> CLL:
+    return CLL(cfg.eps, cfg.p, cfg.delta, cfg.cll_form, cfg.cll_offset, cfg.k_scale_start, cfg.k_scale_power)
+
+
+@LOSSES.register("gloro")
+def _gloro(cfg) -> GloRo:
+    return GloRo(cfg.eps, cfg.trades, cfg.eps_warmup)
+
+
+@LOSSES.register("ce")
+def _ce(cfg) -> CrossEntropy:
+    return CrossEntropy()
+
+
+def create(cfg) -> nn.Module:
+    """The loss named by ``cfg.loss``, with its hyperparameters from the run config."""
+    return LOSSES.create(cfg.loss, cfg=cfg)
+
+
+def names() -> list[str]:
+    return LOSSES.names()

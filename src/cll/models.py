@@ -1,0 +1,117 @@
+"""Architectures, built by name: ``create("8C2F", num_classes=200, in_shape=(3, 64, 64))``.
+
+Every model is a ``LipschitzNet``: a sequential ``body`` of conv/linear layers and MaxMin
+activations, an unconstrained linear ``head`` (the classifier), and a ``power`` module holding the
+persistent power-iteration iterates of the body's layers (``cll.lipschitz``). Inputs are raw [0,1]
+pixels (no normalisation), so the input factor ``input_lipschitz`` is 1.
+
+GloRo-family nets, as the CLL reference configures them (shared/spec/cll.md section 4; Leino, Wang,
+Fredrikson, "Globally-Robust Neural Networks", ICML 2021, arXiv 2102.08452). ``C(out, k, s, p)``
+is a conv with bias followed by MaxMin; ``F(n)`` a dense layer followed by MaxMin; the head is the
+last dense layer. Sizes of the dense layers after Flatten follow from ``in_shape``.
+
+======== ======================================================================================
+2C2F     C(16,4,2,1) C(32,4,2,1) F(100)                                   (GloRo's MNIST net)
+4C3F     C(32,3,1,1) C(32,3,2,1) C(64,3,1,1) C(64,3,2,1) F(512) F(512)
+6C2F     C(32,3,1,1) C(32,3,1,1) C(32,4,2,1) C(64,3,1,1) C(64,3,1,1) C(64,4,2,1) F(512)
+8C2F     C(64,3,1,1) C(64,3,1,1) C(64,4,2,0) C(128,3,1,1) C(128,3,1,1) C(128,4,2,0)
+         C(256,3,1,1) C(256,4,2,0) F(256)
+moons-mlp  F(10) F(20) F(40) F(40) F(20) F(10)  on 2-d inputs
+======== ======================================================================================
+
+Initialisation: Kaiming-normal weights, zero biases (the reference's ``init_weights``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .layers import MaxMin
+from .lipschitz import PowerIteration
+from .registry import Registry
+
+ARCHS = Registry("architecture")
+
+
+class LipschitzNet(nn.Module):
+    """body -> head; the body's Lipschitz constant is bounded layer by layer in ``cll.lipschitz``."""
+
+    def __init__(self, body: nn.Sequential, head: nn.Linear, in_shape: Sequence[int],
+                 input_lipschitz: float = 1.0):
+        super().__init__()
+        self.in_shape = tuple(in_shape)
+        self.num_classes = head.out_features
+        self.input_lipschitz = float(input_lipschitz)
+        self.body = body
+        self.head = head
+        self.power = PowerIteration(body, self.in_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _init(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def gloro_net(convs: Sequence[tuple[int, int, int, int]], dense: Sequence[int], num_classes: int,
+              in_shape: Sequence[int]) -> LipschitzNet:
+    """Conv layers ``(out_channels, kernel, stride, padding)``, then dense widths, then the head;
+    MaxMin after every layer but the head."""
+    layers: list[nn.Module] = []
+    channels = in_shape[0]
+    for out, k, s, p in convs:
+        layers += [nn.Conv2d(channels, out, k, stride=s, padding=p), MaxMin()]
+        channels = out
+    if len(in_shape) > 1:
+        layers.append(nn.Flatten())
+    with torch.no_grad():  # the flattened width depends on the input size
+        width = nn.Sequential(*layers)(torch.zeros(1, *in_shape)).shape[1]
+    for n in dense:
+        layers += [nn.Linear(width, n), MaxMin()]
+        width = n
+    model = LipschitzNet(nn.Sequential(*layers), nn.Linear(width, num_classes), in_shape)
+    model.apply(_init)
+    return model
+
+
+@ARCHS.register("2C2F")
+def gloro_2c2f(num_classes: int, in_shape: Sequence[int]) -> LipschitzNet:
+    return gloro_net([(16, 4, 2, 1), (32, 4, 2, 1)], [100], num_classes, in_shape)
+
+
+@ARCHS.register("4C3F")
+def gloro_4c3f(num_classes: int, in_shape: Sequence[int]) -> LipschitzNet:
+    return gloro_net([(32, 3, 1, 1), (32, 3, 2, 1), (64, 3, 1, 1), (64, 3, 2, 1)], [512, 512],
+                     num_classes, in_shape)
+
+
+@ARCHS.register("6C2F")
+def gloro_6c2f(num_classes: int, in_shape: Sequence[int]) -> LipschitzNet:
+    return gloro_net([(32, 3, 1, 1), (32, 3, 1, 1), (32, 4, 2, 1),
+                      (64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 1)], [512], num_classes, in_shape)
+
+
+@ARCHS.register("8C2F")
+def gloro_8c2f(num_classes: int, in_shape: Sequence[int]) -> LipschitzNet:
+    return gloro_net([(64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 0),
+                      (128, 3, 1, 1), (128, 3, 1, 1), (128, 4, 2, 0),
+                      (256, 3, 1, 1), (256, 4, 2, 0)], [256], num_classes, in_shape)
+
+
+@ARCHS.register("moons-mlp")
+def moons_mlp(num_classes: int, in_shape: Sequence[int]) -> LipschitzNet:
+    return gloro_net([], [10, 20, 40, 40, 20, 10], num_classes, in_shape)
+
+
+def create(arch: str, num_classes: int, in_shape: Sequence[int]) -> LipschitzNet:
+    """Build a registered architecture; an unknown name fails with the list of known ones."""
+    return ARCHS.create(arch, num_classes=num_classes, in_shape=tuple(in_shape))
+
+
+def names() -> list[str]:
+    return ARCHS.names()

@@ -1,0 +1,42 @@
+"""Files of a run directory, written atomically (a temporary name, then a rename), so a kill at
+any moment leaves either the old file or the new one, never a partial one.
+
+A run directory holds ``model.pt`` (weights, optimizer, schedule, RNG state, history),
+``train.json`` (resolved config, per-epoch metrics, wall time) and ``certify.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+MODEL = "model.pt"
+TRAIN = "train.json"
+CERTIFY = "certify.json"
+
+
+def _atomic(path: Path, write: Callable[[Any], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    _atomic(path, lambda f: torch.save(obj, f))

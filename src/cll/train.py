@@ -1,0 +1,229 @@
+"""The training loop: ``train(cfg, out_dir)`` trains one run and writes its run directory.
+
+One step (the CLL reference's order, shared/spec/cll.md section 1.2 and pitfall 10):
+  1. refresh the body's Lipschitz estimate K_F with ``pi_iters`` warm-started power iterations,
+     keeping the graph (the penalty differentiates through them);
+  2. loss = criterion(logits, y, W, K_F) + lip_penalty * (K_F * max_ij ||W_i - W_j||)^lip_pow;
+  3. backward, optimizer step, LR schedule step (per iteration).
+At each epoch end the iterates are converged and the estimate is logged. The run is checkpointed
+every ``checkpoint_every`` epochs with model, optimizer, schedule and RNG states, so rerunning the
+same command resumes where it stopped. The sound bound is computed once at the end.
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from . import data, lipschitz, losses, models, results
+from .config import RunConfig, build_config
+from .errors import CllError, ConfigError
+
+
+class TrainingDiverged(CllError):
+    """The loss or K became NaN/Inf."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but no CUDA GPU is visible; use auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def make_schedule(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """LR multiplier per iteration (the reference steps its schedulers every iteration)."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "multistep":
+        epochs = cfg.milestones or [round(f * cfg.epochs) for f in (0.5, 0.75, 0.975)]
+        steps = [e * steps_per_epoch for e in epochs]
+        factor = lambda it: cfg.gamma ** sum(it >= s for s in steps)  # noqa: E731
+    elif cfg.schedule == "cosine":
+        factor = lambda it: 0.5 * (1 + math.cos(math.pi * min(it / total, 1.0)))  # noqa: E731
+    elif cfg.schedule == "triangular":  # CPL's: 0 -> lr at 40%, -> lr/20 at 80%, -> 0 at the end
+        factor = lambda it: float(np.interp(it / total, [0, 0.4, 0.8, 1.0], [0, 1, 0.05, 0]))  # noqa: E731
+    else:
+        factor = lambda it: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "schedule", "rng", "history", "epoch", "elapsed")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by ``train``; a truncated or foreign file fails in one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CllError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}); "
+                       "delete it to start the run afresh") from None
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+        raise CllError(f"{str(path)!r} is not a cll checkpoint (it lacks "
+                       f"{', '.join(k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state)})")
+    return state
+
+
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    info = data.dataset_info(cfg.dataset)
+    return models.create(cfg.arch, info.num_classes, info.in_shape)
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[RunConfig, torch.nn.Module]:
+    """The config and trained model of a run directory."""
+    path = Path(run_dir) / results.MODEL
+    if not path.is_file():
+        raise CllError(f"no trained model at {str(path)!r}; run `cll train --out {run_dir}` first")
+    state = load_checkpoint(path)
+    cfg = build_config(state["config"])
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return cfg, model.to(device)
+
+
+def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None = None) -> dict:
+    """Train one run into ``out_dir`` (resuming from its checkpoint if there is one) and return
+    the content of ``train.json``."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / results.MODEL
+    device = resolve_device(cfg.device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(cfg.seed)
+
+    train_set, test_set, info = data.load_dataset(cfg.dataset, root=cfg.data_root, augment=cfg.augment,
+                                                  seed=cfg.seed, max_train=cfg.max_train,
+                                                  max_test=cfg.max_test)
+    model = models.create(cfg.arch, info.num_classes, info.in_shape).to(device)
+    criterion = losses.create(cfg)
+    optimizer = make_optimizer(cfg, model)
+    drop_last = len(train_set) >= cfg.batch_size  # the reference drops the last partial batch
+    steps_per_epoch = len(train_set) // cfg.batch_size if drop_last else 1
+    schedule = make_schedule(cfg, optimizer, steps_per_epoch)
+    history: list[dict] = []
+    start_epoch, elapsed = 0, 0.0
+
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if state.get("config") != cfg.to_dict():
+            old = state.get("config") or {}
+            diff = [k for k in cfg.to_dict() if old.get(k) != getattr(cfg, k)]
+            raise ConfigError(f"{out_dir} holds a run with another config (differs in "
+                              f"{', '.join(diff) or 'format'}); use a new --out directory")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        _set_rng_state(state["rng"])
+        history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
+        log(f"resuming {out_dir} at epoch {start_epoch}/{cfg.epochs}")
+
+    needs_k = criterion.needs_lipschitz or cfg.lip_penalty > 0
+    t_start = time.time() - elapsed
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        # the shuffle order depends only on (seed, epoch), so a resumed run sees the same batches
+        order = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=order,
+                            drop_last=drop_last, num_workers=cfg.num_workers)
+        t_epoch = t_note = time.time()
+        total_loss = total_correct = total_n = 0.0
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            progress = (epoch * steps_per_epoch + i) / (cfg.epochs * steps_per_epoch)
+            lip_body = lipschitz.estimate_body(model, cfg.pi_iters) if needs_k else None
+            logits = model(x)
+            loss = criterion(logits, y, model.head.weight, lip_body, progress)
+            if cfg.lip_penalty > 0:
+                loss = loss + losses.lipschitz_penalty(lip_body, model.head.weight, cfg.lip_penalty, cfg.lip_pow)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += loss.detach() * len(y)
+            total_correct += (logits.detach().argmax(1) == y).sum()
+            total_n += len(y)
+            if time.time() - t_note > 30:  # long epochs: a line every 30 s
+                t_note = time.time()
+                rate = total_n / (t_note - t_epoch)
+                log(f"  epoch {epoch + 1} batch {i + 1}/{steps_per_epoch}  {rate:.0f} img/s  "
+                    f"epoch ETA {_fmt_time((steps_per_epoch - i - 1) * cfg.batch_size / rate)}")
+
+        mean_loss = float(total_loss) / total_n
+        k_est = lipschitz.estimate_constant(model, lipschitz.converged_body(model, cfg.pi_tol))
+        if not (math.isfinite(mean_loss) and math.isfinite(k_est)):
+            raise TrainingDiverged(f"training diverged at epoch {epoch + 1}: loss {mean_loss}, K {k_est}; "
+                                   f"the last good checkpoint in {out_dir} is kept (try a smaller lr)")
+        now = time.time()
+        history.append({"epoch": epoch + 1, "loss": mean_loss, "accuracy": float(total_correct) / total_n,
+                        "lipschitz_estimate": k_est, "lr": schedule.get_last_lr()[0],
+                        "seconds": now - t_epoch})
+        per_epoch = (now - t_start - elapsed) / (epoch + 1 - start_epoch)
+        eta = per_epoch * (cfg.epochs - epoch - 1)
+        h = history[-1]
+        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {h['loss']:.4f}  acc {100 * h['accuracy']:.1f}%  "
+            f"K {k_est:.4g}  lr {h['lr']:.2e}  {per_epoch:.1f} s/epoch  ETA {_fmt_time(eta)}")
+        last = epoch + 1 == cfg.epochs
+        if last or (epoch + 1) % cfg.checkpoint_every == 0:
+            results.save_torch(ckpt_path, {
+                "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "rng": _rng_state(), "history": history,
+                "epoch": epoch + 1, "elapsed": now - t_start,
+            })
+
+    if start_epoch >= cfg.epochs:
+        log(f"{out_dir} is already trained ({cfg.epochs} epochs)")
+    summary = {
+        "config": cfg.to_dict(),
+        "num_classes": info.num_classes,
+        "in_shape": list(info.in_shape),
+        "epochs": history,
+        "wall_time": time.time() - t_start if start_epoch < cfg.epochs else elapsed,
+        "lipschitz_estimate": history[-1]["lipschitz_estimate"] if history else None,
+        "lipschitz_bound": lipschitz.lipschitz_constant(model),
+        "k_hf": losses.k_hf(cfg.eps, cfg.p) if cfg.loss == "cll" else None,
+        "device": str(device),
+    }
+    results.write_json(out_dir / results.TRAIN, summary)
+    return summary

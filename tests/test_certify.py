@@ -1,0 +1,93 @@
+"""The certifier: the rule itself, and soundness against a strong attack on trained models."""
+import math
+
+import pytest
+import torch
+
+from cll import certify, data, lipschitz
+from cll.attack import pgd_l2
+from cll.certify import certified_radius
+from cll.models import LipschitzNet
+
+MOONS = dict(dataset="moons", arch="moons-mlp", loss="cll", eps=0.15, p=0.01, cll_form="per_logit",
+             cll_offset="one-sided", lip_penalty=1e-6, batch_size=250, lr=0.01, epochs=30)
+DIGITS = dict(dataset="digits", arch="2C2F", loss="cll", eps=0.3, p=0.1, lip_penalty=1e-3,
+              batch_size=64, lr=3e-3, epochs=6)
+GLORO = dict(DIGITS, loss="gloro", eps=0.3)
+
+
+def test_radius_rule():
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    z = torch.tensor([[3.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    pred, radius = certified_radius(z, w, lip_body=2.0)
+    # row 0: pred 0, gaps 2 over 2*sqrt(2) and 3 over 2*1 -> min = 1/sqrt(2)
+    assert pred[0] == 0 and radius[0].item() == pytest.approx(1 / math.sqrt(2))
+    # row 1: a tie between classes 0 and 1 has radius 0: never certified
+    assert radius[1].item() == 0.0
+
+
+def test_strict_inequality_and_label():
+    """radius exactly eps is not certified; the prediction must equal the label."""
+    head = torch.nn.Linear(1, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.5], [-0.5]]))
+        head.bias.zero_()
+    model = LipschitzNet(torch.nn.Sequential(torch.nn.Identity()), head, (1,))
+    x = torch.ones(2, 1)  # z = (0.5, -0.5): margin 1, ||W_0 - W_1|| = 1, K_F = 1 -> radius 1
+    out = certify.certify(model, [(x, torch.tensor([0, 1]))], [1.0, 0.999])
+    assert out["clean_accuracy"] == 0.5
+    assert out["cra"] == {"1": 0.0, "0.999": 0.5}
+
+
+def _certified_points(cfg, model, eps_list, n=400):
+    _, test_set, _ = data.load_dataset(cfg.dataset, seed=cfg.seed, max_test=n)
+    x, y = next(iter(torch.utils.data.DataLoader(test_set, batch_size=n)))
+    body = lipschitz.upper_bound_body(model)
+    with torch.no_grad():
+        pred, radius = certified_radius(model(x), model.head.weight, body)
+    return x, y, pred, radius
+
+
+@pytest.mark.parametrize("values", [MOONS, DIGITS, GLORO], ids=["moons-cll", "digits-cll", "digits-gloro"])
+def test_no_certified_point_is_broken_by_pgd(trained_run, values):
+    cfg, model, _ = trained_run(**values)
+    eps_list = [0.15] if cfg.dataset == "moons" else [36 / 255, 72 / 255, 108 / 255]
+    x, y, pred, radius = _certified_points(cfg, model, eps_list)
+    checked = 0
+    for eps in eps_list:
+        mask = (pred == y) & (radius > eps)
+        if mask.sum() == 0:
+            continue
+        adv = pgd_l2(model, x[mask], y[mask], eps, steps=40, restarts=4)
+        assert ((adv - x[mask]).flatten(1).norm(dim=1) <= eps * (1 + 1e-5)).all()
+        with torch.no_grad():
+            broken = model(adv).argmax(1) != y[mask]
+        assert broken.sum().item() == 0, f"{broken.sum().item()} certified points broken at eps {eps}"
+        checked += mask.sum().item()
+    assert checked > 0, "no certified point to attack: the test would prove nothing"
+
+
+def test_attack_is_strong_enough_to_matter(trained_run):
+    """The same attack does break correctly classified points that are not certified at a large
+    radius: so finding nothing on certified points means something."""
+    cfg, model, _ = trained_run(**DIGITS)
+    x, y, pred, radius = _certified_points(cfg, model, [2.0])
+    mask = (pred == y) & (radius <= 2.0)
+    adv = pgd_l2(model, x[mask], y[mask], 2.0, steps=40, restarts=2)
+    with torch.no_grad():
+        assert (model(adv).argmax(1) != y[mask]).float().mean().item() > 0.5
+
+
+def test_certify_report(trained_run):
+    cfg, model, _ = trained_run(**DIGITS)
+    _, test_set, _ = data.load_dataset("digits")
+    out = certify.certify(model, torch.utils.data.DataLoader(test_set, batch_size=100),
+                          [36 / 255, 72 / 255, 108 / 255])
+    assert set(out["cra"]) == {"0.1412", "0.2824", "0.4235"}
+    assert out["n_samples"] == len(test_set)
+    cras = list(out["cra"].values())
+    assert all(0 <= c <= out["clean_accuracy"] <= 1 for c in cras)
+    assert cras == sorted(cras, reverse=True)  # CRA falls with eps
+    # the sound bound never certifies more than the (lower) estimate would
+    assert all(out["cra"][k] <= out["cra_estimate"][k] for k in out["cra"])
+    assert out["lipschitz_constant"] >= out["lipschitz_estimate"]

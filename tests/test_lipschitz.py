@@ -1,0 +1,121 @@
+"""Power iteration and the sound bound against the exact operator norm from the explicit matrix."""
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cll import lipschitz, models
+from cll.layers import MaxMin
+
+# every conv configuration the GloRo-family nets use, and the rest of the grid:
+# kernel 3 and 4, stride 1 and 2, padding 0 and 1, on inputs whose size the stride does and
+# does not divide
+CONVS = list(itertools.product([3, 4], [1, 2], [0, 1], [7, 8]))
+
+
+def exact_norm(layer, in_shape):
+    matrix = lipschitz.explicit_matrix(layer, in_shape)
+    return torch.linalg.matrix_norm(matrix, ord=2).item()
+
+
+def converged_estimate(layer, in_shape):
+    body = nn.Sequential(layer)
+    power = lipschitz.PowerIteration(body, in_shape)
+    return power.converge(tol=1e-10, max_iter=20_000)[0]
+
+
+@pytest.mark.parametrize("k,stride,padding,size", CONVS)
+def test_conv_estimate_and_bound_match_explicit_matrix(k, stride, padding, size):
+    torch.manual_seed(k * 100 + stride * 10 + padding + size)
+    layer = nn.Conv2d(3, 5, k, stride=stride, padding=padding)
+    in_shape = (3, size, size)
+    exact = exact_norm(layer, in_shape)
+    estimate = converged_estimate(layer, in_shape)
+    assert abs(estimate - exact) <= 1e-3 * exact
+    for method in ("fft", "explicit", "auto"):
+        bound = lipschitz.upper_bound_layer(layer, in_shape, method=method)
+        assert bound >= exact
+        assert bound >= estimate
+    # the FFT bound is the circular norm: an upper bound, but not a wild one
+    assert lipschitz.upper_bound_layer(layer, in_shape, method="fft") <= 1.6 * exact
+
+
+def test_fft_bound_is_exact_for_circular_case():
+    # a 1x1 conv is a per-pixel matrix: circular and zero-padded operators coincide
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 1)
+    exact = exact_norm(layer, (4, 5, 5))
+    fft = lipschitz.upper_bound_layer(layer, (4, 5, 5), method="fft")
+    assert fft == pytest.approx(exact, rel=1e-8)
+
+
+def test_linear_estimate_and_bound():
+    torch.manual_seed(1)
+    layer = nn.Linear(30, 20)
+    exact = torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2).item()
+    assert converged_estimate(layer, (30,)) == pytest.approx(exact, rel=1e-3)
+    assert lipschitz.upper_bound_layer(layer, (30,)) >= exact
+
+
+def test_adjoint_is_exact():
+    # <A u, v> == <u, A^T v> for the stride-2 case the reference got wrong (dropped last row)
+    torch.manual_seed(2)
+    layer = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    forward, adjoint = lipschitz.linear_operator(layer, (3, 8, 8))
+    u = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    w = layer.weight.detach().double()
+    layer.weight.data = w
+    v = torch.randn_like(forward(u))
+    assert (forward(u) * v).sum().item() == pytest.approx((u * adjoint(v)).sum().item(), rel=1e-10)
+
+
+def test_unknown_layer_type_is_never_assumed_1_lipschitz():
+    with pytest.raises(TypeError, match="no Lipschitz bound"):
+        lipschitz.upper_bound_layer(nn.Softplus(), (4,))
+
+
+def test_maxmin_is_1_lipschitz():
+    torch.manual_seed(3)
+    act = MaxMin()
+    x, y = torch.randn(100, 6, 3, 3), torch.randn(100, 6, 3, 3)
+    ratio = (act(x) - act(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+    assert ratio.max().item() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("arch,in_shape", [("4C3F", (1, 8, 8)), ("2C2F", (1, 12, 12)), ("moons-mlp", (2,))])
+def test_model_bound_covers_true_constant(arch, in_shape):
+    """K (sound) >= converged estimate, and no pair of inputs beats K: |dz_i - dz_j| <= K ||dx||."""
+    torch.manual_seed(4)
+    model = models.create(arch, 10 if arch != "moons-mlp" else 2, in_shape)
+    bound = lipschitz.lipschitz_constant(model)
+    assert bound >= lipschitz.estimate_constant(model)
+    x = torch.rand(256, *in_shape)
+    y = x + 1e-2 * torch.randn_like(x)
+    with torch.no_grad():
+        dz = model(x) - model(y)
+    gaps = (dz[:, :, None] - dz[:, None, :]).abs().flatten(1).max(1).values
+    ratio = gaps / (x - y).flatten(1).norm(dim=1)
+    assert ratio.max().item() <= bound
+
+
+def test_training_estimate_has_gradient_and_warm_starts():
+    torch.manual_seed(5)
+    model = models.create("2C2F", 10, (1, 12, 12))
+    k = lipschitz.estimate_body(model, n_iter=5)
+    k.backward()
+    assert model.body[0].weight.grad is not None and torch.isfinite(model.body[0].weight.grad).all()
+    # iterates persist: after convergence, one more iteration barely moves the estimate
+    converged = lipschitz.converged_body(model)
+    again = lipschitz.estimate_body(model, n_iter=1).item()
+    assert again == pytest.approx(converged, rel=1e-4)
+    assert "power.u0" in model.state_dict()
+
+
+def test_body_bound_is_product_of_layers():
+    torch.manual_seed(6)
+    model = models.create("moons-mlp", 2, (2,))
+    layers = [m for m in model.body if isinstance(m, nn.Linear)]
+    product = math.prod(torch.linalg.matrix_norm(m.weight.detach().double(), ord=2).item() for m in layers)
+    assert lipschitz.upper_bound_body(model) == pytest.approx(product, rel=1e-8)
