@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import lipschitz
+from .results import fmt_number
 
 # The eps grid of the paper's tables, in [0,1]-pixel l2 units.
 DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
@@ -28,7 +29,7 @@ DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
 
 def eps_key(eps: float) -> str:
     """How an eps is written as a key in certify.json and tables: 4 significant digits."""
-    return f"{eps:.4g}"
+    return fmt_number(eps)
 
 
 def certified_radius(logits: torch.Tensor, head_weight: torch.Tensor, lip_body: float

@@ -2,7 +2,9 @@
 any moment leaves either the old file or the new one, never a partial one.
 
 A run directory holds ``model.pt`` (weights, optimizer, schedule, RNG state, history),
-``train.json`` (resolved config, per-epoch metrics, wall time) and ``certify.json``.
+``train.json`` (resolved config, per-epoch metrics, wall time) and ``certify.json``. In a results
+tree, the directory of one cell is ``run_dir(root, dataset, arch, loss, eps, p, seed)``:
+``<root>/runs/{dataset}/{arch}/{loss}/eps{eps}_p{p}/seed{seed}``.
 """
 from __future__ import annotations
 
@@ -17,6 +19,16 @@ import torch
 MODEL = "model.pt"
 TRAIN = "train.json"
 CERTIFY = "certify.json"
+
+
+def fmt_number(value: float) -> str:
+    """How an eps or p is written in paths and keys: 4 significant digits (36/255 -> 0.1412)."""
+    return f"{value:.4g}"
+
+
+def run_dir(root: str | Path, dataset: str, arch: str, loss: str, eps: float, p: float, seed: int) -> Path:
+    """The directory of one cell of a grid: the one place that knows the results layout."""
+    return Path(root) / "runs" / dataset / arch / loss / f"eps{fmt_number(eps)}_p{fmt_number(p)}" / f"seed{seed}"
 
 
 def _atomic(path: Path, write: Callable[[Any], None]) -> None:
