@@ -79,3 +79,41 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     a = torch.load(tmp_path / "whole" / "model.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut" / "model.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_divergence_stops_with_one_line_and_keeps_last_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--config", "examples/moons.yaml", "--out", str(out), "--set", "epochs=3", "batch_size=500"]
+    assert cli.main(["train", *base, "lr=0.01"]) == 0
+    good = (out / "model.pt").read_bytes()
+    # same directory, diverging settings: refused as another config, nothing touched
+    assert cli.main(["train", *base, "lr=1e6"]) == 2
+    assert (out / "model.pt").read_bytes() == good
+    # a fresh directory: the NaN is caught at the end of the first epoch, no checkpoint is written
+    fresh = tmp_path / "fresh"
+    capsys.readouterr()
+    assert cli.main(["train", "--config", "examples/moons.yaml", "--out", str(fresh),
+                     "--set", "epochs=3", "batch_size=500", "lr=1e6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cll: error: training diverged at epoch 1") and "no checkpoint" in err[-1]
+    assert not (fresh / "model.pt").exists()
+
+
+def test_divergence_mid_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from cll import losses
+    from cll.train import TrainingDiverged
+
+    cfg = load_config("examples/moons.yaml", ["epochs=4", "batch_size=500"])  # 4 steps per epoch
+    real, calls = losses.lipschitz_penalty, []
+
+    def nan_from_epoch_3(*args, **kwargs):
+        calls.append(1)
+        value = real(*args, **kwargs)
+        return value * float("nan") if len(calls) > 8 else value
+
+    monkeypatch.setattr(losses, "lipschitz_penalty", nan_from_epoch_3)
+    with pytest.raises(TrainingDiverged, match="epoch 3.*last good checkpoint"):
+        train(cfg, tmp_path, log=lambda line: None)
+    state = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert state["epoch"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -193,8 +193,10 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
         mean_loss = float(total_loss) / total_n
         k_est = lipschitz.estimate_constant(model, lipschitz.converged_body(model, cfg.pi_tol))
         if not (math.isfinite(mean_loss) and math.isfinite(k_est)):
+            kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
+                    else "no checkpoint was written")
             raise TrainingDiverged(f"training diverged at epoch {epoch + 1}: loss {mean_loss}, K {k_est}; "
-                                   f"the last good checkpoint in {out_dir} is kept (try a smaller lr)")
+                                   f"{kept} (try a smaller lr or a larger lip_penalty)")
         now = time.time()
         history.append({"epoch": epoch + 1, "loss": mean_loss, "accuracy": float(total_correct) / total_n,
                         "lipschitz_estimate": k_est, "lr": schedule.get_last_lr()[0],

@@ -1,0 +1,168 @@
+"""Grids: the tables of an experiment, expanded into cells (one train + certify job each).
+
+A grid (``config/config.yaml``, ``config/paper.yaml``) is a YAML mapping::
+
+    experiment: cll-demo          # MLflow experiment name
+    results: results              # results root: runs/, summary.csv, tables/, figures/
+    defaults: {epochs: 20}        # run-config keys for every cell (optional)
+    tables:
+      - name: digits              # file name of the table: results/tables/digits.{csv,md,tex}
+        title: Digits, 4C3F       # caption (optional)
+        rows:
+          - method: GloRo         # what the Method column prints
+            dataset: digits
+            arch: 4C3F
+            loss: gloro
+            eps: 0.15             # a list expands into one row per value
+            seeds: [0, 1]         # mean +- std over seeds
+            set: {lr: 1.0e-3}     # further run-config keys of this row (optional)
+          - method: CLL
+            ...
+            p: 0.3                # a list expands into one row per value
+            baseline: GloRo       # the row's table cells show the difference to that method
+            pending: "..."        # optional: the row is listed but not run (e.g. a missing arch)
+            resources: {gpus: 1, runtime: 600, mem_mb: 16000}   # optional, per job (Slurm)
+
+Every cell's run config is ``defaults`` + the row's ``set`` + its dataset/arch/loss/eps/p/seed,
+validated by ``cll.config`` exactly as ``cll train`` would, so a bad grid fails in one line before
+any job starts. A cell's directory is ``cll.results.run_dir`` of its keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import RunConfig, build_config
+from .errors import ConfigError
+from .results import run_dir
+
+GRID_KEYS = {"experiment", "results", "defaults", "tables"}
+TABLE_KEYS = {"name", "title", "rows"}
+ROW_KEYS = {"method", "dataset", "arch", "loss", "eps", "p", "seeds", "set", "baseline", "pending", "resources"}
+RESOURCE_KEYS = {"gpus", "runtime", "mem_mb", "cpus"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (dataset, arch, loss, eps, p, seed) of a table row."""
+
+    table: str
+    method: str
+    dataset: str
+    arch: str
+    loss: str
+    eps: float
+    p: float
+    seed: int
+    baseline: str | None
+    pending: str | None
+    resources: dict = field(default_factory=dict, hash=False, compare=False)
+    overrides: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def path(self, results: str | Path) -> Path:
+        return run_dir(results, self.dataset, self.arch, self.loss, self.eps, self.p, self.seed)
+
+    def run_config(self) -> RunConfig:
+        return build_config({**self.overrides, "dataset": self.dataset, "arch": self.arch,
+                             "loss": self.loss, "eps": self.eps, "p": self.p, "seed": self.seed})
+
+
+@dataclass
+class Grid:
+    experiment: str
+    results: str
+    tables: list[dict]
+    cells: list[Cell]
+
+    def runnable(self) -> list[Cell]:
+        return [c for c in self.cells if c.pending is None]
+
+
+def _unknown(where: str, keys: Any, allowed: set[str]) -> None:
+    for key in keys:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def parse_grid(values: Any) -> Grid:
+    """Validate a grid mapping and expand it into cells (one-line ConfigError on any problem)."""
+    if not isinstance(values, dict):
+        raise ConfigError("a grid must be a mapping with experiment, results and tables")
+    _unknown("grid", values, GRID_KEYS)
+    for key in ("experiment", "tables"):
+        if key not in values:
+            raise ConfigError(f"grid: missing key {key!r}")
+    defaults = values.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError("grid.defaults: must be a mapping of run-config keys")
+    tables = values["tables"]
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError("grid.tables: must be a non-empty list of tables")
+    cells: list[Cell] = []
+    seen: dict[tuple, str] = {}
+    for t, table in enumerate(tables):
+        where = f"tables[{t}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a mapping with name and rows")
+        _unknown(where, table, TABLE_KEYS)
+        if not isinstance(table.get("name"), str) or not table["name"]:
+            raise ConfigError(f"{where}.name: missing or not a string")
+        if not isinstance(table.get("rows"), list) or not table["rows"]:
+            raise ConfigError(f"{where}.rows: must be a non-empty list")
+        methods = {r.get("method") for r in table["rows"] if isinstance(r, dict)}
+        for r, row in enumerate(table["rows"]):
+            rwhere = f"{where}.rows[{r}]"
+            if not isinstance(row, dict):
+                raise ConfigError(f"{rwhere}: must be a mapping")
+            _unknown(rwhere, row, ROW_KEYS)
+            for key in ("method", "dataset", "arch", "loss", "eps"):
+                if key not in row:
+                    raise ConfigError(f"{rwhere}: missing key {key!r}")
+            if row.get("baseline") is not None and row["baseline"] not in methods:
+                raise ConfigError(f"{rwhere}.baseline: {row['baseline']!r} is not a method of table "
+                                  f"{table['name']!r}")
+            resources = row.get("resources") or {}
+            if not isinstance(resources, dict):
+                raise ConfigError(f"{rwhere}.resources: must be a mapping")
+            _unknown(f"{rwhere}.resources", resources, RESOURCE_KEYS)
+            overrides = {**defaults, **(row.get("set") or {})}
+            seeds = _as_list(row.get("seeds", [0]))
+            pending = row.get("pending")
+            for eps in _as_list(row["eps"]):
+                for p in _as_list(row.get("p", overrides.get("p", RunConfig.p))):
+                    for seed in seeds:
+                        values_ = {**overrides, "dataset": row["dataset"], "arch": row["arch"],
+                                   "loss": row["loss"], "eps": eps, "p": p, "seed": seed}
+                        if pending is None:  # a pending row's arch may not exist yet
+                            try:
+                                cfg = build_config(values_)
+                            except ConfigError as err:
+                                raise ConfigError(f"{rwhere}: {err}") from None
+                            eps, p, seed = cfg.eps, cfg.p, cfg.seed
+                        cell = Cell(table["name"], str(row["method"]), row["dataset"], row["arch"],
+                                    row["loss"], float(eps), float(p), int(seed), row.get("baseline"),
+                                    pending, resources, {k: v for k, v in overrides.items() if k != "p"})
+                        key = (cell.dataset, cell.arch, cell.loss, cell.eps, cell.p, cell.seed)
+                        if key in seen and seen[key] != repr(sorted(overrides.items())):
+                            raise ConfigError(f"{rwhere}: cell {key} appears twice with different settings")
+                        seen[key] = repr(sorted(overrides.items()))
+                        cells.append(cell)
+    return Grid(str(values["experiment"]), str(values.get("results", "results")), tables, cells)
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise ConfigError(f"grid file {str(path)!r} is not valid YAML") from None
+    return parse_grid(values)
