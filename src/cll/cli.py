@@ -3,6 +3,10 @@
     cll train   --config run.yaml --out DIR [--set key=value ...]   -> DIR/model.pt, DIR/train.json
     cll certify --run DIR [--eps 36/255 ...] [--device auto]        -> DIR/certify.json
     cll list                                                        registered names and config keys
+    cll track init --experiment NAME                                create the MLflow store + experiment
+    cll aggregate --grid GRID.yaml [--results DIR]                  -> DIR/summary.csv
+    cll tables  --summary DIR/summary.csv [--out DIR/tables]        -> {table}.csv, .md, .tex
+    cll figures --summary DIR/summary.csv [--out DIR/figures]       -> slack_vs_k, cra_vs_p, moons_boundaries
 """
 from __future__ import annotations
 
@@ -42,6 +46,10 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"train accuracy {100 * last.get('accuracy', float('nan')):.1f}%, "
           f"K estimate {summary['lipschitz_estimate']:.4g}, bound {summary['lipschitz_bound']:.4g}, "
           f"{summary['wall_time']:.1f} s")
+    if args.track:  # after the files are written; a tracking failure is one warning line
+        from . import tracking
+
+        tracking.track(args.out, args.track)
 
 
 def cmd_certify(args: argparse.Namespace) -> None:
@@ -70,6 +78,18 @@ def cmd_certify(args: argparse.Namespace) -> None:
     cra = "  ".join(f"CRA@{k} {100 * v:.1f}%" for k, v in out["cra"].items())
     print(f"{args.run}: clean {100 * out['clean_accuracy']:.1f}%  {cra}  K {out['lipschitz_constant']:.4g}"
           f" (n={out['n_samples']})")
+    if args.track:
+        from . import tracking
+
+        tracking.track(args.run, args.track)
+
+
+def cmd_track_init(args: argparse.Namespace) -> None:
+    from . import tracking
+
+    exp_id = tracking.init(args.experiment)
+    if exp_id is not None:
+        print(f"MLflow experiment {args.experiment!r} (id {exp_id}) in {tracking.tracking_uri()}")
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -82,6 +102,29 @@ def cmd_list(args: argparse.Namespace) -> None:
     print("config keys:  ", ", ".join(KEYS))
 
 
+def cmd_aggregate(args: argparse.Namespace) -> None:
+    from .aggregate import aggregate_grid
+
+    path, rows = aggregate_grid(args.grid, args.results)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "missing", "pending")}
+    print(f"wrote {path}: {len(rows)} cells ({counts['done']} done, {counts['missing']} missing, "
+          f"{counts['pending']} pending)")
+
+
+def cmd_tables(args: argparse.Namespace) -> None:
+    from .aggregate import make_tables
+
+    written = make_tables(args.summary, args.out)
+    print(f"wrote {len(written)} table files to {written[0].parent if written else args.out}")
+
+
+def cmd_figures(args: argparse.Namespace) -> None:
+    from .figures import make_figures
+
+    for path in make_figures(args.summary, args.out):
+        print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cll", description="Train and certify Lipschitz-margin classifiers (CLL).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -91,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory for model.pt and train.json")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set p=0.01 epochs=10")
+    p.add_argument("--track", metavar="EXPERIMENT", help="also log the run into this MLflow experiment")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("certify", help="certify a trained run on its test set")
@@ -98,10 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", nargs="+", help="radii (default: the run's certify_eps); fractions like 36/255 work")
     p.add_argument("--batch-size", type=_positive_int, help="evaluation batch size (default: the run's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--track", metavar="EXPERIMENT", help="also log the result into this MLflow experiment")
     p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("track", help="MLflow tracking ($MLFLOW_TRACKING_URI, default sqlite:///mlflow.db)")
+    track = p.add_subparsers(dest="track_command", required=True, parser_class=_Parser)
+    p = track.add_parser("init", help="create the tracking store and the experiment (before parallel jobs)")
+    p.add_argument("--experiment", required=True, help="MLflow experiment name (a grid's experiment)")
+    p.set_defaults(func=cmd_track_init)
 
     p = sub.add_parser("list", help="registered architectures, losses, data sets and config keys")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("aggregate", help="collect a grid's run directories into summary.csv")
+    p.add_argument("--grid", required=True, help="grid YAML (e.g. config/config.yaml)")
+    p.add_argument("--results", help="results root (default: the grid's results)")
+    p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("tables", help="poster-style tables (csv, md, tex) from summary.csv")
+    p.add_argument("--summary", required=True, help="summary.csv written by cll aggregate")
+    p.add_argument("--out", help="output folder (default: tables/ beside the summary)")
+    p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("figures", help="slack and decision-boundary figures (png, pdf) from summary.csv")
+    p.add_argument("--summary", required=True, help="summary.csv written by cll aggregate")
+    p.add_argument("--out", help="output folder (default: figures/ beside the summary)")
+    p.set_defaults(func=cmd_figures)
     return parser
 
 

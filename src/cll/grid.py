@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from .config import RunConfig, build_config
+from .config import RunConfig, build_config, parse_number
 from .errors import ConfigError
 from .results import run_dir
 
@@ -146,6 +146,11 @@ def parse_grid(values: Any) -> Grid:
                             except ConfigError as err:
                                 raise ConfigError(f"{rwhere}: {err}") from None
                             eps, p, seed = cfg.eps, cfg.p, cfg.seed
+                        else:  # not validated as a run, but eps/p may still be fractions (36/255)
+                            try:
+                                eps, p = parse_number("eps", eps), parse_number("p", p)
+                            except ConfigError as err:
+                                raise ConfigError(f"{rwhere}: {err}") from None
                         cell = Cell(table["name"], str(row["method"]), row["dataset"], row["arch"],
                                     row["loss"], float(eps), float(p), int(seed), row.get("baseline"),
                                     pending, resources, {k: v for k, v in overrides.items() if k != "p"})

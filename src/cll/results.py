@@ -31,11 +31,19 @@ def run_dir(root: str | Path, dataset: str, arch: str, loss: str, eps: float, p:
     return Path(root) / "runs" / dataset / arch / loss / f"eps{fmt_number(eps)}_p{fmt_number(p)}" / f"seed{seed}"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write: Callable[[Any], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file readable by its owner only; give it the mode open() would
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -48,6 +56,16 @@ def _atomic(path: Path, write: Callable[[Any], None]) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     _atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file (UTF-8, newlines as given) atomically: summaries, tables."""
+    _atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a binary file atomically: rendered figures."""
+    _atomic(path, lambda f: f.write(data))
 
 
 def save_torch(path: Path, obj: Any) -> None:

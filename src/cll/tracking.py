@@ -1,0 +1,184 @@
+"""MLflow tracking: a side channel fed from the files of a run directory.
+
+``results/`` is the source of truth; MLflow only mirrors it so runs can be browsed and compared
+in ``mlflow ui``. Everything here reads the files that ``cll train`` and ``cll certify`` wrote
+(``train.json``, ``certify.json``) and logs them into ONE MLflow run per run directory:
+
+- params: the resolved run config (``train.json["config"]``);
+- per-epoch metrics (step = epoch): ``train_loss``, ``train_accuracy``,
+  ``train_lipschitz_estimate``, ``lr``, ``epoch_seconds``;
+- final metrics: ``lipschitz_bound``, ``train_wall_time`` (train.json); ``clean_accuracy``,
+  ``cra_<eps>``, ``cra_estimate_<eps>``, ``lipschitz_constant``, ``lipschitz_estimate``,
+  ``lipschitz_body``, ``n_samples``, ``certify_seconds`` (certify.json); ``k_hf`` for CLL runs;
+- artifacts: ``train.json`` and ``certify.json``.
+
+The run is found again by the tag ``cll.key`` (a hash of the run directory's absolute path and its
+config), so ``cll certify --track`` adds to the run that ``cll train --track`` created, and a rerun
+updates that run instead of creating a second one. Logging is idempotent: epochs already logged
+and final metrics that did not change are skipped.
+
+Tracking never fails a job: any error (mlflow not installed, no server, a locked database) becomes
+one warning line on stderr. The store is ``$MLFLOW_TRACKING_URI`` if set, else MLflow 3's default
+``sqlite:///mlflow.db`` in the working directory (so ``mlflow ui`` there shows the runs).
+
+Parallel jobs against a fresh sqlite file race in MLflow's schema migration and in experiment
+creation (shared/spec/ecosystem.md section 3.2); ``init`` (``cll track init``) creates both once,
+before the jobs start. This is the only module that imports mlflow, and only inside functions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import results
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+KEY_TAG = "cll.key"
+DIR_TAG = "cll.run_dir"
+EPOCH_METRICS = {  # train.json epoch field -> metric name
+    "loss": "train_loss",
+    "accuracy": "train_accuracy",
+    "lipschitz_estimate": "train_lipschitz_estimate",
+    "lr": "lr",
+    "seconds": "epoch_seconds",
+}
+_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` (relative to the cwd)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def warn(err: BaseException) -> None:
+    """The one line a tracking failure prints."""
+    text = (str(err).strip().splitlines() or [""])[0][:300]
+    print(f"cll: warning: MLflow tracking skipped ({type(err).__name__}: {text}); "
+          f"the files in the run directory are unaffected", file=sys.stderr)
+
+
+def _client():
+    # A dead server would otherwise be retried for minutes (7 retries, exponential backoff).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    from mlflow import MlflowClient
+
+    for name in ("mlflow", "alembic"):  # schema-migration chatter; mlflow sets INFO on import
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def _experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created by a parallel job in between: use theirs
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def init(experiment: str) -> str | None:
+    """Create the tracking store and the experiment if missing; return its id (None on failure)."""
+    try:
+        return _experiment_id(_client(), experiment)
+    except Exception as err:
+        warn(err)
+        return None
+
+
+def _param_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _run_name(config: dict) -> str:
+    """The cell part of the run directory: ``digits/4C3F/cll/eps0.15_p0.3/seed0``."""
+    rel = results.run_dir("", config["dataset"], config["arch"], config["loss"], config["eps"],
+                          config["p"], config["seed"])
+    return rel.relative_to("runs").as_posix()
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _final_metrics(train: dict | None, cert: dict | None) -> dict[str, float]:
+    out: dict[str, Any] = {}
+    if train:
+        out["lipschitz_bound"] = train.get("lipschitz_bound")
+        out["train_wall_time"] = train.get("wall_time")
+        out["k_hf"] = train.get("k_hf")
+    if cert:
+        for key in ("clean_accuracy", "lipschitz_constant", "lipschitz_estimate", "lipschitz_body",
+                    "n_samples", "k_hf"):
+            out[key] = cert.get(key)
+        out["certify_seconds"] = cert.get("seconds")
+        for eps, value in (cert.get("cra") or {}).items():
+            out[f"cra_{eps}"] = value
+        for eps, value in (cert.get("cra_estimate") or {}).items():
+            out[f"cra_estimate_{eps}"] = value
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def log_run_dir(run_dir: str | Path, experiment: str) -> str:
+    """Mirror a run directory into its MLflow run (created on first use); return the run id.
+    Raises on any tracking error: callers that must not fail use :func:`track`."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    run_dir = Path(run_dir).resolve()
+    train = _read(run_dir / results.TRAIN)
+    cert = _read(run_dir / results.CERTIFY)
+    if train is None:
+        raise FileNotFoundError(f"{run_dir / results.TRAIN} is missing (run cll train first)")
+    config = train["config"]
+    key = hashlib.sha1(f"{run_dir}\n{json.dumps(config, sort_keys=True)}".encode()).hexdigest()[:20]
+
+    client = _client()
+    exp_id = _experiment_id(client, experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
+    if found:
+        run = found[0]
+    else:
+        tags = {KEY_TAG: key, DIR_TAG: str(run_dir),
+                **{f"cll.{k}": str(config[k]) for k in ("dataset", "arch", "loss", "eps", "p", "seed")}}
+        run = client.create_run(exp_id, run_name=_run_name(config), tags=tags)
+    run_id = run.info.run_id
+
+    now = int(time.time() * 1000)
+    params = [Param(k, _param_text(v)) for k, v in sorted(config.items()) if k not in run.data.params]
+    tags = [RunTag("cll.stage", "certify" if cert else "train")]
+    metrics = []
+    logged = {m.step for m in client.get_metric_history(run_id, EPOCH_METRICS["loss"])}
+    for row in train.get("epochs", []):
+        if row["epoch"] in logged:
+            continue
+        metrics += [Metric(name, float(row[field]), now, row["epoch"])
+                    for field, name in EPOCH_METRICS.items() if isinstance(row.get(field), (int, float))]
+    metrics += [Metric(k, v, now, 0) for k, v in _final_metrics(train, cert).items()
+                if run.data.metrics.get(k) != v]
+    for i in range(0, max(len(metrics), 1), _BATCH):
+        client.log_batch(run_id, metrics=metrics[i:i + _BATCH], params=params if i == 0 else [],
+                         tags=tags if i == 0 else [])
+    for name in (results.TRAIN, results.CERTIFY):
+        if (run_dir / name).is_file():
+            client.log_artifact(run_id, str(run_dir / name))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def track(run_dir: str | Path, experiment: str) -> str | None:
+    """:func:`log_run_dir` that never raises: a failure prints one warning line, returns None."""
+    try:
+        return log_run_dir(run_dir, experiment)
+    except Exception as err:
+        warn(err)
+        return None

@@ -1,0 +1,252 @@
+"""Tests for the Snakemake workflow (Snakefile, workflow/, config/, .test/, envs/).
+
+The end-to-end test runs the CI grid (.test/config.yaml: two moons cells, a digits GloRo/CLL
+pair) through train -> certify -> aggregate -> tables/figures in a temporary working directory,
+with MLflow logging into a temporary sqlite file, then checks that a second run has nothing to do
+and that deleted tables and figures are rebuilt without retraining. The other tests dry-run the
+paper grid, feed malformed grids (one line naming the field, nothing written), and check that
+the schema, the conda envs and the lint agree with the package. Every Snakemake call is a
+subprocess with a timeout. About 2 minutes on two cores, most of it the end-to-end test.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cll import data, losses, models
+from cll.config import CHOICES, KEYS, load_config
+from cll.grid import load_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+CI_GRID = ROOT / ".test" / "config.yaml"
+PAPER_GRID = ROOT / "config" / "paper.yaml"
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 120, env: dict | None = None):
+    """Run the project's Snakefile with ``workdir`` as working directory (results/, logs/,
+    .snakemake/ and mlflow.db all land there, never in the repository)."""
+    return subprocess.run([str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+                           *args], cwd=workdir, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table Snakemake prints: rule -> number of jobs."""
+    block = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
+    counts = {}
+    for line in block.splitlines()[3:]:
+        match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
+        if not match:
+            break
+        counts[match[1]] = int(match[2])
+    return counts
+
+
+def test_ci_grid_end_to_end(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    run = snakemake(tmp_path, "--cores", "2", "all_tables", "--configfile", str(CI_GRID), env=env, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    grid = load_grid(CI_GRID)
+    results = tmp_path / grid.results
+    cells = grid.runnable()
+    assert len(cells) == 4
+    for cell in cells:
+        run_dir = cell.path(results)
+        for name in ("model.pt", "train.json", "certify.json"):
+            assert (run_dir / name).is_file(), run_dir / name
+    assert (results / "summary.csv").is_file()
+    for table in ("moons", "digits"):
+        for ext in ("csv", "md", "tex"):
+            assert (results / "tables" / f"{table}.{ext}").stat().st_size > 0
+    for figure in ("slack_vs_k", "cra_vs_p", "moons_boundaries"):
+        for ext in ("png", "pdf"):
+            assert (results / "figures" / f"{figure}.{ext}").stat().st_size > 0
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").rglob("*.log"))
+    assert "warning" not in logs  # MLflow tracking worked in every job
+
+    # MLflow: one run per cell (train and certify logged into the same run), with metrics
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(grid.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["cll.run_dir"] for r in runs) == sorted(str(c.path(results).resolve()) for c in cells)
+    for r in runs:
+        assert r.data.tags["cll.stage"] == "certify"
+        assert {"clean_accuracy", "cra_0.1412", "lipschitz_constant", "train_loss"} <= set(r.data.metrics)
+        assert r.data.params["epochs"] in ("1", "2")
+        history = client.get_metric_history(r.info.run_id, "train_loss")
+        assert [m.step for m in history] == list(range(1, int(r.data.params["epochs"]) + 1))
+
+    # nothing to do the second time
+    again = snakemake(tmp_path, "--cores", "2", "all_tables", "--configfile", str(CI_GRID), env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+    # tables and figures come back from summary.csv alone: no train or certify job
+    models_before = {c: c.path(results).joinpath("model.pt").stat().st_mtime_ns for c in cells}
+    for folder in ("tables", "figures"):
+        for path in (results / folder).iterdir():
+            path.unlink()
+        (results / folder).rmdir()
+    rebuild = snakemake(tmp_path, "--cores", "2", "all_tables", "--configfile", str(CI_GRID), env=env)
+    assert rebuild.returncode == 0, rebuild.stderr[-3000:]
+    assert job_counts(rebuild.stdout + rebuild.stderr) == {"figures": 1, "tables": 1, "all_tables": 1, "total": 3}
+    assert (results / "tables" / "digits.md").is_file() and (results / "figures" / "cra_vs_p.png").is_file()
+    assert {c: c.path(results).joinpath("model.pt").stat().st_mtime_ns for c in cells} == models_before
+
+    # a run without train.json (as if stopped before the end) is resumed from its model.pt, which
+    # Snakemake leaves alone, and logs into the same MLflow run
+    cell = cells[0]
+    cell.path(results).joinpath("train.json").unlink()
+    target = str(cell.path(grid.results) / "train.json")  # relative to the working directory
+    resume = snakemake(tmp_path, "--cores", "2", target, "--configfile", str(CI_GRID), env=env)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    assert job_counts(resume.stdout + resume.stderr) == {"train": 1, "total": 1}
+    assert cell.path(results).joinpath("model.pt").stat().st_mtime_ns == models_before[cell]
+    train_log = (tmp_path / "logs" / "train" / cell.path("x").relative_to("x/runs")).with_suffix(".log")
+    assert "is already trained" in train_log.read_text()
+    assert len(client.search_runs([experiment.experiment_id])) == len(cells)
+
+    report = snakemake(tmp_path, "--report", "report.html", "--configfile", str(CI_GRID), env=env)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (tmp_path / "report.html").stat().st_size > 10_000
+
+
+def test_paper_grid_dry_run_lists_every_runnable_cell(tmp_path):
+    run = snakemake(tmp_path, "-n", "-p", "all_tables", "--configfile", str(PAPER_GRID))
+    assert run.returncode == 0, run.stderr[-3000:]
+    grid = load_grid(PAPER_GRID)
+    cells = {str(c.path(grid.results)): c for c in grid.runnable()}
+    assert len(cells) == 19  # GloRo 3 seeds, CLL eps 0.5 3 seeds, CLL eps 1.0 9 seeds, moons 4 slacks
+    counts = job_counts(run.stdout)
+    assert counts["train"] == counts["certify"] == len(cells)
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing
+
+    # each printed command is one line a person can paste, and reproduces its cell's run config
+    commands = [line.removeprefix("Shell command: ") for line in run.stdout.splitlines()
+                if line.removeprefix("Shell command: ").startswith("cll train ")]
+    assert len(commands) == len(cells)
+    for line in commands:
+        argv = shlex.split(line.split(" > ", 1)[0])
+        out = argv[argv.index("--out") + 1]
+        assert argv[argv.index("--track") + 1] == grid.experiment
+        cfg = load_config(None, argv[argv.index("--set") + 1:])
+        assert cfg == cells[out].run_config(), out
+
+
+def _bad(mutate):
+    def make(grid: dict) -> None:
+        mutate(grid["tables"][1]["rows"][1])
+    return make
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (_bad(lambda row: row.update(arch="9C9F")), "tables[1].rows[1].arch: '9C9F' is not one of"),
+    (_bad(lambda row: row.update(p=1.5)), "tables[1].rows[1].p: 1.5 is greater than"),
+    (_bad(lambda row: row.update(eps=-0.1)), "tables[1].rows[1].eps: -0.1 is less than"),
+    (_bad(lambda row: row.pop("loss")), "tables[1].rows[1]: 'loss' is a required property"),
+    (_bad(lambda row: row["set"].update(milestones=[3, 2])), "tables[1].rows[1]: milestones: [3, 2]"),
+], ids=["unknown-arch", "p-1.5", "eps-negative", "missing-loss", "run-config-check"])
+def test_bad_grid_stops_before_any_job(tmp_path, mutate, field):
+    grid = yaml.safe_load(CI_GRID.read_text())
+    mutate(grid)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    run = snakemake(tmp_path, "--cores", "2", "all_tables", "--configfile", str(path))
+    assert run.returncode != 0
+    assert run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("cll: error: config: " + field), run.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+
+
+def test_grid_must_come_from_one_file(tmp_path):
+    """--config may set results/experiment; anything else would not reach `cll aggregate --grid`."""
+    ok = snakemake(tmp_path, "-n", "all_tables", "--configfile", str(CI_GRID), "--config", f"results={tmp_path / 'r'}")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert f"{tmp_path / 'r'}/runs/moons" in ok.stdout
+    # two files merge key by key: the paper grid's defaults would leak into the CI grid's cells
+    mixed = snakemake(tmp_path, "-n", "all_tables", "--configfile", str(PAPER_GRID), str(CI_GRID))
+    assert mixed.returncode != 0 and mixed.stderr.count("\n") == 1
+    assert "give the whole grid in one file" in mixed.stderr
+
+
+def _walk(schema, where="schema"):
+    """Every (location, subschema) of a JSON schema."""
+    yield where, schema
+    for key in ("properties", "$defs"):
+        for name, sub in schema.get(key, {}).items():
+            yield from _walk(sub, f"{where}.{key}.{name}")
+    for key in ("items", "else", "then", "if"):
+        if isinstance(schema.get(key), dict):
+            yield from _walk(schema[key], f"{where}.{key}")
+    for key in ("anyOf", "oneOf", "allOf"):
+        for i, sub in enumerate(schema.get(key, [])):
+            yield from _walk(sub, f"{where}.{key}[{i}]")
+
+
+def test_schema_agrees_with_the_package():
+    schema = yaml.safe_load(SCHEMA.read_text())
+    row = schema["$defs"]["row"]
+    assert row["properties"]["dataset"]["enum"] == data.dataset_names()
+    # arch and loss: registered names for runnable rows; a pending row may name a future one
+    assert row["if"] == {"required": ["pending"]}
+    assert row["else"]["properties"]["arch"]["enum"] == models.names()
+    assert row["else"]["properties"]["loss"]["enum"] == losses.names()
+    assert "enum" not in row["properties"]["arch"] and "enum" not in row["properties"]["loss"]
+    # run-config keys: all of cll.config's but those a row sets itself
+    run_config = schema["$defs"]["run_config"]["properties"]
+    assert set(run_config) == set(KEYS) - {"dataset", "arch", "loss", "eps", "seed"}
+    for key, choices in CHOICES.items():
+        assert run_config[key]["enum"] == list(choices), key
+    for where, sub in _walk(schema):
+        if sub.get("type") == "object":
+            assert sub.get("additionalProperties") is False, where
+        for name, prop in sub.get("properties", {}).items():
+            assert prop.get("description"), f"{where}.properties.{name} has no description"
+
+
+def _pins(lines) -> dict[str, str]:
+    pins = {}
+    for line in lines:
+        match = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*={1,2}\s*([^\s#]+)\s*(#.*)?", str(line))
+        if match:
+            pins[match[1].lower()] = match[2]
+    return pins
+
+
+def test_conda_envs_pin_what_requirements_pin():
+    required = _pins((ROOT / "requirements.txt").read_text().splitlines())
+    for env_file in sorted((ROOT / "envs").glob("*.yaml")):
+        env = yaml.safe_load(env_file.read_text())
+        assert env["channels"] == ["conda-forge", "nodefaults"], env_file
+        deps = [d for d in env["dependencies"] if isinstance(d, str)]
+        pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+        pins = {**_pins(deps), **_pins(pip)}
+        pins.pop("python")
+        assert pins, env_file
+        for name, version in pins.items():
+            assert required.get(name) == version, f"{env_file.name}: {name} {version} vs requirements.txt"
+        assert {"torch", "torchvision"} <= set(_pins(pip)), env_file  # CUDA wheels come from pip
+    assert "mlflow" in _pins(next(d["pip"] for d in yaml.safe_load(
+        (ROOT / "envs" / "train.yaml").read_text())["dependencies"] if isinstance(d, dict)))
+
+
+def test_lint(tmp_path):
+    run = snakemake(tmp_path, "--lint", "--configfile", str(ROOT / "config" / "config.yaml"))
+    lints = re.findall(r"^    \* (.+)$", run.stdout + run.stderr, flags=re.M)
+    # The one lint left is deliberate: common.smk puts the running Python's bin/ on PATH so that jobs
+    # find the `cll` of the venv that runs Snakemake (.venv/bin/snakemake works unactivated). PATH
+    # is not a setting a user must provide, which is what the envvars directive is for.
+    assert all(l.startswith("Environment variable PATH used but not asserted") for l in lints), lints
