@@ -80,7 +80,12 @@ def test_ci_grid_end_to_end(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name(grid.experiment)
     runs = client.search_runs([experiment.experiment_id])
+    figure_runs = [r for r in runs if r.info.run_name == "figures"]
+    runs = [r for r in runs if r.info.run_name != "figures"]
     assert sorted(r.data.tags["cll.run_dir"] for r in runs) == sorted(str(c.path(results).resolve()) for c in cells)
+    assert len(figure_runs) == 1  # the grid's figures, as artifacts of one run
+    logged = {f.path for f in client.list_artifacts(figure_runs[0].info.run_id, "figures")}
+    assert {"figures/moons_boundaries.png", "figures/slack_vs_k.pdf"} <= logged
     for r in runs:
         assert r.data.tags["cll.stage"] == "certify"
         assert {"clean_accuracy", "cra_0.1412", "lipschitz_constant", "train_loss"} <= set(r.data.metrics)
@@ -116,7 +121,7 @@ def test_ci_grid_end_to_end(tmp_path):
     assert cell.path(results).joinpath("model.pt").stat().st_mtime_ns == models_before[cell]
     train_log = (tmp_path / "logs" / "train" / cell.path("x").relative_to("x/runs")).with_suffix(".log")
     assert "is already trained" in train_log.read_text()
-    assert len(client.search_runs([experiment.experiment_id])) == len(cells)
+    assert len(client.search_runs([experiment.experiment_id])) == len(cells) + 1  # + the figures run
 
     report = snakemake(tmp_path, "--report", "report.html", "--configfile", str(CI_GRID), env=env)
     assert report.returncode == 0, report.stderr[-3000:]

@@ -121,8 +121,13 @@ def cmd_tables(args: argparse.Namespace) -> None:
 def cmd_figures(args: argparse.Namespace) -> None:
     from .figures import make_figures
 
-    for path in make_figures(args.summary, args.out):
+    written = make_figures(args.summary, args.out)
+    for path in written:
         print(f"wrote {path}")
+    if args.track and written:  # a tracking failure is one warning line
+        from . import tracking
+
+        tracking.track_figures(written, args.track)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figures", help="slack and decision-boundary figures (png, pdf) from summary.csv")
     p.add_argument("--summary", required=True, help="summary.csv written by cll aggregate")
     p.add_argument("--out", help="output folder (default: figures/ beside the summary)")
+    p.add_argument("--track", metavar="EXPERIMENT", help="also log the figures into this MLflow experiment")
     p.set_defaults(func=cmd_figures)
     return parser
 

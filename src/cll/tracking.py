@@ -12,6 +12,9 @@ in ``mlflow ui``. Everything here reads the files that ``cll train`` and ``cll c
   ``lipschitz_body``, ``n_samples``, ``certify_seconds`` (certify.json); ``k_hf`` for CLL runs;
 - artifacts: ``train.json`` and ``certify.json``.
 
+The grid's figures go into one more run of the experiment, named ``figures`` (``cll figures
+--track``), replaced on every rebuild.
+
 The run is found again by the tag ``cll.key`` (a hash of the run directory's absolute path and its
 config), so ``cll certify --track`` adds to the run that ``cll train --track`` created, and a rerun
 updates that run instead of creating a second one. Logging is idempotent: epochs already logged
@@ -179,6 +182,28 @@ def track(run_dir: str | Path, experiment: str) -> str | None:
     """:func:`log_run_dir` that never raises: a failure prints one warning line, returns None."""
     try:
         return log_run_dir(run_dir, experiment)
+    except Exception as err:
+        warn(err)
+        return None
+
+
+def log_figures(paths: list[Path], experiment: str) -> str:
+    """Log figure files as artifacts of the experiment's ``figures`` run (created on first use)."""
+    client = _client()
+    exp_id = _experiment_id(client, experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = 'figures'", max_results=1)
+    run_id = found[0].info.run_id if found else client.create_run(
+        exp_id, run_name="figures", tags={KEY_TAG: "figures"}).info.run_id
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path="figures")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def track_figures(paths: list[Path], experiment: str) -> str | None:
+    """:func:`log_figures` that never raises (one warning line instead)."""
+    try:
+        return log_figures(paths, experiment)
     except Exception as err:
         warn(err)
         return None

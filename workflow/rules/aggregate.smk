@@ -47,8 +47,10 @@ rule figures:
         ),
     log:
         "logs/figures/figures.log",
+    params:
+        experiment=EXPERIMENT,
     localrule: True
     conda:
         "../../envs/report.yaml"
     shell:
-        "cll figures --summary {input:q} --out {output:q} > {log} 2>&1"
+        "cll figures --summary {input:q} --out {output:q} --track {params.experiment:q} > {log} 2>&1"
