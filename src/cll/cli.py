@@ -67,11 +67,11 @@ def cmd_certify(args: argparse.Namespace) -> None:
         raise ConfigError(f"--eps: {args.eps} must all be > 0")
     _, test_set, _ = data.load_dataset(cfg.dataset, root=cfg.data_root, augment=False, seed=cfg.seed,
                                        max_test=cfg.max_test)
-    loader = DataLoader(test_set, batch_size=args.batch_size or cfg.eval_batch_size)
+    loader = DataLoader(test_set, batch_size=args.batch_size or cfg.eval_batch_size, num_workers=cfg.num_workers)
     t0 = time.time()
     with torch.no_grad():
         out = certify.certify(model, loader, eps, device)
-    out["k_hf"] = losses.k_hf(cfg.eps, cfg.p) if cfg.loss == "cll" else None
+    out["k_hf"] = losses.run_k_hf(cfg)
     out["eps"] = list(eps)
     out["seconds"] = time.time() - t0
     results.write_json(Path(args.run) / results.CERTIFY, out)

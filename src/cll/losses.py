@@ -34,6 +34,11 @@ def k_hf(eps: float, p: float) -> float:
     return math.log((2.0 - p) / p) / eps
 
 
+def run_k_hf(cfg) -> float | None:
+    """The K^(h o f) a run reports: k_hf(eps, p) for CLL runs, None for other losses."""
+    return k_hf(cfg.eps, cfg.p) if cfg.loss == "cll" else None
+
+
 def cll_sigma(eps: float, p: float) -> float:
     """Temperature sigma = eps / log((2-p)/p), computed in float64 (stable down to p = 1e-15)."""
     return 1.0 / k_hf(eps, p)

@@ -224,7 +224,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
         "wall_time": time.time() - t_start if start_epoch < cfg.epochs else elapsed,
         "lipschitz_estimate": history[-1]["lipschitz_estimate"] if history else None,
         "lipschitz_bound": lipschitz.lipschitz_constant(model),
-        "k_hf": losses.k_hf(cfg.eps, cfg.p) if cfg.loss == "cll" else None,
+        "k_hf": losses.run_k_hf(cfg),
         "device": str(device),
     }
     results.write_json(out_dir / results.TRAIN, summary)
