@@ -90,7 +90,8 @@ def is_linear_layer(layer: nn.Module) -> bool:
 def trace_input_shapes(body: nn.Sequential, in_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Input shape (without batch axis) of every child of ``body``, from one dry forward pass."""
     shapes: list[tuple[int, ...]] = []
-    x = torch.zeros(1, *in_shape)
+    param = next(body.parameters(), None)
+    x = torch.zeros(1, *in_shape, device=param.device if param is not None else "cpu")
     with torch.no_grad():
         for layer in body:
             shapes.append(tuple(x.shape[1:]))
@@ -181,9 +182,9 @@ def explicit_matrix(layer: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor
     columns = []
     with torch.no_grad():
         for start in range(0, n_in, 512):  # the image of each unit input, a chunk at a time
-            idx = torch.arange(start, min(start + 512, n_in))
-            basis = torch.zeros(len(idx), n_in, dtype=torch.float64)
-            basis[torch.arange(len(idx)), idx] = 1.0
+            idx = torch.arange(start, min(start + 512, n_in), device=w.device)
+            basis = torch.zeros(len(idx), n_in, dtype=torch.float64, device=w.device)
+            basis[torch.arange(len(idx), device=w.device), idx] = 1.0
             basis = basis.reshape(len(idx), *in_shape)
             if isinstance(layer, nn.Conv2d):
                 out = F.conv2d(basis, w, None, layer.stride, layer.padding)
