@@ -53,20 +53,6 @@ class SummaryError(CllError):
 
 
 # ------------------------------------------------------------------------------ summary.csv
-def _read_json(path: Path) -> dict | None:
-    """A run file's content, or None if the run has not written it yet."""
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SummaryError(f"{str(path)!r} cannot be read ({type(err).__name__}); "
-                           "delete it and rerun that step") from None
-    if not isinstance(value, dict):
-        raise SummaryError(f"{str(path)!r} does not hold a JSON object")
-    return value
-
-
 def _planned_config(cell: Cell) -> dict:
     """The run config a cell will be trained with (known before it runs). A pending row may name
     an architecture that does not exist yet, so its config is not validated; then the grid's raw
@@ -74,8 +60,7 @@ def _planned_config(cell: Cell) -> dict:
     try:
         return cell.run_config().to_dict()
     except ConfigError:
-        return {**cell.overrides, "dataset": cell.dataset, "arch": cell.arch, "loss": cell.loss,
-                "eps": cell.eps, "p": cell.p, "seed": cell.seed}
+        return cell.config_values()
 
 
 def collect(grid: Grid, results_root: str | Path) -> list[dict]:
@@ -95,8 +80,8 @@ def collect(grid: Grid, results_root: str | Path) -> list[dict]:
         }
         train = cert = None
         if cell.pending is None:
-            train = _read_json(run / results.TRAIN)
-            cert = _read_json(run / results.CERTIFY)
+            train = results.read_json(run / results.TRAIN)
+            cert = results.read_json(run / results.CERTIFY)
             row["status"] = "done" if train is not None and cert is not None else "missing"
         if cert is not None:
             row["clean_accuracy"] = cert.get("clean_accuracy")

@@ -29,7 +29,7 @@ any job starts. A cell's directory is ``cll.results.run_dir`` of its keys.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +65,13 @@ class Cell:
     def path(self, results: str | Path) -> Path:
         return run_dir(results, self.dataset, self.arch, self.loss, self.eps, self.p, self.seed)
 
+    def config_values(self) -> dict:
+        """The cell's run-config keys as the grid gives them (not validated)."""
+        return {**self.overrides, "dataset": self.dataset, "arch": self.arch, "loss": self.loss,
+                "eps": self.eps, "p": self.p, "seed": self.seed}
+
     def run_config(self) -> RunConfig:
-        return build_config({**self.overrides, "dataset": self.dataset, "arch": self.arch,
-                             "loss": self.loss, "eps": self.eps, "p": self.p, "seed": self.seed})
+        return build_config(self.config_values())
 
 
 @dataclass
@@ -138,22 +142,17 @@ def parse_grid(values: Any) -> Grid:
             for eps in _as_list(row["eps"]):
                 for p in _as_list(row.get("p", overrides.get("p", RunConfig.p))):
                     for seed in seeds:
-                        values_ = {**overrides, "dataset": row["dataset"], "arch": row["arch"],
-                                   "loss": row["loss"], "eps": eps, "p": p, "seed": seed}
-                        if pending is None:  # a pending row's arch may not exist yet
-                            try:
-                                cfg = build_config(values_)
-                            except ConfigError as err:
-                                raise ConfigError(f"{rwhere}: {err}") from None
-                            eps, p, seed = cfg.eps, cfg.p, cfg.seed
-                        else:  # not validated as a run, but eps/p may still be fractions (36/255)
-                            try:
-                                eps, p = parse_number("eps", eps), parse_number("p", p)
-                            except ConfigError as err:
-                                raise ConfigError(f"{rwhere}: {err}") from None
-                        cell = Cell(table["name"], str(row["method"]), row["dataset"], row["arch"],
-                                    row["loss"], float(eps), float(p), int(seed), row.get("baseline"),
-                                    pending, resources, {k: v for k, v in overrides.items() if k != "p"})
+                        # eps/p may be fractions (36/255); a runnable cell is validated exactly as
+                        # `cll train` would (a pending row's arch may not exist yet)
+                        try:
+                            cell = Cell(table["name"], str(row["method"]), row["dataset"], row["arch"],
+                                        row["loss"], parse_number("eps", eps), parse_number("p", p), seed,
+                                        row.get("baseline"), pending, resources,
+                                        {k: v for k, v in overrides.items() if k != "p"})
+                            cfg = cell.run_config() if pending is None else None
+                        except ConfigError as err:
+                            raise ConfigError(f"{rwhere}: {err}") from None
+                        cell = replace(cell, seed=cfg.seed if cfg else int(seed))
                         key = (cell.dataset, cell.arch, cell.loss, cell.eps, cell.p, cell.seed)
                         if key in seen and seen[key] != repr(sorted(overrides.items())):
                             raise ConfigError(f"{rwhere}: cell {key} appears twice with different settings")

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import CllError
+
 MODEL = "model.pt"
 TRAIN = "train.json"
 CERTIFY = "certify.json"
@@ -66,6 +68,22 @@ def write_text(path: Path, text: str) -> None:
 def write_bytes(path: Path, data: bytes) -> None:
     """Write a binary file atomically: rendered figures."""
     _atomic(path, lambda f: f.write(data))
+
+
+def read_json(path: Path) -> dict | None:
+    """A run file's content (train.json, certify.json), or None if the run has not written it yet;
+    an unreadable file fails in one line."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CllError(f"{str(path)!r} cannot be read ({type(err).__name__}); "
+                       "delete it and rerun that step") from None
+    if not isinstance(value, dict):
+        raise CllError(f"{str(path)!r} does not hold a JSON object")
+    return value
 
 
 def save_torch(path: Path, obj: Any) -> None:

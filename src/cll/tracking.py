@@ -110,10 +110,6 @@ def _run_name(config: dict) -> str:
     return rel.relative_to("runs").as_posix()
 
 
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _final_metrics(train: dict | None, cert: dict | None) -> dict[str, float]:
     out: dict[str, Any] = {}
     if train:
@@ -138,8 +134,8 @@ def log_run_dir(run_dir: str | Path, experiment: str) -> str:
     from mlflow.entities import Metric, Param, RunTag
 
     run_dir = Path(run_dir).resolve()
-    train = _read(run_dir / results.TRAIN)
-    cert = _read(run_dir / results.CERTIFY)
+    train = results.read_json(run_dir / results.TRAIN)
+    cert = results.read_json(run_dir / results.CERTIFY)
     if train is None:
         raise FileNotFoundError(f"{run_dir / results.TRAIN} is missing (run cll train first)")
     config = train["config"]
