@@ -119,3 +119,103 @@ def test_body_bound_is_product_of_layers():
     layers = [m for m in model.body if isinstance(m, nn.Linear)]
     product = math.prod(torch.linalg.matrix_norm(m.weight.detach().double(), ord=2).item() for m in layers)
     assert lipschitz.upper_bound_body(model) == pytest.approx(product, rel=1e-8)
+
+
+# ---------------------------------------------------------------- the fast paths (Performance issue)
+def full_fft_bound(weight, in_shape, stride, padding):
+    """The FFT bound as first written: fft2 over every frequency, float64 eigvalsh at each."""
+    w = weight.detach().double()
+    c_out, c_in, kh, kw = w.shape
+    (sh, sw), (ph, pw) = stride, padding
+    nh, nw = math.ceil((in_shape[1] + 2 * ph) / sh), math.ceil((in_shape[2] + 2 * pw) / sw)
+    kh2, kw2 = math.ceil(kh / sh), math.ceil(kw / sw)
+    padded = w.new_zeros(c_out, c_in, kh2 * sh, kw2 * sw)
+    padded[:, :, :kh, :kw] = w
+    poly = padded.reshape(c_out, c_in, kh2, sh, kw2, sw).permute(0, 1, 3, 5, 2, 4)
+    poly = poly.reshape(c_out, c_in * sh * sw, kh2, kw2)
+    a = torch.fft.fft2(poly, s=(nh, nw)).permute(2, 3, 0, 1)
+    gram = a @ a.mH if a.shape[-2] <= a.shape[-1] else a.mH @ a
+    return math.sqrt(torch.linalg.eigvalsh(gram)[..., -1].max().item()) * (1 + lipschitz.ROUNDING_SLACK)
+
+
+@pytest.fixture
+def always_prune(monkeypatch):
+    """Send even tiny layers through the pruned (Gram-iteration) path of conv_fft_bound."""
+    monkeypatch.setattr(lipschitz, "FFT_DIRECT_SIZE", 0)
+    monkeypatch.setattr(lipschitz, "FFT_SEEDS", 1)
+
+
+@pytest.mark.parametrize("k,stride,padding,size", CONVS)
+def test_pruned_fft_bound_equals_full_eigvalsh_and_covers_exact(always_prune, k, stride, padding, size):
+    torch.manual_seed(k * 100 + stride * 10 + padding + size)
+    layer = nn.Conv2d(3, 5, k, stride=stride, padding=padding)
+    in_shape = (3, size, size + 1)
+    fast = lipschitz.conv_fft_bound(layer.weight, in_shape, layer.stride, layer.padding)
+    assert fast == pytest.approx(full_fft_bound(layer.weight, in_shape, layer.stride, layer.padding), rel=1e-12)
+    assert fast >= exact_norm(layer, in_shape)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_pruned_fft_bound_equals_full_eigvalsh_on_wide_layers(flat):
+    # channels above FFT_DIRECT_SIZE take the pruned path by default; a near-orthogonal kernel
+    # has an almost flat spectrum, the hard case for pruning (many frequencies near the top)
+    torch.manual_seed(7 + flat)
+    w = torch.randn(40, 36, 3, 3)
+    if flat:
+        w = 0.02 * w
+        w[:, :, 1, 1] += torch.linalg.qr(torch.randn(40, 40))[0][:, :36]
+    for stride, padding in (((1, 1), (1, 1)), ((2, 2), (0, 0))):
+        fast = lipschitz.conv_fft_bound(w, (36, 9, 10), stride, padding)
+        assert fast == pytest.approx(full_fft_bound(w, (36, 9, 10), stride, padding), rel=1e-12)
+
+
+def test_pruning_bound_is_an_upper_bound(always_prune):
+    # the Gram-iteration bound itself, at every step count, never falls below the exact maximum
+    torch.manual_seed(8)
+    a = torch.randn(6, 7, 5, dtype=torch.complex128)
+    exact = torch.linalg.matrix_norm(a, ord=2).square()
+    g = lipschitz._gram(a)
+    carry = torch.zeros(6, dtype=torch.float64)
+    for k in range(6):
+        scale = torch.linalg.matrix_norm(g)
+        assert (carry + scale.log() / 2**k >= exact.log() - 1e-12).all()
+        carry = carry + scale.log() / 2**k
+        g = g / scale[:, None, None]
+        g = g.mH @ g
+    assert lipschitz._max_top_eigenvalue(a) == pytest.approx(exact.max().item(), rel=1e-12)
+
+
+def reference_converge(power, tol, max_iter):
+    """PowerIteration.converge as first written: one host read per iteration and layer."""
+    norms = []
+    for i, (layer, shape) in enumerate(power._layers):
+        forward, adjoint = lipschitz.linear_operator(layer, shape)
+        u = getattr(power, f"u{i}")
+        sigma = forward(u).norm().item()
+        for _ in range(max_iter):
+            v = adjoint(forward(u))
+            u = v / (v.norm() + 1e-30)
+            new = forward(u).norm().item()
+            done = abs(new - sigma) <= tol * max(new, 1e-30)
+            sigma = new
+            if done:
+                break
+        setattr(power, f"u{i}", u)
+        norms.append(sigma)
+    return norms
+
+
+@pytest.mark.parametrize("tol,max_iter,check_every", [(1e-7, 10_000, 16), (1e-4, 10_000, 3), (1e-12, 7, 4),
+                                                      (1e-7, 0, 16)])
+def test_converge_matches_per_iteration_check(tol, max_iter, check_every):
+    # blocked reads stop every layer at the same iteration as reading at every iteration would
+    torch.manual_seed(9)
+    model = models.create("4C3F", 10, (1, 12, 12))
+    start = [u.clone() for u in model.power.iterates()]
+    fast = model.power.converge(tol, max_iter, check_every=check_every)
+    fast_u = [u.clone() for u in model.power.iterates()]
+    for i, u in enumerate(start):
+        setattr(model.power, f"u{i}", u)
+    slow = reference_converge(model.power, tol, max_iter)
+    assert fast == slow
+    assert all(torch.equal(a, b) for a, b in zip(fast_u, model.power.iterates()))
