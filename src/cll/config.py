@@ -27,6 +27,8 @@ CHOICES = {
     "optimizer": ("adamw", "adam", "sgd"),
     "schedule": ("multistep", "constant", "cosine", "triangular"),
     "device": ("auto", "cpu", "cuda"),
+    "head": ("auto", "linear", "lln"),
+    "lip_penalty_form": ("global", "batch"),
 }
 
 
@@ -34,8 +36,8 @@ CHOICES = {
 class RunConfig:
     # ---- what to train (required) ----
     dataset: str              # moons | digits | mnist | cifar10 | cifar100 | tinyimagenet
-    arch: str                 # a registered architecture: 2C2F, 4C3F, 6C2F, 8C2F, moons-mlp
-    loss: str                 # cll | gloro | ce
+    arch: str                 # a registered architecture (cll list): 4C3F, 8C2F, LipConv-20, SLL-XL, ...
+    loss: str                 # cll | gloro | ce | soc_cr | cpl_hinge | sll_offset_ce
     # ---- the certificate and the loss ----
     eps: float = 0.15         # training eps (l2, [0,1] pixels); CLL's sigma and GloRo's margin
     p: float = 0.3            # CLL slack in (0,1): K^(h o f) = log((2-p)/p)/eps
@@ -46,9 +48,15 @@ class RunConfig:
     k_scale_power: float = 10.0  # power of that schedule
     trades: float = 0.0       # GloRo: 0 = bottom-class CE, > 0 = TRADES weight
     eps_warmup: float = 1.0   # GloRo: fraction of training over which eps ramps 0 -> eps (power 5)
+    cr_gamma: float = 0.0     # soc_cr: weight of SOC's certificate regulariser
+    hinge_margin: float = 0.7  # cpl_hinge: margin of CPL's multi-class hinge
+    offset: float = 2.1213203435596424  # sll_offset_ce: logit offset u (3 sqrt2 / 2)
+    temperature: float = 0.25  # sll_offset_ce: temperature tau
+    head: str = "auto"        # auto (lln for the peers' losses, else linear) | linear | lln
     # ---- Lipschitz control ----
     lip_penalty: float = 1e-4  # lambda of the penalty lambda * K^lip_pow (0 = off)
     lip_pow: float = 2.0      # power of that penalty
+    lip_penalty_form: str = "global"  # global: K = K_F max_ij||W_i-W_j|| | batch: max over the batch's K_tj (peers)
     pi_iters: int = 5         # power iterations per training step (with gradient)
     pi_tol: float = 1e-7      # relative tolerance of the converged estimate (epoch end, certify)
     # ---- optimisation ----
@@ -125,7 +133,7 @@ def _normalise(key: str, value: Any) -> Any:
     if key in CHOICES:
         _check(value in CHOICES[key], key, value, "one of " + ", ".join(CHOICES[key]))
         return value
-    if key in ("eps", "lr", "pi_tol", "lip_pow"):
+    if key in ("eps", "lr", "pi_tol", "lip_pow", "temperature"):
         v = parse_number(key, value)
         _check(v > 0, key, value, "a number > 0")
         return v
@@ -140,7 +148,7 @@ def _normalise(key: str, value: Any) -> Any:
         _check(v >= 0, key, value, "a number >= 0 or null (= eps)")
         return v
     if key in ("lip_penalty", "weight_decay", "trades", "momentum", "eps_warmup", "k_scale_start",
-               "k_scale_power", "gamma"):
+               "k_scale_power", "gamma", "cr_gamma", "hinge_margin", "offset"):
         v = parse_number(key, value)
         _check(v >= 0, key, value, "a number >= 0")
         return v

@@ -43,20 +43,22 @@ from .errors import ConfigError, DataError
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a model needs to know about a data set: its class count and the shape of one input."""
+    """What a model needs to know about a data set: its class count, the shape of one input, and
+    the per-channel training-set mean (the peers' networks subtract it inside the model)."""
 
     name: str
     num_classes: int
     in_shape: tuple[int, int, int] | tuple[int]  # (C, H, W) for images, (2,) for moons
+    mean: tuple[float, ...] | None = None
 
 
 _INFO = {
     "moons": DatasetInfo("moons", 2, (2,)),
     "digits": DatasetInfo("digits", 10, (1, 8, 8)),
-    "mnist": DatasetInfo("mnist", 10, (1, 28, 28)),
-    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32)),
-    "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32)),
-    "tinyimagenet": DatasetInfo("tinyimagenet", 200, (3, 64, 64)),
+    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,)),
+    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465)),
+    "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409)),
+    "tinyimagenet": DatasetInfo("tinyimagenet", 200, (3, 64, 64), (0.4802, 0.4481, 0.3975)),
 }
 
 

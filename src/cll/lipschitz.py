@@ -38,20 +38,21 @@ which is the Lipschitz constant of every logit difference z_i - z_j.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import MaxMin
+from . import layers as L
 
 # Relative inflation of every float64 bound (see the module docstring).
 ROUNDING_SLACK = 1e-9
 # Largest explicit matrix (rows * columns) whose exact norm we compute for a conv layer.
 EXPLICIT_MAX_ENTRIES = 2**22
 # Layers that are 1-Lipschitz in l2 without any parameter to check.
-ONE_LIPSCHITZ = (MaxMin, nn.Flatten, nn.Identity, nn.ReLU)
+ONE_LIPSCHITZ = (L.MaxMin, L.HouseHolder, L.PaddingChannels, nn.Flatten, nn.Identity, nn.ReLU)
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -81,6 +82,14 @@ def linear_operator(layer: nn.Module, in_shape: tuple[int, ...]) -> tuple[Operat
 
         return forward, adjoint
     raise TypeError(f"no linear operator for layer type {type(layer).__name__}")
+
+
+def power_iterate(forward: Operator, adjoint: Operator, u: torch.Tensor, n_iter: int) -> torch.Tensor:
+    """``n_iter`` power-iteration steps u <- A^T A u / ||A^T A u|| from ``u``."""
+    for _ in range(n_iter):
+        v = adjoint(forward(u))
+        u = v / (v.norm() + 1e-12)
+    return u
 
 
 def is_linear_layer(layer: nn.Module) -> bool:
@@ -200,21 +209,38 @@ def spectral_norm_exact(matrix: torch.Tensor) -> float:
 
 def explicit_matrix(layer: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor:
     """The layer's bias-free map at ``in_shape`` as a dense float64 matrix (out_numel, in_numel)."""
+    if isinstance(layer, nn.Conv2d):
+        return conv_matrix(layer.weight, in_shape, layer.stride, layer.padding)
+    return layer.weight.detach().double()
+
+
+def conv_matrix(weight: torch.Tensor, in_shape: tuple[int, ...], stride=(1, 1), padding=(0, 0)) -> torch.Tensor:
+    """A zero-padded conv2d at ``in_shape`` as a dense float64 matrix, built column by column."""
     n_in = math.prod(in_shape)
-    w = layer.weight.detach().double()
+    w = weight.detach().double()
     columns = []
     with torch.no_grad():
         for start in range(0, n_in, 512):  # the image of each unit input, a chunk at a time
             idx = torch.arange(start, min(start + 512, n_in), device=w.device)
             basis = torch.zeros(len(idx), n_in, dtype=torch.float64, device=w.device)
             basis[torch.arange(len(idx), device=w.device), idx] = 1.0
-            basis = basis.reshape(len(idx), *in_shape)
-            if isinstance(layer, nn.Conv2d):
-                out = F.conv2d(basis, w, None, layer.stride, layer.padding)
-            else:
-                out = F.linear(basis, w)
+            out = F.conv2d(basis.reshape(len(idx), *in_shape), w, None, stride, padding)
             columns.append(out.reshape(len(idx), -1))
     return torch.cat(columns).t()
+
+
+def conv_norm_bound(weight: torch.Tensor, in_shape: tuple[int, ...], stride=(1, 1), padding=(0, 0),
+                    method: str = "auto") -> float:
+    """Guaranteed upper bound on the norm of a zero-padded conv2d with ``weight`` at ``in_shape``:
+    exact from the explicit matrix where it is small ("auto"/"explicit"), else the circular bound
+    by FFT ("auto"/"fft")."""
+    n_in = math.prod(in_shape)
+    n_out = n_in // in_shape[0] * weight.shape[0]  # upper estimate of the output size
+    if method == "explicit" or (method == "auto" and n_in * n_out <= EXPLICIT_MAX_ENTRIES):
+        return spectral_norm_exact(conv_matrix(weight, in_shape, stride, padding))
+    if method in ("fft", "auto"):
+        return conv_fft_bound(weight, in_shape, tuple(stride), tuple(padding))
+    raise ValueError(f"unknown bound method {method!r}; allowed: auto, explicit, fft")
 
 
 # conv_fft_bound: float64 eigvalsh runs only at frequencies that may hold the maximum (see
@@ -336,17 +362,97 @@ def upper_bound_layer(layer: nn.Module, in_shape: tuple[int, ...], method: str =
         return spectral_norm_exact(layer.weight)
     if isinstance(layer, nn.Conv2d):
         linear_operator(layer, in_shape)  # rejects unsupported conv variants
-        n_in = math.prod(in_shape)
-        n_out = n_in // in_shape[0] * layer.out_channels  # upper estimate of the output size
-        if method == "explicit" or (method == "auto" and n_in * n_out <= EXPLICIT_MAX_ENTRIES):
-            return spectral_norm_exact(explicit_matrix(layer, in_shape))
-        if method in ("fft", "auto"):
-            return conv_fft_bound(layer.weight, in_shape, layer.stride, layer.padding)
-        raise ValueError(f"unknown bound method {method!r}; allowed: auto, explicit, fft")
+        return conv_norm_bound(layer.weight, in_shape, layer.stride, layer.padding, method)
+    if isinstance(layer, nn.AvgPool2d):
+        return avg_pool_bound(layer)
+    if isinstance(layer, L.Normalize):
+        return layer.lipschitz * (1 + ROUNDING_SLACK)
+    for kind, bound in PEER_BOUNDS.items():
+        if isinstance(layer, kind):
+            return bound(layer, in_shape)
     raise TypeError(
         f"no Lipschitz bound for layer type {type(layer).__name__}; add one to cll.lipschitz "
         "(a layer is never assumed 1-Lipschitz by default)"
     )
+
+
+def avg_pool_bound(layer: nn.AvgPool2d) -> float:
+    """Non-overlapping average (or sum/divisor) pooling: each output is the sum of k*k disjoint
+    inputs over the divisor, so the norm is sqrt(k*k) / divisor (CPL/SLL: 4x4 over 4 -> 1)."""
+    k = (layer.kernel_size,) * 2 if isinstance(layer.kernel_size, int) else tuple(layer.kernel_size)
+    s = (layer.stride,) * 2 if isinstance(layer.stride, int) else tuple(layer.stride)
+    if s != k or layer.padding not in (0, (0, 0)):
+        raise TypeError(f"no Lipschitz bound for overlapping or padded pooling {layer}")
+    divisor = layer.divisor_override or k[0] * k[1]
+    return math.sqrt(k[0] * k[1]) / divisor * (1 + ROUNDING_SLACK)
+
+
+# ---------------------------------------------------------------- the peers' layers
+# Each is "1-Lipschitz by construction" only in exact arithmetic and, for SOC and CPL, only if an
+# approximation is good enough. These bounds are computed from the parameters the evaluation-mode
+# forward uses, so that a certificate never rests on the construction alone.
+def residual_bound(step: float, norm_ub: float) -> float:
+    """Bound on ||I - step * M^T D M|| over diagonal 0 <= D <= I (the Jacobians of CPL and SLL
+    layers, M the inner linear map): its eigenvalues lie in [1 - step ||M||^2, 1]."""
+    return max(1.0, step * norm_ub ** 2 - 1.0) * (1 + ROUNDING_SLACK)
+
+
+def soc_bound(layer: L.SOC, in_shape: tuple[int, ...]) -> float:
+    """||sum_{i<=T} A^i/i!|| for the skew A of the evaluation forward, with rho >= ||conv_A||:
+    exp(A) is orthogonal, so the norm is at most 1 + sum_{i>T} rho^i/i!, bounded by the
+    geometric series rho^(T+1)/(T+1)! / (1 - rho/(T+2)); never more than sum_{i<=T} rho^i/i!."""
+    s = layer.stride
+    shape = (layer.channels, in_shape[1] // s, in_shape[2] // s)
+    p = layer.kernel_size // 2
+    with torch.no_grad():
+        rho = conv_norm_bound(layer.kernel(), shape, (1, 1), (p, p), method="fft")
+    t = layer.eval_terms
+    series = sum(rho ** i / math.factorial(i) for i in range(t + 1))
+    if rho < t + 2:
+        tail = rho ** (t + 1) / math.factorial(t + 1) / (1 - rho / (t + 2))
+        series = min(series, 1.0 + tail)
+    return series * (1 + ROUNDING_SLACK)
+
+
+def cpl_bound(layer, in_shape: tuple[int, ...]) -> float:
+    """max(1, h ||W||_ub^2 - 1) with the h of the evaluation forward (computed from the layer's
+    own sound norm bound, so this is 1 up to rounding unless the cache is stale)."""
+    if tuple(in_shape) != tuple(layer.u.shape[1:]):
+        raise ValueError(f"CPL layer built for inputs {tuple(layer.u.shape[1:])} sees {tuple(in_shape)}")
+    return residual_bound(layer.eval_step_size(), layer.norm_bound(sys.modules[__name__]))
+
+
+def sll_bound(layer, in_shape: tuple[int, ...]) -> float:
+    """M = T^{-1/2} W with the t^{-1} the forward computes; step 2."""
+    with torch.no_grad():
+        scale = layer.inverse_t().double().sqrt()
+        if isinstance(layer, L.SLLConv):
+            p = layer.padding
+            norm = conv_norm_bound(layer.weight.double() * scale[:, None, None, None], in_shape, (1, 1),
+                                   (p, p), method="fft")
+        else:
+            norm = spectral_norm_exact(layer.weight.double() * scale[:, None])
+    return residual_bound(2.0, norm)
+
+
+def sandwich_bound(layer, in_shape: tuple[int, ...]) -> float:
+    """sqrt(1 + 4 ||E|| ||B||^2) with E = A A^H + B B^H - I, maxima over frequencies (conv), from the
+    factors the forward uses (see cll.layers.sandwich)."""
+    with torch.no_grad():
+        a, b = (f.detach().to(torch.complex128 if f.is_complex() else torch.float64) for f in layer.factors())
+        err = a @ a.mH + b @ b.mH - torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        e = torch.linalg.eigvalsh(err).abs().max().item()          # ||E||_2, E Hermitian
+        bb = torch.linalg.eigvalsh(b @ b.mH)[..., -1].max().clamp_min(0).item()  # ||B||_2^2
+    # forming E in float64 from float32 factors: each entry is a sum of (out + in) exact products,
+    # rounded at most (out + in) times by 2^-53 relative to a sum of magnitude <= 1 (unit rows)
+    m, k = b.shape[-2], a.shape[-1] + b.shape[-1]
+    e = e * (1 + ROUNDING_SLACK) + m * k * 2.3e-16
+    return math.sqrt(1.0 + 4.0 * e * bb * (1 + ROUNDING_SLACK)) * (1 + ROUNDING_SLACK)
+
+
+PEER_BOUNDS = {L.SOC: soc_bound, L.CPLConv: cpl_bound, L.CPLLinear: cpl_bound,
+               L.SLLConv: sll_bound, L.SLLLinear: sll_bound,
+               L.SandwichConv: sandwich_bound, L.SandwichLinear: sandwich_bound}
 
 
 # ---------------------------------------------------------------- whole-model constants
@@ -378,12 +484,9 @@ def estimate_constant(model: nn.Module, body: float | None = None) -> float:
 
 
 def upper_bound_body(model: nn.Module) -> float:
-    """Sound K_F: product of every body layer's upper bound, times the input factor."""
+    """Sound K_F: product of every body layer's upper bound (the input normalisation included)."""
     shapes = trace_input_shapes(model.body, model.in_shape)
-    k = float(model.input_lipschitz)
-    for layer, shape in zip(model.body, shapes):
-        k *= upper_bound_layer(layer, shape)
-    return k
+    return math.prod(upper_bound_layer(layer, shape) for layer, shape in zip(model.body, shapes))
 
 
 def lipschitz_constant(model: nn.Module, body: float | None = None) -> float:

@@ -1,4 +1,6 @@
-"""Training losses: CLL (pairwise and per-logit), GloRo (bottom class, TRADES), cross-entropy.
+"""Training losses: CLL (pairwise and per-logit), GloRo (bottom class, TRADES), cross-entropy,
+and the peers' own losses: SOC's cross-entropy with certificate regularisation, CPL's multi-class
+hinge, SLL's (and LBDN's) offset cross-entropy.
 
 Every loss is called as ``loss(logits, target, head_weight, lip_body, progress)``:
 ``logits`` (N, C), ``target`` (N,) int64, ``head_weight`` the classifier's W (C, d), ``lip_body``
@@ -6,7 +8,8 @@ the body's Lipschitz estimate K_F (a scalar tensor, refreshed by power iteration
 same step, with gradient), ``progress`` the fraction of training done in [0, 1] (for schedules).
 
 The K penalty ``lambda * K^pow`` is a separate term (``lipschitz_penalty``), added by the trainer
-for any loss, as in the CLL reference (``GlobalLipschitzDecay``, shared/spec/cll.md section 1.2).
+for any loss, as in the CLL reference (``GlobalLipschitzDecay``, shared/spec/cll.md section 1.2),
+or in the SOC/CPL/SLL code bases' form lambda * (max over the batch of K_F ||W_t - W_j||)^2.
 """
 from __future__ import annotations
 
@@ -155,12 +158,86 @@ class CrossEntropy(nn.Module):
         return F.cross_entropy(logits, target)
 
 
+# ---------------------------------------------------------------- the peers' own losses
+def label_radius(logits: torch.Tensor, target: torch.Tensor, head_weight: torch.Tensor,
+                 lip_body: torch.Tensor | float) -> torch.Tensor:
+    """min_{j != t} (z_t - z_j) / (K_F ||W_t - W_j||) for the LABEL t (negative when misclassified):
+    the certified radius of SOC's certificate regulariser (pairwise, as for its LLN head)."""
+    k_tj = torch.cdist(head_weight[target], head_weight) * lip_body
+    k_tj = k_tj.scatter(1, target[:, None], 1.0)
+    radius = (logits.gather(1, target[:, None]) - logits) / k_tj
+    return radius.scatter(1, target[:, None], float("inf")).min(1).values
+
+
+class CertificateRegularisedCE(nn.Module):
+    """SOC's loss: CE(z, y) - gamma * mean(ReLU(certified radius)) (Singla, Singla, Feizi, ICLR 2022,
+    "certificate regularisation"; gamma 0 is plain cross-entropy)."""
+
+    needs_lipschitz = True
+
+    def __init__(self, gamma: float):
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, logits, target, head_weight, lip_body, progress: float = 1.0):
+        loss = F.cross_entropy(logits, target)
+        if self.gamma > 0:
+            loss = loss - self.gamma * F.relu(label_radius(logits, target, head_weight, lip_body)).mean()
+        return loss
+
+
+class MultiMarginHinge(nn.Module):
+    """CPL's loss: (1/C) sum_{i != y} max(0, margin - z_y + z_i), margin 0.7 (Meunier et al. 2022)."""
+
+    needs_lipschitz = False
+
+    def __init__(self, margin: float):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, logits, target, head_weight=None, lip_body=None, progress: float = 1.0):
+        return F.multi_margin_loss(logits, target, p=1, margin=self.margin)
+
+
+class OffsetCrossEntropy(nn.Module):
+    """SLL's (and LBDN's) loss: tau * CE((z - u * onehot(y)) / tau, y), offset u = 3 sqrt2 / 2 and
+    temperature tau = 0.25 by default (Araujo et al., ICLR 2023; Prach & Lampert, ECCV 2022)."""
+
+    needs_lipschitz = False
+
+    def __init__(self, offset: float, temperature: float):
+        super().__init__()
+        self.offset, self.temperature = offset, temperature
+
+    def forward(self, logits, target, head_weight=None, lip_body=None, progress: float = 1.0):
+        shifted = logits - self.offset * F.one_hot(target, logits.shape[1]).to(logits.dtype)
+        return self.temperature * F.cross_entropy(shifted / self.temperature, target)
+
+
+# Peer losses are trained with a unit-row (LLN) head, as their code bases do; CLL, GloRo and CE
+# with an unconstrained linear head (the CLL reference's "vanilla" last layer).
+LLN_LOSSES = ("soc_cr", "cpl_hinge", "sll_offset_ce")
+
+
+def default_head(loss: str) -> str:
+    return "lln" if loss in LLN_LOSSES else "linear"
+
+
 # ---------------------------------------------------------------- the K penalty
 def lipschitz_penalty(lip_body: torch.Tensor, head_weight: torch.Tensor, lam: float,
-                      power: float = 2.0) -> torch.Tensor:
-    """lambda * K^power with K = K_F * max_ij ||W_i - W_j|| (the reference's GlobalLipschitzDecay);
-    the gradient flows through the power iterations that produced K_F and through W."""
-    return lam * (lip_body * head_factor(head_weight)) ** power
+                      power: float = 2.0, target: torch.Tensor | None = None,
+                      form: str = "global") -> torch.Tensor:
+    """The K penalty, with gradient through K_F (and its power iterations) and through W.
+
+    ``global`` (the reference's GlobalLipschitzDecay): lambda * (K_F * max_ij ||W_i - W_j||)^power.
+    ``batch`` (CLL inside SOC/CPL/SLL, shared/spec/cll.md section 1.5): lambda * (max over the
+    batch's labels t and all classes j of K_F * K_tj)^power, with K_tt := 1."""
+    if form == "global":
+        return lam * (lip_body * head_factor(head_weight)) ** power
+    if form == "batch":
+        k_tj = torch.cdist(head_weight[target], head_weight).scatter(1, target[:, None], 1.0)
+        return lam * (lip_body * k_tj.max()) ** power
+    raise ValueError(f"unknown penalty form {form!r}; allowed: global, batch")
 
 
 # ---------------------------------------------------------------- registry (built from a RunConfig)
@@ -177,6 +254,21 @@ def _gloro(cfg) -> GloRo:
 @LOSSES.register("ce")
 def _ce(cfg) -> CrossEntropy:
     return CrossEntropy()
+
+
+@LOSSES.register("soc_cr")
+def _soc_cr(cfg) -> CertificateRegularisedCE:
+    return CertificateRegularisedCE(cfg.cr_gamma)
+
+
+@LOSSES.register("cpl_hinge")
+def _cpl_hinge(cfg) -> MultiMarginHinge:
+    return MultiMarginHinge(cfg.hinge_margin)
+
+
+@LOSSES.register("sll_offset_ce")
+def _sll_offset_ce(cfg) -> OffsetCrossEntropy:
+    return OffsetCrossEntropy(cfg.offset, cfg.temperature)
 
 
 def create(cfg) -> nn.Module:

@@ -46,7 +46,12 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = model.parameters()
+    """The run's optimizer; parameters of modules flagged ``no_weight_decay`` (HH1's angles, as in
+    SOC's recipe) get no weight decay."""
+    exempt = {id(p) for m in model.modules() if getattr(m, "no_weight_decay", False) for p in m.parameters()}
+    params = [{"params": [p for p in model.parameters() if id(p) not in exempt]}]
+    if exempt:
+        params.append({"params": [p for p in model.parameters() if id(p) in exempt], "weight_decay": 0.0})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
@@ -106,8 +111,11 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def build_model(cfg: RunConfig) -> torch.nn.Module:
+    """The run's architecture for its data set, with the run's head (``auto``: the loss's own)."""
     info = data.dataset_info(cfg.dataset)
-    return models.create(cfg.arch, info.num_classes, info.in_shape)
+    head = losses.default_head(cfg.loss) if cfg.head == "auto" else cfg.head
+    return models.create(cfg.arch, info.num_classes, info.in_shape, head=head, mean=info.mean)
+
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[RunConfig, torch.nn.Module]:
@@ -136,7 +144,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
     train_set, test_set, info = data.load_dataset(cfg.dataset, root=cfg.data_root, augment=cfg.augment,
                                                   seed=cfg.seed, max_train=cfg.max_train,
                                                   max_test=cfg.max_test)
-    model = models.create(cfg.arch, info.num_classes, info.in_shape).to(device)
+    model = build_model(cfg).to(device)
     criterion = losses.create(cfg)
     optimizer = make_optimizer(cfg, model)
     drop_last = len(train_set) >= cfg.batch_size  # the reference drops the last partial batch
@@ -176,7 +184,8 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
             logits = model(x)
             loss = criterion(logits, y, model.head.weight, lip_body, progress)
             if cfg.lip_penalty > 0:
-                loss = loss + losses.lipschitz_penalty(lip_body, model.head.weight, cfg.lip_penalty, cfg.lip_pow)
+                loss = loss + losses.lipschitz_penalty(lip_body, model.head.weight, cfg.lip_penalty, cfg.lip_pow,
+                                                       y, cfg.lip_penalty_form)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

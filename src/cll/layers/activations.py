@@ -1,11 +1,16 @@
-"""Building blocks of Lipschitz networks that are not plain linear maps.
+"""Activations that are 1-Lipschitz in l2 for every value of their parameters.
 
 - ``MaxMin``: the GroupSort activation with groups of two (Anil, Lucas, Grosse, ICML 2019,
   arXiv 1811.05381). It sorts each pair of adjacent channels, so it is 1-Lipschitz in l2 and
   gradient-norm preserving. Pairing follows the CLL/GloRo reference: channels (0,1), (2,3), ...;
   the output is ``cat([maxes, mins])`` along the channel axis.
+- ``HouseHolder``: the order-1 Householder activation HH1 (Singla, Singla, Feizi, "Improved
+  deterministic l2 robustness on CIFAR-10 and CIFAR-100", ICLR 2022, arXiv 2108.04062), used by
+  the SOC LipConvNets. Channel c of the first half is paired with channel c of the second half.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -19,3 +24,35 @@ class MaxMin(nn.Module):
         pairs = x.reshape(n, c // 2, 2, *x.shape[2:])
         a, b = pairs[:, :, 0], pairs[:, :, 1]
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+
+class HouseHolder(nn.Module):
+    """HH1 on pairs (a, b) = (x[:, c], x[:, c + C/2]) with a learnable angle theta per pair.
+
+    The pair is kept where it lies on the positive side of the line through 0 at angle theta/2,
+    and reflected across that line otherwise:
+
+        (a, b)                                          if a sin(theta/2) - b cos(theta/2) > 0
+        (a cos theta + b sin theta, a sin theta - b cos theta)   otherwise
+
+    Both pieces are orthogonal and agree on the line (its points are fixed by the reflection),
+    so the map is continuous, piecewise orthogonal and 1-Lipschitz for every theta. At the
+    initial theta = pi/2 it is exactly MaxMin over the two halves (SOC's pairing).
+    """
+
+    no_weight_decay = True  # SOC's recipe: weight decay on the convolutions only
+
+    def __init__(self, channels: int):
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"HouseHolder needs an even channel count, got {channels}")
+        self.theta = nn.Parameter(torch.full((channels // 2,), math.pi / 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        theta = self.theta.view(shape)
+        keep = a * torch.sin(theta / 2) - b * torch.cos(theta / 2) > 0
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        return torch.cat([torch.where(keep, a, a * cos + b * sin),
+                          torch.where(keep, b, a * sin - b * cos)], dim=1)

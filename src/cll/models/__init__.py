@@ -1,9 +1,12 @@
 """Architectures, built by name: ``create("8C2F", num_classes=200, in_shape=(3, 64, 64))``.
 
-Every model is a ``LipschitzNet``: a sequential ``body`` of conv/linear layers and MaxMin
-activations, an unconstrained linear ``head`` (the classifier), and a ``power`` module holding the
-persistent power-iteration iterates of the body's layers (``cll.lipschitz``). Inputs are raw [0,1]
-pixels (no normalisation), so the input factor ``input_lipschitz`` is 1.
+Every model is a ``LipschitzNet``: a sequential ``body`` of layers that ``cll.lipschitz`` bounds one by one (an input
+normalisation (x - mean) / std first, where the family uses one), a linear ``head`` (the
+classifier: unconstrained, or with unit-norm rows, "LLN"), and a ``power`` module holding the
+persistent power-iteration iterates of the body's plain conv/linear layers. The normalisation is
+the body's first layer (factor 1/std, ``input_lipschitz``); GloRo-family nets see raw [0,1]
+pixels, as in the reference.
+The peers' families (SOC LipConvNets, CPL, SLL, Sandwich) are in ``cll.models.peers``.
 
 GloRo-family nets, as the CLL reference configures them (shared/spec/cll.md section 4; Leino, Wang,
 Fredrikson, "Globally-Robust Neural Networks", ICML 2021, arXiv 2102.08452). ``C(out, k, s, p)``
@@ -23,14 +26,15 @@ Initialisation: Kaiming-normal weights, zero biases (the reference's ``init_weig
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .layers import MaxMin
-from .lipschitz import PowerIteration
-from .registry import Registry
+from ..layers import MaxMin, Normalize, unit_row_head
+from ..lipschitz import PowerIteration
+from ..registry import Registry
 
 ARCHS = Registry("architecture")
 
@@ -39,29 +43,48 @@ class LipschitzNet(nn.Module):
     """body -> head; the body's Lipschitz constant is bounded layer by layer in ``cll.lipschitz``."""
 
     def __init__(self, body: nn.Sequential, head: nn.Linear, in_shape: Sequence[int],
-                 input_lipschitz: float = 1.0):
+                 mean: Sequence[float] | None = None, std: float = 1.0):
         super().__init__()
         self.in_shape = tuple(in_shape)
         self.num_classes = head.out_features
-        self.input_lipschitz = float(input_lipschitz)
+        if mean is not None:  # the normalisation is the body's first layer, bounded like any other
+            body = nn.Sequential(Normalize(mean, std), *body)
         self.body = body
         self.head = head
         self.power = PowerIteration(body, self.in_shape)
+
+    @property
+    def input_lipschitz(self) -> float:
+        """The factor of the body's parameter-free layers that power iteration does not see (the
+        input normalisation, 1/std): training estimates of K_F multiply by it."""
+        return math.prod(m.lipschitz for m in self.body if isinstance(m, Normalize))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
 
+def make_head(kind: str, in_features: int, num_classes: int) -> nn.Linear:
+    """``linear`` (unconstrained, the certifier uses its pairwise row distances) or ``lln``."""
+    if kind == "linear":
+        return nn.Linear(in_features, num_classes)
+    if kind == "lln":
+        return unit_row_head(in_features, num_classes)
+    raise ValueError(f"unknown head {kind!r}; allowed: linear, lln")
+
+
 def _init(module: nn.Module) -> None:
     if isinstance(module, (nn.Conv2d, nn.Linear)):
-        nn.init.kaiming_normal_(module.weight)
+        params = getattr(module, "parametrizations", None)  # an LLN head: initialise the free W
+        nn.init.kaiming_normal_(params.weight.original if params is not None else module.weight)
         nn.init.zeros_(module.bias)
 
 
 def gloro_net(convs: Sequence[tuple[int, int, int, int]], dense: Sequence[int], num_classes: int,
-              in_shape: Sequence[int]) -> LipschitzNet:
+              in_shape: Sequence[int], head: str = "linear", mean: Sequence[float] | None = None
+              ) -> LipschitzNet:
     """Conv layers ``(out_channels, kernel, stride, padding)``, then dense widths, then the head;
-    MaxMin after every layer but the head."""
+    MaxMin after every layer but the head. ``mean`` is accepted and not used: the GloRo family is
+    trained on raw [0,1] inputs, as in the reference."""
     layers: list[nn.Module] = []
     channels = in_shape[0]
     for out, k, s, p in convs:
@@ -74,44 +97,51 @@ def gloro_net(convs: Sequence[tuple[int, int, int, int]], dense: Sequence[int], 
     for n in dense:
         layers += [nn.Linear(width, n), MaxMin()]
         width = n
-    model = LipschitzNet(nn.Sequential(*layers), nn.Linear(width, num_classes), in_shape)
+    model = LipschitzNet(nn.Sequential(*layers), make_head(head, width, num_classes), in_shape)
     model.apply(_init)
     return model
 
 
 @ARCHS.register("2C2F")
-def gloro_2c2f(num_classes: int, in_shape: Sequence[int]) -> LipschitzNet:
-    return gloro_net([(16, 4, 2, 1), (32, 4, 2, 1)], [100], num_classes, in_shape)
+def gloro_2c2f(num_classes: int, in_shape: Sequence[int], **kw) -> LipschitzNet:
+    return gloro_net([(16, 4, 2, 1), (32, 4, 2, 1)], [100], num_classes, in_shape, **kw)
 
 
 @ARCHS.register("4C3F")
-def gloro_4c3f(num_classes: int, in_shape: Sequence[int]) -> LipschitzNet:
+def gloro_4c3f(num_classes: int, in_shape: Sequence[int], **kw) -> LipschitzNet:
     return gloro_net([(32, 3, 1, 1), (32, 3, 2, 1), (64, 3, 1, 1), (64, 3, 2, 1)], [512, 512],
-                     num_classes, in_shape)
+                     num_classes, in_shape, **kw)
 
 
 @ARCHS.register("6C2F")
-def gloro_6c2f(num_classes: int, in_shape: Sequence[int]) -> LipschitzNet:
+def gloro_6c2f(num_classes: int, in_shape: Sequence[int], **kw) -> LipschitzNet:
     return gloro_net([(32, 3, 1, 1), (32, 3, 1, 1), (32, 4, 2, 1),
-                      (64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 1)], [512], num_classes, in_shape)
+                      (64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 1)], [512], num_classes, in_shape, **kw)
 
 
 @ARCHS.register("8C2F")
-def gloro_8c2f(num_classes: int, in_shape: Sequence[int]) -> LipschitzNet:
+def gloro_8c2f(num_classes: int, in_shape: Sequence[int], **kw) -> LipschitzNet:
     return gloro_net([(64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 0),
                       (128, 3, 1, 1), (128, 3, 1, 1), (128, 4, 2, 0),
-                      (256, 3, 1, 1), (256, 4, 2, 0)], [256], num_classes, in_shape)
+                      (256, 3, 1, 1), (256, 4, 2, 0)], [256], num_classes, in_shape, **kw)
 
 
 @ARCHS.register("moons-mlp")
-def moons_mlp(num_classes: int, in_shape: Sequence[int]) -> LipschitzNet:
-    return gloro_net([], [10, 20, 40, 40, 20, 10], num_classes, in_shape)
+def moons_mlp(num_classes: int, in_shape: Sequence[int], **kw) -> LipschitzNet:
+    return gloro_net([], [10, 20, 40, 40, 20, 10], num_classes, in_shape, **kw)
 
 
-def create(arch: str, num_classes: int, in_shape: Sequence[int]) -> LipschitzNet:
-    """Build a registered architecture; an unknown name fails with the list of known ones."""
-    return ARCHS.create(arch, num_classes=num_classes, in_shape=tuple(in_shape))
+def create(arch: str, num_classes: int, in_shape: Sequence[int], head: str = "linear",
+           mean: Sequence[float] | None = None) -> LipschitzNet:
+    """Build a registered architecture; an unknown name fails with the list of known ones.
+
+    ``head``: ``linear`` or ``lln``; ``mean``: the data set's channel mean, which the peers'
+    families subtract (GloRo-family nets ignore it: raw [0,1] inputs, as in the reference)."""
+    return ARCHS.create(arch, num_classes=num_classes, in_shape=tuple(in_shape), head=head, mean=mean)
 
 
 def names() -> list[str]:
     return ARCHS.names()
+
+
+from . import peers  # noqa: E402,F401  (registers the peers' families)

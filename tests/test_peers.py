@@ -1,0 +1,280 @@
+"""The peers' layers (SOC, CPL, SLL, Sandwich, HH1, LLN) and model families: Lipschitz constants
+measured against the layers' bounds, caches, parameter counts, a training step and a
+certification per family, and certificates that a strong attack cannot break."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cll import certify, layers as L, lipschitz, losses, models
+from cll.attack import pgd_l2
+from cll.models import peers
+
+# parameter counts of shared/spec/peers.md (weights + biases; [calc] figures, CIFAR-10 unless noted)
+PARAMS_M = {
+    ("LipConv-10", 10, (3, 32, 32)): 19.9,
+    ("LipConv-20", 10, (3, 32, 32)): 26.2,
+    ("SLL-S", 10, (3, 32, 32)): 41.4,
+    ("SLL-M", 10, (3, 32, 32)): 78.8,
+    ("SLL-L", 10, (3, 32, 32)): 118.3,
+    ("SLL-XL", 10, (3, 32, 32)): 236.4,
+    ("CPL-XL", 10, (3, 32, 32)): 236.4,   # the SLL paper's table: "about 236M"
+    ("Sandwich", 100, (3, 32, 32)): 25.8,
+    ("Sandwich", 200, (3, 64, 64)): 39.1,
+}
+
+
+@pytest.mark.parametrize("arch,num_classes,in_shape", list(PARAMS_M), ids=[f"{a}-{c}" for a, c, _ in PARAMS_M])
+def test_parameter_counts_match_the_spec(arch, num_classes, in_shape):
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = models.create(arch, num_classes, in_shape, head="lln", mean=[0.5] * 3)
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert count == pytest.approx(PARAMS_M[(arch, num_classes, in_shape)], abs=0.05)
+
+
+# ---------------------------------------------------------------- layers: measured constants
+def jacobian_norm(layer, x):
+    """Exact l2 norm of the layer's Jacobian at x (one sample), from the explicit matrix."""
+    jac = torch.autograd.functional.jacobian(lambda v: layer(v[None])[0], x)
+    return torch.linalg.matrix_norm(jac.reshape(layer(x[None]).numel(), x.numel()).double(), ord=2).item()
+
+
+LAYERS = {
+    "soc-3x3": (lambda: L.SOC(4, 4, 3), (4, 6, 6)),
+    "soc-3x3-stride2": (lambda: L.SOC(2, 6, 3, stride=2), (2, 6, 6)),
+    "soc-1x1-stride2-shrink": (lambda: L.SOC(4, 8, 1, stride=2), (4, 4, 4)),
+    "cpl-conv": (lambda: L.CPLConv(4, 3, (6, 6)), (4, 6, 6)),
+    "cpl-linear": (lambda: L.CPLLinear(12, 20), (12,)),
+    "sll-conv": (lambda: L.SLLConv(4, 3), (4, 6, 6)),
+    "sll-linear": (lambda: L.SLLLinear(12, 20), (12,)),
+    "sandwich-conv": (lambda: L.SandwichConv(3, 4, 3, (6, 6)), (3, 6, 6)),
+    "sandwich-conv-stride2": (lambda: L.SandwichConv(2, 5, 3, (6, 6), stride=2), (2, 6, 6)),
+    "sandwich-linear": (lambda: L.SandwichLinear(12, 7), (12,)),
+    "householder": (lambda: L.HouseHolder(6), (6, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layer_is_one_lipschitz_and_within_its_bound(name):
+    torch.manual_seed(0)
+    build, shape = LAYERS[name]
+    layer = build().double()
+    if hasattr(layer, "theta"):
+        torch.nn.init.uniform_(layer.theta, 0, 2 * math.pi)  # any angle, not just MaxMin's
+    layer.eval()
+    bound = lipschitz.upper_bound_layer(layer, shape)
+    for _ in range(3):
+        x = torch.randn(shape, dtype=torch.float64)
+        exact = jacobian_norm(layer, x)
+        assert exact <= bound * (1 + 1e-9), (exact, bound)
+        assert exact <= 1 + 1e-4, f"{name}: Jacobian norm {exact} at a random point"
+    # the bound is tight, not a loose constant
+    assert bound <= 1 + 1e-4
+    # and globally: no pair of points is stretched by more than the bound
+    a, b = torch.randn(64, *shape, dtype=torch.float64), torch.randn(64, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        ratio = (layer(a) - layer(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
+    assert ratio.max().item() <= bound
+
+
+def test_soc_bound_accounts_for_the_truncated_series():
+    """With few Taylor terms SOC is visibly not orthogonal; the bound must cover the exact norm
+    of the polynomial (SOC is affine, so its Jacobian is the operator), and with the evaluation's
+    15 terms the bound is 1 up to rounding."""
+    torch.manual_seed(1)
+    shape = (4, 5, 5)
+    layer = L.SOC(4, 4, 3, eval_terms=2).double().eval()
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+        layer.correction = 2.0  # a large ||A|| makes the truncation error large
+    exact = jacobian_norm(layer, torch.zeros(shape, dtype=torch.float64))
+    bound = lipschitz.upper_bound_layer(layer, shape)
+    assert exact > 1.05, "the test needs a truncation error to see"
+    assert exact <= bound
+    layer.eval_terms = 15
+    exact15 = jacobian_norm(layer, torch.zeros(shape, dtype=torch.float64))
+    assert exact15 <= lipschitz.upper_bound_layer(layer, shape) < exact
+
+
+def test_training_mode_soc_uses_fewer_terms():
+    layer = L.SOC(4, 4, 3)
+    assert layer.train().terms == 5 and layer.eval().terms == 15
+
+
+@pytest.mark.parametrize("make", [lambda: L.CPLConv(4, 3, (6, 6)), lambda: L.SandwichLinear(6, 4)],
+                         ids=["cpl", "sandwich"])
+def test_eval_cache_is_dropped_by_train_and_load_state_dict(make):
+    torch.manual_seed(0)
+    layer, other = make(), make()
+    shape = (2, 4, 6, 6) if isinstance(layer, L.CPLConv) else (2, 6)
+    x = torch.randn(shape)
+    layer.eval()
+    first = layer(x)
+    assert layer._cache is not None
+    assert torch.equal(layer(x), first)          # cached: same output
+    layer.load_state_dict(other.state_dict())     # new weights: the cache must go
+    assert layer._cache is None
+    other.eval()
+    assert torch.allclose(layer(x), other(x))
+    layer.train()
+    assert layer._cache is None
+
+
+def test_sandwich_alpha_exists_before_the_optimizer_and_trains():
+    layer = L.SandwichConv(3, 4, 3, (8, 8))
+    names = dict(layer.named_parameters())
+    assert "alpha" in names
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    before = layer.alpha.item()
+    layer(torch.randn(2, 3, 8, 8)).square().sum().backward()
+    assert layer.alpha.grad is not None and layer.alpha.grad.abs().item() > 0
+    opt.step()
+    assert layer.alpha.item() != before
+
+
+def test_householder_at_init_is_maxmin_over_halves():
+    x = torch.randn(5, 6, 2, 2)
+    a, b = x.chunk(2, dim=1)
+    assert torch.allclose(L.HouseHolder(6)(x), torch.cat([torch.maximum(a, b), torch.minimum(a, b)], 1), atol=1e-6)
+
+
+def test_unit_row_head_is_normalised_everywhere():
+    head = L.unit_row_head(5, 3)
+    assert torch.allclose(head.weight.norm(dim=1), torch.ones(3))
+    x = torch.randn(4, 5)
+    assert torch.allclose(head(x), x @ head.weight.t() + head.bias)
+
+
+def test_sll_safe_inverse_has_no_inf():
+    layer = L.SLLLinear(4, 3)
+    with torch.no_grad():
+        layer.weight[1].zero_()  # a dead unit: t = 0
+    t_inv = layer.inverse_t()
+    assert torch.isfinite(t_inv).all() and t_inv[1] == 0
+    assert torch.isfinite(layer(torch.randn(2, 4))).all()
+
+
+def test_soc_normalisation_factor_enters_the_body_bound():
+    model = peers.lipconv(1, 10, (3, 32, 32), init_channels=4, mean=[0.5] * 3)
+    assert model.input_lipschitz == pytest.approx(1 / 0.2507)
+    assert lipschitz.upper_bound_body(model) >= 1 / 0.2507
+
+
+# ---------------------------------------------------------------- families: train, certify, attack
+def tiny(family, num_classes, shape, head):
+    if family == "lipconv":
+        return peers.lipconv(1, num_classes, shape, head=head, init_channels=4, mean=[0.4] * 3)
+    if family == "cpl":
+        return peers.residual_net(lambda c, i, hw: L.CPLConv(c, i, hw), L.CPLLinear, 2, 2, 8, num_classes,
+                                  shape, head=head, mean=[0.4] * 3, inner_conv=4, inner_dense=32)
+    if family == "sll":
+        return peers.residual_net(lambda c, i, hw: L.SLLConv(c, i), L.SLLLinear, 2, 2, 8, num_classes,
+                                  shape, head=head, mean=[0.4] * 3, inner_conv=4, inner_dense=32)
+    return peers.sandwich_net(num_classes, shape, head=head, mean=[0.4] * 3, width=1 / 16)
+
+
+FAMILIES = ["lipconv", "cpl", "sll", "sandwich"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("num_classes,shape", [(10, (3, 32, 32)), (100, (3, 32, 32)), (200, (3, 64, 64))],
+                         ids=["c10", "c100", "tiny"])
+def test_family_trains_a_step_and_certifies(family, num_classes, shape):
+    torch.manual_seed(0)
+    model = tiny(family, num_classes, shape, head="lln")
+    x, y = torch.rand(4, *shape), torch.randint(0, num_classes, (4,))
+    k = lipschitz.estimate_body(model, 5)
+    loss = losses.OffsetCrossEntropy(2.12, 0.25)(model(x), y) \
+        + losses.lipschitz_penalty(k, model.head.weight, 1e-3, 2.0, y, "batch")
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    out = certify.certify(model, [(x, y)], [36 / 255])
+    assert out["lipschitz_body"] >= out["lipschitz_estimate"] / lipschitz.head_factor(
+        model.head.weight.detach().double()).item() * (1 - 1e-9)
+    assert 0 <= out["cra"]["0.1412"] <= out["clean_accuracy"] <= 1
+
+
+def blobs(n, shape, classes=3, seed=0):
+    """A small separable image task: each class is a fixed random pattern (the same for every
+    ``seed``) plus noise drawn from ``seed``."""
+    centres = 0.5 + 0.25 * torch.randn(classes, *shape, generator=torch.Generator().manual_seed(123)).clamp(-2, 2)
+    y = torch.arange(n) % classes
+    noise = 0.05 * torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+    return (centres[y] + noise).clamp(0, 1), y
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_certified_point_of_a_trained_family_is_broken(family):
+    torch.manual_seed(0)
+    shape = (3, 32, 32)
+    model = tiny(family, 3, shape, head="lln")
+    x, y = blobs(48, shape)
+    criterion = losses.OffsetCrossEntropy(2.12, 0.25)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(20):
+        idx = torch.randint(0, len(x), (16,))
+        loss = criterion(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    xt, yt = blobs(24, shape, seed=1)
+    certifier = certify.Certifier(model)
+    _, pred, radius = certifier(xt)
+    checked = 0
+    for eps in (0.05, 0.25, 1.0):
+        mask = (pred == yt) & (radius > eps)
+        if not mask.any():
+            continue
+        adv = pgd_l2(model, xt[mask], yt[mask], eps * (1 - 1e-5), steps=20, restarts=2)
+        assert ((adv - xt[mask]).flatten(1).norm(dim=1) <= eps).all()
+        with torch.no_grad():
+            broken = (model(adv).argmax(1) != yt[mask]).sum().item()
+        assert broken == 0, f"{family}: {broken} certified points broken at eps {eps}"
+        checked += mask.sum().item()
+    assert checked > 0, f"{family}: nothing certified, the attack would prove nothing"
+
+
+# ---------------------------------------------------------------- the peers' losses
+def test_offset_cross_entropy_closed_form():
+    z = torch.tensor([[2.0, 0.5, -1.0]])
+    y = torch.tensor([0])
+    loss = losses.OffsetCrossEntropy(1.5, 0.25)(z, y)
+    shifted = (z - torch.tensor([[1.5, 0.0, 0.0]])) / 0.25
+    assert loss.item() == pytest.approx(0.25 * F.cross_entropy(shifted, y).item())
+
+
+def test_hinge_is_cpls_multi_margin():
+    z = torch.tensor([[1.0, 0.6, -1.0], [0.0, 2.0, 0.1]])
+    y = torch.tensor([0, 0])
+    # row 0: max(0, .7 - 1 + .6) + max(0, .7 - 1 - 1) = 0.3; row 1: 2.7 + 0.8 = 3.5; mean / C
+    assert losses.MultiMarginHinge(0.7)(z, y).item() == pytest.approx((0.3 + 3.5) / 3 / 2)
+
+
+def test_certificate_regulariser_rewards_radius():
+    w = torch.eye(3)
+    z = torch.tensor([[3.0, 1.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0])
+    plain = losses.CertificateRegularisedCE(0.0)(z, y, w, 1.0)
+    reg = losses.CertificateRegularisedCE(0.5)(z, y, w, 1.0)
+    radius = losses.label_radius(z, y, w, 1.0)
+    assert radius.item() == pytest.approx(2 / math.sqrt(2))
+    assert reg.item() == pytest.approx(plain.item() - 0.5 * radius.item())
+
+
+def test_batch_penalty_is_the_max_over_the_batch_pairs():
+    w = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 0.1]], requires_grad=True)
+    y = torch.tensor([2, 2])  # rows of label 2 only: max(||w2 - w0||, ||w2 - w1||, 1) = sqrt(9.01)
+    pen = losses.lipschitz_penalty(torch.tensor(2.0), w, 1e-3, 2.0, y, "batch")
+    assert pen.item() == pytest.approx(1e-3 * (2 * math.sqrt(9.01)) ** 2)
+    glob = losses.lipschitz_penalty(torch.tensor(2.0), w, 1e-3, 2.0)
+    assert glob.item() == pytest.approx(1e-3 * (2 * math.sqrt(9.01)) ** 2)
+    pen_small = losses.lipschitz_penalty(torch.tensor(2.0), w * 0.01, 1e-3, 2.0, y, "batch")
+    assert pen_small.item() == pytest.approx(1e-3 * 2.0 ** 2)  # K_tt := 1 is the floor
+
+
+def test_peer_losses_default_to_lln_heads():
+    assert {losses.default_head(n) for n in ("soc_cr", "cpl_hinge", "sll_offset_ce")} == {"lln"}
+    assert {losses.default_head(n) for n in ("cll", "gloro", "ce")} == {"linear"}
