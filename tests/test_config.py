@@ -143,6 +143,8 @@ MALFORMED = [
     ({"milestones": "30"}, (), "milestones: '30'", ["list"]),
     ({"augment": "yes"}, (), "augment: 'yes'", ["true or false"]),
     ({"deterministic": 1}, (), "deterministic: 1", ["true or false"]),
+    ({"amp": "bf16"}, (), "amp: 'bf16'", ["true or false"]),
+    ({"compile": 1}, (), "compile: 1", ["true or false"]),
     ({"max_train": 0}, (), "max_train: 0", [">= 1"]),
     ({"pi_iters": -1}, (), "pi_iters: -1", [">= 0"]),
     ({"lip_penalty": -1e-4}, (), "lip_penalty: -0.0001", [">= 0"]),
@@ -293,3 +295,11 @@ def test_bad_override_value_names_the_key():
     with pytest.raises(ConfigError) as err:
         load_config(EXAMPLE, ["p=2"])
     assert one_line(err).startswith("p: 2")
+
+
+def test_speed_options_default_off_and_accept_booleans():
+    # amp and compile are opt-in (every reference recipe trains eager fp32)
+    cfg = build_config(BASE)
+    assert cfg.amp is False and cfg.compile is False
+    cfg = build_config({**BASE, "amp": True, "compile": True})
+    assert cfg.amp is True and cfg.compile is True

@@ -323,3 +323,21 @@ def test_real_tinyimagenet(unpack):
     x, _ = test[grey]
     assert x.shape == (3, 64, 64) and torch.equal(x[0], x[2])
     assert isinstance(test, TinyImageNet)
+
+
+@pytest.mark.parametrize("name,max_train,batch,drop_last", [("moons", None, 250, True), ("digits", 300, 128, False)])
+def test_in_memory_batches_are_the_dataloaders(name, max_train, batch, drop_last):
+    # the training loop's fast path for tensor data sets yields the DataLoader's exact batches
+    from torch.utils.data import DataLoader
+
+    from cll import data
+
+    train, _, _ = load_dataset(name, max_train=max_train)
+    fast = data.in_memory(train, "cpu")
+    assert fast is not None and len(fast) == len(train)
+    expected = DataLoader(train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(3),
+                          drop_last=drop_last)
+    got = list(fast.epoch(batch, torch.Generator().manual_seed(3), drop_last))
+    assert len(got) == len(expected)
+    for (x1, y1), (x2, y2) in zip(expected, got):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2) and y1.dtype == y2.dtype

@@ -255,3 +255,17 @@ def test_lint(tmp_path):
     # find the `cll` of the venv that runs Snakemake (.venv/bin/snakemake works unactivated). PATH
     # is not a setting a user must provide, which is what the envvars directive is for.
     assert all(l.startswith("Environment variable PATH used but not asserted") for l in lints), lints
+
+
+def test_workflow_parse_path_imports_no_torch_and_expands_the_same_cells():
+    # snakemake -n stays fast: common.smk's imports (cll.grid) pull in no torch, and skipping the
+    # registry look-up (the schema checked the names) changes no cell
+    code = ("import sys, cll.grid, cll.results, cll.config; "
+            "sys.exit(1 if any(m == 'torch' or m.startswith('torch.') for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    from cll.grid import parse_grid
+
+    grid = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    fast, full = parse_grid(grid, check_names=False), parse_grid(grid)
+    assert fast.cells == full.cells and [c.run_config(False) for c in fast.runnable()] == [
+        c.run_config() for c in full.runnable()]

@@ -10,11 +10,21 @@ Public API (everything else is reachable through the submodules):
     k_hf(eps, p)                                cll.losses
     load_dataset(name, root=...)                cll.data
 """
-from . import certify
-from .data import load_dataset
-from .lipschitz import lipschitz_constant
-from .losses import k_hf
-from .models import create as create_model
-
 __all__ = ["certify", "create_model", "k_hf", "lipschitz_constant", "load_dataset"]
 __version__ = "0.1.0"
+
+# name -> (submodule, attribute); imported on first use (PEP 562), not at `import cll`: the
+# workflow's parse path (`snakemake -n`) imports cll.grid and must not pay for torch
+_LAZY = {"certify": ("certify", None), "load_dataset": ("data", "load_dataset"),
+         "lipschitz_constant": ("lipschitz", "lipschitz_constant"), "k_hf": ("losses", "k_hf"),
+         "create_model": ("models", "create")}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'cll' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    value = importlib.import_module(f".{module}", __name__)
+    return value if attr is None else getattr(value, attr)

@@ -70,8 +70,8 @@ class Cell:
         return {**self.overrides, "dataset": self.dataset, "arch": self.arch, "loss": self.loss,
                 "eps": self.eps, "p": self.p, "seed": self.seed}
 
-    def run_config(self) -> RunConfig:
-        return build_config(self.config_values())
+    def run_config(self, check_names: bool = True) -> RunConfig:
+        return build_config(self.config_values(), check_names)
 
 
 @dataclass
@@ -95,8 +95,11 @@ def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def parse_grid(values: Any) -> Grid:
-    """Validate a grid mapping and expand it into cells (one-line ConfigError on any problem)."""
+def parse_grid(values: Any, check_names: bool = True) -> Grid:
+    """Validate a grid mapping and expand it into cells (one-line ConfigError on any problem).
+    ``check_names=False``: dataset/arch/loss are not looked up in the registries (which import
+    torch); the workflow passes it after its schema has checked those names (snakemake -n stays
+    fast)."""
     if not isinstance(values, dict):
         raise ConfigError("a grid must be a mapping with experiment, results and tables")
     _unknown("grid", values, GRID_KEYS)
@@ -149,7 +152,7 @@ def parse_grid(values: Any) -> Grid:
                                         row["loss"], parse_number("eps", eps), parse_number("p", p), seed,
                                         row.get("baseline"), pending, resources,
                                         {k: v for k, v in overrides.items() if k != "p"})
-                            cfg = cell.run_config() if pending is None else None
+                            cfg = cell.run_config(check_names) if pending is None else None
                         except ConfigError as err:
                             raise ConfigError(f"{rwhere}: {err}") from None
                         cell = replace(cell, seed=cfg.seed if cfg else int(seed))

@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from .errors import CllError
 
 MODEL = "model.pt"
@@ -87,4 +85,6 @@ def read_json(path: Path) -> dict | None:
 
 
 def save_torch(path: Path, obj: Any) -> None:
+    import torch  # here, not at the top: the workflow's parse path imports this module (snakemake -n)
+
     _atomic(path, lambda f: torch.save(obj, f))
