@@ -22,6 +22,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/certify.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/audit.smk"
 
 
 # MLflow: create the store and the experiment once, before parallel jobs race to do it
@@ -35,4 +36,5 @@ rule all_tables:
     input:
         rules.tables.output,
         rules.figures.output,
+        rules.all_audits.input,  # every cell's audit.json: a broken certificate fails the target
     localrule: True

@@ -91,3 +91,89 @@ def test_certify_report(trained_run):
     # the sound bound never certifies more than the (lower) estimate would
     assert all(out["cra"][k] <= out["cra_estimate"][k] for k in out["cra"])
     assert out["lipschitz_constant"] >= out["lipschitz_estimate"]
+
+
+# ------------------------------------------------------------------ rounding of the forward pass
+def _exact_logits(model, x_row):
+    """The logits of the exact network (float32 parameters read as rationals) at one input."""
+    from fractions import Fraction
+
+    from cll.layers import MaxMin
+
+    h = [Fraction(float(v)) for v in x_row]
+    for layer in list(model.body) + [model.head]:
+        if isinstance(layer, torch.nn.Linear):
+            w, b = layer.weight.detach().tolist(), layer.bias.detach().tolist()
+            h = [sum((Fraction(wij) * hj for wij, hj in zip(row, h)), Fraction(bi)) for row, bi in zip(w, b)]
+        elif isinstance(layer, MaxMin):
+            pairs = list(zip(h[0::2], h[1::2]))
+            h = [max(p) for p in pairs] + [min(p) for p in pairs]
+        else:
+            raise AssertionError(f"no exact evaluation for {layer}")
+    return h
+
+
+def test_float64_rounding_bound_covers_the_exact_logits():
+    """Against exact rational arithmetic: |z64 - z| <= r_i + ||W_i|| E for every logit, while the
+    float32 pass is off by far more than the float64 bound (which is why margins are recomputed)."""
+    torch.manual_seed(7)
+    model = __import__("cll.models", fromlist=["create"]).create("moons-mlp", 2, (2,))
+    with torch.no_grad():  # large, varied weights and inputs make rounding visible
+        for layer in model.body:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.mul_(3.0)
+                layer.bias.normal_(0, 5.0)
+    x = torch.randn(6, 2) * 100
+    forward = certify.Float64Forward(model)
+    z64, logit_error, body_error = forward(x)
+    z32 = model(x).double()
+    w_norm = model.head.weight.detach().double().norm(dim=1)
+    worst32 = worst64 = 0.0
+    for n in range(len(x)):
+        exact = torch.tensor([float(v) for v in _exact_logits(model, x[n].tolist())], dtype=torch.float64)
+        bound = logit_error[n] + w_norm * body_error[n]
+        assert ((z64[n] - exact).abs() <= bound).all(), (z64[n] - exact, bound)
+        scale = exact.abs().max().item()
+        worst64 = max(worst64, (bound.max() / scale).item())
+        worst32 = max(worst32, ((z32[n] - exact).abs().max() / scale).item())
+    assert worst64 < 1e-9  # the bound is negligible next to any margin that matters
+    assert worst32 > 1e3 * worst64  # ... while float32 margins are not exact at all
+
+
+def test_rounding_term_is_subtracted_from_the_margin():
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z = torch.tensor([[1.0, 0.0]])
+    _, plain = certified_radius(z, w, lip_body=1.0)
+    assert plain.item() == pytest.approx(1 / math.sqrt(2))
+    _, head = certified_radius(z, w, 1.0, logit_error=torch.tensor([[0.1, 0.2]]))
+    assert head.item() == pytest.approx(0.7 / math.sqrt(2))
+    _, body = certified_radius(z, w, 1.0, body_error=torch.tensor([0.1]))
+    assert body.item() == pytest.approx(1 / math.sqrt(2) - 0.1)
+    # an error larger than the margin leaves nothing certified, never a negative radius
+    _, gone = certified_radius(z, w, 1.0, logit_error=torch.tensor([[0.6, 0.6]]))
+    assert gone.item() == 0.0
+
+
+def test_certify_reports_rounding_and_refuses_a_foreign_forward(trained_run):
+    from cll.errors import CllError
+
+    cfg, model, _ = trained_run(**MOONS)
+    _, test_set, _ = data.load_dataset("moons", max_test=500)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=250)
+    out = certify.certify(model, loader, [0.15])
+    assert out["rounding"] == "rigorous"
+    assert 0 < out["float32_gap"] < 1e-4
+    assert set(out["cra_unrounded"]) == {"0.15"}
+    # the float64 margins and their rounding term cost (almost) nothing against float32 margins
+    assert abs(out["cra"]["0.15"] - out["cra_unrounded"]["0.15"]) <= 2 / 500
+
+    class Doubled(type(model)):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model.__class__ = Doubled
+    try:
+        with pytest.raises(CllError, match="does not follow the certifier's interface"):
+            certify.certify(model, loader, [0.15])
+    finally:
+        model.__class__ = Doubled.__mro__[1]

@@ -2,6 +2,7 @@
 
     cll train   --config run.yaml --out DIR [--set key=value ...]   -> DIR/model.pt, DIR/train.json
     cll certify --run DIR [--eps 36/255 ...] [--device auto]        -> DIR/certify.json
+    cll audit   --run DIR [--eps ...] [--n 1000]                    -> DIR/audit.json (exit 1 if broken)
     cll list                                                        registered names and config keys
     cll track init --experiment NAME                                create the MLflow store + experiment
     cll aggregate --grid GRID.yaml [--results DIR]                  -> DIR/summary.csv
@@ -84,6 +85,45 @@ def cmd_certify(args: argparse.Namespace) -> None:
         tracking.track(args.run, args.track)
 
 
+class CertificateBroken(CllError):
+    """An attack found a misclassified point inside a certified radius (exit status 1)."""
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from . import attack, data, results
+    from .config import parse_number
+    from .train import load_run, resolve_device
+
+    device = resolve_device(args.device)
+    cfg, model = load_run(args.run, device)
+    eps = [parse_number("--eps", e) for e in args.eps] if args.eps else cfg.certify_eps
+    if any(not e > 0 for e in eps):
+        raise ConfigError(f"--eps: {args.eps} must all be > 0")
+    _, test_set, _ = data.load_dataset(cfg.dataset, root=cfg.data_root, augment=False, seed=cfg.seed,
+                                       max_test=cfg.max_test)
+    # a fixed random sample of the test set (seeded by the run's seed), in test-set order
+    order = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(cfg.seed))
+    picked = sorted(order[:args.n].tolist())
+    x, y = map(torch.cat, zip(*DataLoader(Subset(test_set, picked), batch_size=1000)))
+    t0 = time.time()
+    out = attack.audit(model, x.to(device), y.to(device), eps, steps=args.steps, restarts=args.restarts,
+                       seed=cfg.seed)
+    out.update(n_samples=len(picked), eps=list(eps), seed=cfg.seed, seconds=time.time() - t0)
+    results.write_json(Path(args.run) / results.AUDIT, out)
+    for key, c in out["per_eps"].items():
+        print(f"{args.run}: eps {key}: {c['certified']} of {c['sampled']} certified, {c['attacked']} attacked, "
+              f"{c['broken']} broken (attack strength: {c['uncertified_broken']} of "
+              f"{c['uncertified_attacked']} uncertified broken)")
+    if out["broken"]:
+        bad = ", ".join(f"{c['broken']} at eps {k}" for k, c in out["per_eps"].items() if c["broken"])
+        raise CertificateBroken(f"BROKEN CERTIFICATE in {args.run}: an attack misclassified certified points "
+                                f"inside their radius ({bad}); the certifier is unsound for this model, see "
+                                f"{Path(args.run) / results.AUDIT}")
+
+
 def cmd_track_init(args: argparse.Namespace) -> None:
     from . import tracking
 
@@ -150,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--track", metavar="EXPERIMENT", help="also log the result into this MLflow experiment")
     p.set_defaults(func=cmd_certify)
 
+    p = sub.add_parser("audit", help="attack the certified points of a test sample (exit 1 if any breaks)")
+    p.add_argument("--run", required=True, help="run directory written by cll train")
+    p.add_argument("--eps", nargs="+", help="radii (default: the run's certify_eps); fractions like 36/255 work")
+    p.add_argument("--n", type=_positive_int, default=1000, help="test points sampled (default 1000)")
+    p.add_argument("--steps", type=_positive_int, default=100, help="iterations per attack (default 100)")
+    p.add_argument("--restarts", type=_positive_int, default=5, help="PGD restarts (default 5)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_audit)
+
     p = sub.add_parser("track", help="MLflow tracking ($MLFLOW_TRACKING_URI, default sqlite:///mlflow.db)")
     track = p.add_subparsers(dest="track_command", required=True, parser_class=_Parser)
     p = track.add_parser("init", help="create the tracking store and the experiment (before parallel jobs)")
@@ -181,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except CertificateBroken as err:
+        print(f"cll: error: {err}", file=sys.stderr)
+        return 1
     except CllError as err:
         print(f"cll: error: {err}", file=sys.stderr)
         return 2

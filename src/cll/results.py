@@ -19,6 +19,7 @@ from .errors import CllError
 MODEL = "model.pt"
 TRAIN = "train.json"
 CERTIFY = "certify.json"
+AUDIT = "audit.json"  # cll audit: attacks on the certified points of a test sample
 
 
 def fmt_number(value: float) -> str:

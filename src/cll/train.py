@@ -126,8 +126,18 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[R
     state = load_checkpoint(path)
     cfg = build_config(state["config"])
     model = build_model(cfg)
-    model.load_state_dict(state["model"])
+    _load_weights(model, state, path)
     return cfg, model.to(device)
+
+
+def _load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
+    """The checkpoint's weights into ``model``; weights of another shape fail in one line."""
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+        first = " ".join(str(err).split())[:300]
+        raise CllError(f"checkpoint {str(path)!r} does not hold weights of its own config's model "
+                       f"({type(err).__name__}: {first}); delete it to start the run afresh") from None
 
 
 def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None = None) -> dict:
@@ -160,7 +170,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
             diff = [k for k in cfg.to_dict() if old.get(k) != getattr(cfg, k)]
             raise ConfigError(f"{out_dir} holds a run with another config (differs in "
                               f"{', '.join(diff) or 'format'}); use a new --out directory")
-        model.load_state_dict(state["model"])
+        _load_weights(model, state, ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         _set_rng_state(state["rng"])
