@@ -143,6 +143,7 @@ def always_prune(monkeypatch):
     """Send even tiny layers through the pruned (Gram-iteration) path of conv_fft_bound."""
     monkeypatch.setattr(lipschitz, "FFT_DIRECT_SIZE", 0)
     monkeypatch.setattr(lipschitz, "FFT_SEEDS", 1)
+    monkeypatch.setattr(lipschitz, "FFT_PRUNE_DEVICES", ("cpu", "cuda"))
 
 
 @pytest.mark.parametrize("k,stride,padding,size", CONVS)
@@ -156,9 +157,10 @@ def test_pruned_fft_bound_equals_full_eigvalsh_and_covers_exact(always_prune, k,
 
 
 @pytest.mark.parametrize("flat", [False, True])
-def test_pruned_fft_bound_equals_full_eigvalsh_on_wide_layers(flat):
-    # channels above FFT_DIRECT_SIZE take the pruned path by default; a near-orthogonal kernel
+def test_pruned_fft_bound_equals_full_eigvalsh_on_wide_layers(monkeypatch, flat):
+    # channels above FFT_DIRECT_SIZE take the pruned path (on a GPU; here forced); a near-orthogonal kernel
     # has an almost flat spectrum, the hard case for pruning (many frequencies near the top)
+    monkeypatch.setattr(lipschitz, "FFT_PRUNE_DEVICES", ("cpu", "cuda"))
     torch.manual_seed(7 + flat)
     w = torch.randn(40, 36, 3, 3)
     if flat:
@@ -219,3 +221,12 @@ def test_converge_matches_per_iteration_check(tol, max_iter, check_every):
     slow = reference_converge(model.power, tol, max_iter)
     assert fast == slow
     assert all(torch.equal(a, b) for a, b in zip(fast_u, model.power.iterates()))
+
+
+def test_direct_fft_path_equals_full_eigvalsh():
+    # the CPU path: rfft2's half of the frequencies, float64 eigvalsh at each
+    torch.manual_seed(10)
+    w = torch.randn(12, 10, 3, 3)
+    for stride, padding in (((1, 1), (1, 1)), ((2, 2), (0, 0))):
+        assert lipschitz.conv_fft_bound(w, (10, 9, 8), stride, padding) == pytest.approx(
+            full_fft_bound(w, (10, 9, 8), stride, padding), rel=1e-12)
