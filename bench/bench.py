@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Hand-run benchmark of cll: training step, certifier, sound bound, snakemake dry run.
 
-    python bench/bench.py --quick                      # all archs, CPU, < 1 min on 2 cores
-    python bench/bench.py --device cuda                # full run on a GPU
-    python bench/bench.py --arch 4C3F --arch 8C2F --batch 64 --only train
+    python bench/bench.py --quick                      # every registered arch, CPU, ~1 min on 2 cores
+    python bench/bench.py --device cuda                # full run on a GPU (recipe batch sizes)
+    python bench/bench.py --arch 8C2F --arch 6C2F --only train      # the pi_share targets
+    python bench/bench.py --device cuda --arch 8C2F --amp --compile --only train
 
 Prints one JSON line per measurement on stdout (progress goes to stderr). Not run by CI.
-See bench/README.md for the meaning of every key.
+Every architecture of the registry (cll.models) is measured, with the recipe of its first row in
+config/paper.yaml (data set shape, loss, batch size), or a fallback recipe. See bench/README.md for
+the meaning of every key.
 """
 from __future__ import annotations
 
@@ -21,30 +24,29 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
-from cll import certify, lipschitz, losses, models
+from cll import certify, data, lipschitz, losses, models, train
+from cll.config import RunConfig, build_config
+from cll.errors import CllError
 
 REPO = Path(__file__).resolve().parent.parent
+PAPER = REPO / "config" / "paper.yaml"
 
-# arch -> (data set it is trained on in the recipes, num_classes, in_shape, recipe batch size)
-# Batch sizes: config/paper.yaml (8C2F 256, moons 100), the GloRo CIFAR nets 128, 2C2F the
-# RunConfig default 128.
-SPECS = {
-    "8C2F": ("tinyimagenet", 200, (3, 64, 64), 256),
-    "4C3F": ("cifar10", 10, (3, 32, 32), 128),
-    "6C2F": ("cifar10", 10, (3, 32, 32), 128),
-    "2C2F": ("mnist", 10, (1, 28, 28), 128),
-    "moons-mlp": ("moons", 2, (2,), 100),
-}
-# --quick on CPU: 8C2F at 256 takes several seconds per step on 2 cores; use a smaller batch
-QUICK_CPU_BATCH = {"8C2F": 16}
-# --quick on CPU: 8C2F's sound bound (float64 FFT + eigvalsh) took ~75 s here; certify needs it too
-QUICK_CPU_SKIP_BOUND = {"8C2F": "upper_bound_body of 8C2F takes ~75 s on a 2-core CPU (over the "
-                                "20 s quick budget); run without --quick or on cuda"}
+# archs with no row in config/paper.yaml: the data set they are trained on in the GloRo/CLL
+# recipes (batch: the RunConfig default, 128, as the GloRo CIFAR/MNIST recipes)
+FALLBACK_DATASET = {"4C3F": "cifar10", "6C2F": "cifar10", "2C2F": "mnist", "moons-mlp": "moons"}
+# keys of a paper row's `set` that do not matter to a benchmark on random inputs
+IGNORED_KEYS = {"data_root", "num_workers", "epochs", "milestones", "max_train", "max_test"}
 
-PI_ITERS = 5        # recipe: 5 power iterations per step
-LIP_PENALTY = 1e-3  # lambda of lambda * K^2 (8C2F CLL recipe)
-CLL_EPS, CLL_P = 1.0, 0.025
+# --quick on CPU: a train batch this small for models with more parameters than QUICK_BIG_PARAMS
+# (and a narrower model where the builder takes ``width``); bound and certify skipped above
+# QUICK_BOUND_PARAMS (8C2F, 4.3 M: its sound bound is tens of seconds on 2 loaded cores)
+QUICK_BATCH = 16
+QUICK_BIG_PARAMS = 3_000_000
+QUICK_WIDTH = 0.25
+QUICK_BOUND_PARAMS = 3_000_000
+TARGETS = {"pi_share": 0.10, "certify_ratio": 1.2, "dryrun_seconds": 3.0}
 
 
 def log(msg: str) -> None:
@@ -83,96 +85,137 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def guarded(what: str, arch: str | None, device: torch.device, fn, *args, **kwargs) -> None:
-    """Run one measurement; a failure becomes a line with an ``error`` key and the run goes on
-    (e.g. a src/ function that does not support the device)."""
+def base(what: str, arch: str | None, device: torch.device, batch: int | None) -> dict:
+    """The keys every line has (filled in by the measurement)."""
+    return {"what": what, "arch": arch, "device": str(device), "batch": batch, "images_per_s": None,
+            "seconds": None, "peak_mem_mb": None}
+
+
+def guarded(what: str, arch: str | None, device: torch.device, fn, *args, **kwargs) -> dict | None:
+    """Run one measurement; a failure becomes a line with an ``error`` key and the run goes on."""
     try:
-        emit(fn(*args, **kwargs))
+        rec = fn(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - a benchmark reports, it does not stop
-        emit({"what": what, "arch": arch, "device": str(device), "batch": None, "images_per_s": None,
-              "seconds": None, "peak_mem_mb": None, "error": f"{type(err).__name__}: {err}"[:300]})
+        rec = base(what, arch, device, None)
+        rec["error"] = f"{type(err).__name__}: {err}"[:300]
+    emit(rec)
+    return rec
 
 
-def build(arch: str, device: torch.device) -> torch.nn.Module:
-    _, num_classes, in_shape, _ = SPECS[arch]
-    return models.create(arch, num_classes, in_shape).to(device)
+# ---------------------------------------------------------------- recipes
+def paper_recipes() -> dict[str, dict]:
+    """arch -> run-config values of its first row in config/paper.yaml (pending rows included:
+    their ``set`` records the reference recipe)."""
+    grid = yaml.safe_load(PAPER.read_text()) if PAPER.is_file() else {}
+    defaults = grid.get("defaults") or {}
+    out: dict[str, dict] = {}
+    for table in grid.get("tables") or []:
+        for row in table.get("rows") or []:
+            if row.get("arch") in out:
+                continue
+            first = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
+            values = {**defaults, **(row.get("set") or {}), "dataset": row["dataset"], "arch": row["arch"],
+                      "loss": row["loss"], "eps": first(row["eps"])}
+            if "p" in row:
+                values["p"] = first(row["p"])
+            out[row["arch"]] = {k: v for k, v in values.items() if k not in IGNORED_KEYS}
+    return out
 
 
-def random_batch(arch: str, n: int, device: torch.device, gen: torch.Generator):
-    _, num_classes, in_shape, _ = SPECS[arch]
-    x = torch.rand(n, *in_shape, generator=gen).to(device)
-    y = torch.randint(0, num_classes, (n,), generator=gen).to(device)
-    return x, y
+def recipe(arch: str, paper: dict[str, dict]) -> tuple[RunConfig, str]:
+    """The run config of ``arch`` for the benchmark and where it came from. A paper row whose loss
+    is not registered yet falls back to CLL with that row's other settings."""
+    if arch in paper:
+        values, source = dict(paper[arch]), "config/paper.yaml"
+        if values["loss"] not in losses.names():
+            source += f" (loss {values['loss']} not registered: cll)"
+            values["loss"] = "cll"
+    else:
+        values = {"dataset": FALLBACK_DATASET.get(arch, "cifar10"), "arch": arch, "loss": "cll"}
+        source = "fallback"
+    values["device"] = "cpu"  # the benchmark places the model itself
+    return build_config(values), source
 
 
-def base(what: str, arch: str, device: torch.device, batch: int | None) -> dict:
-    return {"what": what, "arch": arch, "device": str(device), "batch": batch}
+def build(cfg: RunConfig, width: float | None = None) -> tuple[torch.nn.Module, float | None]:
+    """The run's model (train.build_model); ``width``: a narrower one where the builder takes
+    ``width`` (the peers' families), else full size. Returns (model, width used)."""
+    if width is not None:
+        info = data.dataset_info(cfg.dataset)
+        head = losses.default_head(cfg.loss) if cfg.head == "auto" else cfg.head
+        try:
+            return models.ARCHS.create(cfg.arch, num_classes=info.num_classes, in_shape=info.in_shape,
+                                       head=head, mean=info.mean, width=width), width
+        except TypeError:  # a builder without ``width``
+            pass
+    return train.build_model(cfg), None
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def random_batch(cfg: RunConfig, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    info = data.dataset_info(cfg.dataset)
+    return torch.rand(n, *info.in_shape, generator=gen), torch.randint(0, info.num_classes, (n,), generator=gen)
 
 
 # ---------------------------------------------------------------- train
-def bench_train(arch: str, device: torch.device, batch: int, warmup: int, steps: int,
+def bench_train(cfg: RunConfig, model: torch.nn.Module, device: torch.device, warmup: int, steps: int,
                 pi_reps: int) -> dict:
+    """The training step of cll.train (train.make_step: PI with gradient, forward, loss, backward,
+    optimizer step) on one random batch, and the power iterations alone (forward + backward)."""
     gen = torch.Generator().manual_seed(0)
-    model = build(arch, device)
+    model = train.prepare_model(model, cfg, device)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, weight_decay=0.0)
-    x, y = random_batch(arch, batch, device, gen)
+    criterion = losses.create(cfg)
+    optimizer = train.make_optimizer(cfg, model)
+    step = train.make_step(cfg, model, criterion, optimizer, device)
+    x, y = random_batch(cfg, cfg.batch_size, gen)
+    x, y = train.to_device(x, y, device)
     timer = Timer(device)
 
-    def step() -> tuple[float, float]:
-        t0 = timer.now()
-        k_body = lipschitz.estimate_body(model, PI_ITERS)
-        t1 = timer.now()
-        logits = model(x)
-        loss = losses.cll_loss(logits, y, model.head.weight, k_body, CLL_EPS, CLL_P)
-        loss = loss + losses.lipschitz_penalty(k_body, model.head.weight, LIP_PENALTY, 2.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        t2 = timer.now()
-        return t1 - t0, t2 - t0
-
     for _ in range(warmup):
-        step()
+        step(x, y, 0.5)
     reset_peak(device)
-    pi_total = step_total = 0.0
+    t0 = timer.now()
     for _ in range(steps):
-        pi, full = step()
-        pi_total += pi
-        step_total += full
+        step(x, y, 0.5)
+    step_total = timer.now() - t0
 
-    # the PI graph is also differentiated in backward(): time PI forward + its backward alone
-    pi_fb = 0.0
+    # the power iterations' share: their forward (estimate_body) and the backward through them
+    # (the K penalty differentiates them; inside the step it is part of loss.backward())
+    pi_fwd = pi_fb = 0.0
     for _ in range(pi_reps):
         t0 = timer.now()
-        k = lipschitz.estimate_body(model, PI_ITERS)
+        k = lipschitz.estimate_body(model, cfg.pi_iters)
+        t1 = timer.now()
         (k * lipschitz.head_factor(model.head.weight)).backward()
-        pi_fb += timer.now() - t0
-    opt.zero_grad(set_to_none=True)
+        t2 = timer.now()
+        pi_fwd += t1 - t0
+        pi_fb += t2 - t0
+    optimizer.zero_grad(set_to_none=True)
+    step_s = step_total / steps
 
-    rec = base("train", arch, device, batch)
+    rec = base("train", cfg.arch, device, cfg.batch_size)
     rec.update({
-        "images_per_s": round(batch * steps / step_total, 1),
+        "images_per_s": round(cfg.batch_size * steps / step_total, 1),
         "seconds": round(step_total, 4),
         "steps": steps,
-        "step_ms": round(1e3 * step_total / steps, 2),
-        "pi_ms": round(1e3 * pi_total / steps, 2),
-        "pi_share": round(pi_total / step_total, 4),
-        "pi_fwd_bwd_ms": round(1e3 * pi_fb / pi_reps, 2),
-        "pi_fwd_bwd_share": round(pi_fb / pi_reps / (step_total / steps), 4),
+        "step_ms": round(1e3 * step_s, 2),
+        "pi_share": round(pi_fb / pi_reps / step_s, 4),
+        "pi_ms": round(1e3 * pi_fb / pi_reps, 2),
+        "pi_fwd_ms": round(1e3 * pi_fwd / pi_reps, 2),
+        "pi_iters": cfg.pi_iters,
+        "loss": cfg.loss,
+        "amp": cfg.amp, "compile": cfg.compile,
         "peak_mem_mb": peak_mem_mb(device),
     })
     return rec
 
 
 # ---------------------------------------------------------------- bound
-def bench_bound(arch: str, device: torch.device, model: torch.nn.Module, skip: str | None,
-                warm: bool = True) -> dict:
-    rec = base("bound", arch, device, None)
-    if skip:
-        rec.update({"images_per_s": None, "seconds": None, "skipped": skip,
-                    "peak_mem_mb": peak_mem_mb(device)})
-        return rec
+def bench_bound(cfg: RunConfig, model: torch.nn.Module, device: torch.device, warm: bool) -> dict:
     timer = Timer(device)
     reset_peak(device)
     t0 = timer.now()
@@ -180,12 +223,8 @@ def bench_bound(arch: str, device: torch.device, model: torch.nn.Module, skip: s
     t1 = timer.now()
     est = lipschitz.converged_body(model)  # cold start: fresh random iterates
     t2 = timer.now()
-    if warm:
-        t3 = timer.now()
-        lipschitz.converged_body(model)    # warm start: the iterates just converged
-        t4 = timer.now()
+    rec = base("bound", cfg.arch, device, None)
     rec.update({
-        "images_per_s": None,
         "seconds": round(t1 - t0, 4),  # = upper_bound_seconds
         "upper_bound_seconds": round(t1 - t0, 4),
         "converged_seconds": round(t2 - t1, 4),
@@ -194,49 +233,46 @@ def bench_bound(arch: str, device: torch.device, model: torch.nn.Module, skip: s
         "peak_mem_mb": peak_mem_mb(device),
     })
     if warm:
-        rec["converged_warm_seconds"] = round(t4 - t3, 4)
+        t3 = timer.now()
+        lipschitz.converged_body(model)    # warm start: the iterates just converged
+        rec["converged_warm_seconds"] = round(timer.now() - t3, 4)
     return rec
 
 
 # ---------------------------------------------------------------- certify
-def bench_certify(arch: str, device: torch.device, model: torch.nn.Module, n: int, batch: int,
-                  skip: str | None) -> dict:
-    rec = base("certify", arch, device, batch)
-    rec["n_images"] = n
-    if skip:
-        rec.update({"images_per_s": None, "seconds": None, "skipped": skip,
-                    "peak_mem_mb": peak_mem_mb(device)})
-        return rec
+def bench_certify(cfg: RunConfig, model: torch.nn.Module, device: torch.device, n: int, batch: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     # batches on the host, as a DataLoader would hand them to certify (which moves them)
-    data = [random_batch(arch, min(batch, n - s), torch.device("cpu"), gen) for s in range(0, n, batch)]
+    batches = [random_batch(cfg, min(batch, n - s), gen) for s in range(0, n, batch)]
     timer = Timer(device)
     model.eval()
     # untimed warm-up: kernels/allocator, and warm power-iteration iterates (a trained model's
     # iterates are warm: training converges them at every epoch end)
     lipschitz.converged_body(model)
     with torch.no_grad():
-        model(data[0][0].to(device))
+        model(batches[0][0].to(device))
     reset_peak(device)
 
     t0 = timer.now()
-    certify.certify(model, data, device=device)
+    certify.certify(model, batches, device=device)
     t1 = timer.now()
     with torch.no_grad():
-        for x, _ in data:
+        for x, _ in batches:
             model(x.to(device))
     t2 = timer.now()
     lipschitz.upper_bound_body(model)
     t3 = timer.now()
     cert, inf, bound = t1 - t0, t2 - t1, t3 - t2
+    rec = base("certify", cfg.arch, device, batch)
     rec.update({
+        "n_images": n,
         "images_per_s": round(n / cert, 1),
         "seconds": round(cert, 4),
         "inference_seconds": round(inf, 4),
         "inference_images_per_s": round(n / inf, 1),
         "bound_seconds": round(bound, 4),
         "ratio_to_inference_plus_bound": round(cert / (inf + bound), 3),
-        "target_ratio": 1.2,
+        "target_ratio": TARGETS["certify_ratio"],
         "peak_mem_mb": peak_mem_mb(device),
     })
     return rec
@@ -250,11 +286,11 @@ def bench_dryrun() -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     dt = time.perf_counter() - t0
-    rec = {"what": "dryrun", "arch": None, "device": "cpu", "batch": None, "images_per_s": None,
-           "seconds": round(dt, 3), "returncode": proc.returncode,
-           "command": " ".join(cmd[-5:]),
-           # children's max RSS (snakemake's own process)
-           "peak_mem_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+    rec = base("dryrun", None, torch.device("cpu"), None)
+    rec.update({"seconds": round(dt, 3), "returncode": proc.returncode, "command": " ".join(cmd[-5:]),
+                "target_seconds": TARGETS["dryrun_seconds"],
+                # children's max RSS (snakemake's own process)
+                "peak_mem_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)})
     if proc.returncode != 0:
         rec["stderr_tail"] = proc.stderr[-500:]
     return rec
@@ -263,48 +299,79 @@ def bench_dryrun() -> dict:
 # ---------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", action="append", choices=sorted(SPECS),
-                    help="architecture (repeatable; default: all of %s)" % ", ".join(SPECS))
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    ap.add_argument("--quick", action="store_true", help="few steps / images; smaller 8C2F batch on CPU")
+    names = models.names()
+    ap.add_argument("--arch", action="append", metavar="NAME",
+                    help="architecture (repeatable; default: every registered one: %s)" % ", ".join(names))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
+    ap.add_argument("--quick", action="store_true",
+                    help="few steps and images; on CPU big models at batch 16 / narrower, no big bounds")
     ap.add_argument("--batch", type=int, help="training batch size for every arch (default: recipe)")
     ap.add_argument("--only", action="append", choices=["train", "certify", "bound", "dryrun"],
                     help="run only these measurements (repeatable; default all)")
+    ap.add_argument("--amp", action="store_true", help="train with amp: true (bf16 autocast; cuda only)")
+    ap.add_argument("--compile", action="store_true", help="train with compile: true (torch.compile)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    unknown = [a for a in args.arch or [] if a not in names]
+    if unknown:
+        ap.error(f"--arch {unknown[0]!r} is not registered; allowed: {', '.join(names)}")
+    if args.batch is not None and args.batch < 1:
+        ap.error(f"--batch {args.batch}: expected an integer >= 1")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU is visible")
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    archs = args.arch or list(SPECS)
+    archs = args.arch or names
     only = set(args.only or ["train", "certify", "bound", "dryrun"])
     quick_cpu = args.quick and device.type == "cpu"
-    warmup, steps, pi_reps = (1, 2, 1) if args.quick else (5, 20, 5)
+    warmup, steps, pi_reps = (1, 2, 1) if args.quick else (3, 10, 3)
     n_cert, cert_batch = (500, 500) if args.quick else (10000, 1000)
     log(f"# torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} cpus, "
         f"threads {torch.get_num_threads()}, device {device}, quick={args.quick}")
+    paper = paper_recipes()
 
     t_start = time.perf_counter()
     for arch in archs:
+        try:
+            cfg, source = recipe(arch, paper)
+            overrides = {"amp": args.amp, "compile": args.compile}
+            if args.batch:
+                overrides["batch_size"] = args.batch
+            cfg = build_config({**cfg.to_dict(), **overrides})
+        except CllError as err:
+            emit({**base("train", arch, device, None), "error": f"recipe: {err}"})
+            continue
+        torch.manual_seed(0)
+        model, width = build(cfg)
+        big = n_params(model) > QUICK_BIG_PARAMS
+        if quick_cpu and big:
+            model, width = build(cfg, QUICK_WIDTH)
+            if args.batch is None:
+                cfg = build_config({**cfg.to_dict(), "batch_size": min(cfg.batch_size, QUICK_BATCH)})
+        scaled = {"recipe": source, "params": n_params(model), "width": width}
         if "train" in only:
-            batch = args.batch or SPECS[arch][3]
-            if quick_cpu and args.batch is None:
-                batch = QUICK_CPU_BATCH.get(arch, batch)
-            log(f"train {arch} batch {batch}")
-            guarded("train", arch, device, bench_train, arch, device, batch, warmup, steps, pi_reps)
-        skip = QUICK_CPU_SKIP_BOUND.get(arch) if quick_cpu else None
+            log(f"train {arch} batch {cfg.batch_size} ({scaled})")
+            guarded("train", arch, device, lambda: {**bench_train(cfg, model, device, warmup, steps,
+                                                                         pi_reps), **scaled})
         if only & {"bound", "certify"}:
             torch.manual_seed(0)
-            model = build(arch, device)  # fresh model: the bound line's converged time is cold
-            if "bound" in only:
-                log(f"bound {arch}")
-                guarded("bound", arch, device, bench_bound, arch, device, model, skip, warm=not args.quick)
-            if "certify" in only:
-                log(f"certify {arch}")
-                guarded("certify", arch, device, bench_certify, arch, device, model, n_cert, cert_batch, skip)
+            fresh, _ = build(cfg, width)  # fresh model: the bound line's converged time is cold
+            fresh = fresh.to(device)
+            skip = None
+            if quick_cpu and n_params(fresh) > QUICK_BOUND_PARAMS:
+                skip = (f"--quick on CPU: {n_params(fresh)} parameters > {QUICK_BOUND_PARAMS}; run "
+                        f"`bench.py --arch {arch} --only bound --only certify` for it")
+            for what, fn in (("bound", lambda: bench_bound(cfg, fresh, device, warm=not args.quick)),
+                             ("certify", lambda: bench_certify(cfg, fresh, device, n_cert, cert_batch))):
+                if what not in only:
+                    continue
+                if skip:
+                    emit({**base(what, arch, device, None), "skipped": skip, **scaled})
+                    continue
+                log(f"{what} {arch}")
+                guarded(what, arch, device, lambda: {**fn(), **scaled})
     if "dryrun" in only:
         log("snakemake dry run")
         guarded("dryrun", None, device, bench_dryrun)
