@@ -177,3 +177,15 @@ def test_certify_reports_rounding_and_refuses_a_foreign_forward(trained_run):
             certify.certify(model, loader, [0.15])
     finally:
         model.__class__ = Doubled.__mro__[1]
+
+
+@pytest.mark.parametrize("arch,in_shape,classes", [("moons-mlp", (2,), 2), ("2C2F", (1, 12, 12), 10),
+                                                   ("4C3F", (1, 8, 8), 10)])
+def test_certifier_k_is_the_sound_body_bound(arch, in_shape, classes):
+    """The certifier forms K_F from the per-layer bounds its float64 pass needs anyway: it must be
+    exactly lipschitz.upper_bound_body's."""
+    from cll import models
+
+    torch.manual_seed(8)
+    model = models.create(arch, classes, in_shape)
+    assert certify.Certifier(model).lip_body == lipschitz.upper_bound_body(model)

@@ -125,7 +125,7 @@ def test_audit_rule_is_in_the_workflow(tmp_path):
     lines = [line for line in commands if line.startswith("cll audit --run ")]
     certify = [line for line in commands if line.startswith("cll certify --run ")]
     assert len(lines) == len(certify) == 4
-    assert all("--n 200" in line and "audit" in line.split(" > ")[1] for line in lines)
+    assert all("--n 100" in line and "audit" in line.split(" > ")[1] for line in lines)
 
 
 # ----------------------------------------------------------------------- resume after kill -9

@@ -30,8 +30,7 @@ the same bound is ~1e-13 of the logit scale, and the certificate subtracts that 
 * The body is evaluated layer by layer in float64 (``Float64Forward``), carrying a per-sample
   bound E on ``||h_computed - h_exact||_2``. A linear or conv layer adds its own rounding
   ``rho = gamma_{n+1} || |W| |h| + |b| ||_2`` (evaluated on the actual activations with |W|, |b|)
-  and scales the incoming error by at most its norm, bounded here by the Schur test
-  ``sqrt(max row sum * max column sum)`` of |W| (loose, but it only multiplies ~1e-13).
+  and scales the incoming error by at most its sound norm bound (``lipschitz.upper_bound_layer``).
   MaxMin, ReLU, Flatten and Identity are exact in floating point and 1-Lipschitz: E passes on.
 * The head adds ``r_i = gamma_{n+1} (|W_i| |h| + |b_i|)`` per logit, so the exact margin is at
   least ``z_j - z_i - r_j - r_i - ||W_j - W_i|| E`` and the certified radius is
@@ -127,16 +126,6 @@ def certified_radius(logits: torch.Tensor, head_weight: torch.Tensor, lip_body: 
 
 
 # ------------------------------------------------------------------------ the float64 forward
-def _schur_bound(weight: torch.Tensor) -> float:
-    """sqrt(max row sum * max column sum) of |A| for the operator A of a linear or conv layer:
-    >= ||A||_2 (and >= || |A| ||_2). For a conv, each output reads every (c_in, tap) once and each
-    input entry meets each (c_out, tap) at most once, so the kernel's sums bound the matrix's."""
-    a = weight.detach().double().abs()
-    rows = a.flatten(1).sum(1).max().item()                            # over c_in, taps
-    cols = a.transpose(0, 1).flatten(1).sum(1).max().item()            # over c_out, taps
-    return math.sqrt(rows * cols) * TERM_SAFETY
-
-
 class Float64Forward:
     """The logits of ``model`` recomputed in float64, with a per-sample bound on their rounding.
 
@@ -147,9 +136,11 @@ class Float64Forward:
     def __init__(self, model: nn.Module):
         self.model = model
         shapes = lipschitz.trace_input_shapes(model.body, model.in_shape)
+        # every body layer's sound bound, once: their product is upper_bound_body's K_F
+        self.layer_bounds = [lipschitz.upper_bound_layer(layer, shape) for layer, shape in zip(model.body, shapes)]
         self.steps: list[tuple[str, nn.Module, dict]] = []
         self.generic: list[str] = []
-        for layer, shape in zip(model.body, shapes):
+        for layer, shape, bound in zip(model.body, shapes, self.layer_bounds):
             if isinstance(layer, (nn.Linear, nn.Conv2d)):
                 if isinstance(layer, nn.Conv2d):
                     lipschitz.linear_operator(layer, shape)  # rejects unsupported conv variants
@@ -157,12 +148,12 @@ class Float64Forward:
                 b = layer.bias.detach().double() if layer.bias is not None else None
                 self.steps.append(("affine", layer, dict(
                     w=w, absw=w.abs(), b=b, absb=b.abs() if b is not None else None,
-                    gamma=gamma(w[0].numel() + 1), lip=_schur_bound(w))))
+                    gamma=gamma(w[0].numel() + 1), lip=bound)))
             elif isinstance(layer, EXACT_LAYERS):
                 self.steps.append(("exact", layer, {}))
             else:
                 layer64 = copy.deepcopy(layer).double().eval()  # eval() drops float32 caches
-                self.steps.append(("generic", layer64, dict(lip=lipschitz.upper_bound_layer(layer, shape))))
+                self.steps.append(("generic", layer64, dict(lip=bound)))
                 self.generic.append(type(layer).__name__)
         w = model.head.weight.detach().double()
         bias = model.head.bias
@@ -232,13 +223,16 @@ def _no_tf32():
 
 class Certifier:
     """Sound per-sample radii of one model: the float64 forward pass, its rounding bound and K_F.
-    ``lip_body`` defaults to the sound ``lipschitz.upper_bound_body(model)``."""
+    ``lip_body`` defaults to the sound K_F of ``lipschitz.upper_bound_body(model)``, taken as the
+    product of the per-layer bounds the float64 pass computes anyway (the same product
+    upper_bound_body forms; tests/test_certify.py checks the two agree), so no bound is computed
+    twice."""
 
     def __init__(self, model: nn.Module, lip_body: float | None = None):
         model.eval()
         self.model = model
-        self.lip_body = lipschitz.upper_bound_body(model) if lip_body is None else lip_body
         self.forward64 = Float64Forward(model)
+        self.lip_body = math.prod(self.forward64.layer_bounds) if lip_body is None else lip_body
         self.max_gap = 0.0  # largest |float32 logit - float64 logit| seen, relative to the logit scale
 
     @torch.no_grad()

@@ -5,8 +5,8 @@
 #
 # The sample and the attack budget are set here, small enough for the demo grid on a CPU
 # (a few seconds per cell). A larger audit of one run by hand: cll audit --run DIR --n 5000.
-AUDIT_SAMPLES = 200  # test points per cell (the whole test set where it is smaller)
-AUDIT_STEPS = 50  # iterations per attack
+AUDIT_SAMPLES = 100  # test points per cell (the whole test set where it is smaller)
+AUDIT_STEPS = 30  # iterations per attack
 AUDIT_RESTARTS = 2  # PGD restarts (APGD-DLR and APGD-CE run once each)
 
 
