@@ -278,3 +278,11 @@ def test_batch_penalty_is_the_max_over_the_batch_pairs():
 def test_peer_losses_default_to_lln_heads():
     assert {losses.default_head(n) for n in ("soc_cr", "cpl_hinge", "sll_offset_ce")} == {"lln"}
     assert {losses.default_head(n) for n in ("cll", "gloro", "ce")} == {"linear"}
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (1, 0)])
+def test_schur_bound_covers_the_conv_norm(stride, padding):
+    torch.manual_seed(2)
+    w = torch.randn(5, 3, 3, 3)
+    exact = lipschitz.spectral_norm_exact(lipschitz.conv_matrix(w, (3, 7, 7), (stride,) * 2, (padding,) * 2))
+    assert exact <= lipschitz.schur_bound(w)
