@@ -1,3 +1,7 @@
+import os
+import tarfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,3 +33,28 @@ def trained_run(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _shared_data_dir() -> Path:
+    env = os.environ.get("CLL_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def unpack(tmp_path_factory):
+    """Unpack a shared tarball once per session and return the directory it was unpacked into."""
+    cache: dict[str, Path] = {}
+
+    def get(tarball: str) -> Path:
+        path = _shared_data_dir() / tarball
+        if not path.is_file():
+            pytest.skip(f"real data not available: {path} is missing (set CLL_SHARED_DATA to the shared data folder)")
+        if tarball not in cache:
+            dest = tmp_path_factory.mktemp(tarball.split(".")[0])
+            with tarfile.open(path) as tf:
+                # The "data" filter refuses absolute paths and links out of dest (Python >= 3.11.4).
+                tf.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+            cache[tarball] = dest
+        return cache[tarball]
+
+    return get

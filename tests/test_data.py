@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Subset
 from torchvision import transforms as T
 
-from cll.data import DataError, DatasetInfo, TinyImageNet, dataset_info, dataset_names, load_dataset
+from cll.data import DataError, TinyImageNet, dataset_info, dataset_names, load_dataset
 from cll.errors import CllError, ConfigError
 
 FILE_DATASETS = {  # name -> folder the loader looks into, relative to the data root
@@ -248,29 +246,7 @@ def test_augment_changes_train_transform_only(name, make, size, tmp_path):
 
 
 # ------------------------------------------------------------------- real data (shared tarballs)
-def _shared_data_dir() -> Path:
-    env = os.environ.get("CLL_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def unpack(tmp_path_factory):
-    """Unpack a shared tarball once per session and return the directory it was unpacked into."""
-    cache: dict[str, Path] = {}
-
-    def get(tarball: str) -> Path:
-        path = _shared_data_dir() / tarball
-        if not path.is_file():
-            pytest.skip(f"real data not available: {path} is missing (set CLL_SHARED_DATA to the shared data folder)")
-        if tarball not in cache:
-            dest = tmp_path_factory.mktemp(tarball.split(".")[0])
-            with tarfile.open(path) as tf:
-                # The "data" filter refuses absolute paths and links out of dest (Python >= 3.11.4).
-                tf.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-            cache[tarball] = dest
-        return cache[tarball]
-
-    return get
+# (the `unpack` fixture, in conftest.py, unpacks a shared tarball once per session)
 
 
 def test_real_mnist(unpack):

@@ -53,6 +53,7 @@ class RunConfig:
     offset: float = 2.1213203435596424  # sll_offset_ce: logit offset u (3 sqrt2 / 2)
     temperature: float = 0.25  # sll_offset_ce: temperature tau
     head: str = "auto"        # auto (lln for the peers' losses, else linear) | linear | lln
+    width: float = 1.0        # scales every layer width of the architecture (1 = the paper's)
     # ---- Lipschitz control ----
     lip_penalty: float = 1e-4  # lambda of the penalty lambda * K^lip_pow (0 = off)
     lip_pow: float = 2.0      # power of that penalty
@@ -136,7 +137,7 @@ def _normalise(key: str, value: Any) -> Any:
     if key in CHOICES:
         _check(value in CHOICES[key], key, value, "one of " + ", ".join(CHOICES[key]))
         return value
-    if key in ("eps", "lr", "pi_tol", "lip_pow", "temperature"):
+    if key in ("eps", "lr", "pi_tol", "lip_pow", "temperature", "width"):
         v = parse_number(key, value)
         _check(v > 0, key, value, "a number > 0")
         return v

@@ -114,7 +114,7 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     """The run's architecture for its data set, with the run's head (``auto``: the loss's own)."""
     info = data.dataset_info(cfg.dataset)
     head = losses.default_head(cfg.loss) if cfg.head == "auto" else cfg.head
-    return models.create(cfg.arch, info.num_classes, info.in_shape, head=head, mean=info.mean)
+    return models.create(cfg.arch, info.num_classes, info.in_shape, head=head, mean=info.mean, width=cfg.width)
 
 
 

@@ -63,6 +63,11 @@ class LipschitzNet(nn.Module):
         return self.head(self.body(x))
 
 
+def scaled(n: int, width: float) -> int:
+    """A layer size n * width, kept even (MaxMin and HH1 pair channels); n itself at width 1."""
+    return n if width == 1 else max(2, 2 * round(n * width / 2))
+
+
 def make_head(kind: str, in_features: int, num_classes: int) -> nn.Linear:
     """``linear`` (unconstrained, the certifier uses its pairwise row distances) or ``lln``."""
     if kind == "linear":
@@ -80,13 +85,15 @@ def _init(module: nn.Module) -> None:
 
 
 def gloro_net(convs: Sequence[tuple[int, int, int, int]], dense: Sequence[int], num_classes: int,
-              in_shape: Sequence[int], head: str = "linear", mean: Sequence[float] | None = None
-              ) -> LipschitzNet:
+              in_shape: Sequence[int], head: str = "linear", mean: Sequence[float] | None = None,
+              width: float = 1.0) -> LipschitzNet:
     """Conv layers ``(out_channels, kernel, stride, padding)``, then dense widths, then the head;
-    MaxMin after every layer but the head. ``mean`` is accepted and not used: the GloRo family is
-    trained on raw [0,1] inputs, as in the reference."""
+    MaxMin after every layer but the head; ``width`` scales the channel and dense sizes. ``mean``
+    is accepted and not used: the GloRo family is trained on raw [0,1] inputs, as in the reference."""
     layers: list[nn.Module] = []
     channels = in_shape[0]
+    convs = [(scaled(out, width), k, s, p) for out, k, s, p in convs]
+    dense = [scaled(n, width) for n in dense]
     for out, k, s, p in convs:
         layers += [nn.Conv2d(channels, out, k, stride=s, padding=p), MaxMin()]
         channels = out
@@ -132,12 +139,14 @@ def moons_mlp(num_classes: int, in_shape: Sequence[int], **kw) -> LipschitzNet:
 
 
 def create(arch: str, num_classes: int, in_shape: Sequence[int], head: str = "linear",
-           mean: Sequence[float] | None = None) -> LipschitzNet:
+           mean: Sequence[float] | None = None, width: float = 1.0) -> LipschitzNet:
     """Build a registered architecture; an unknown name fails with the list of known ones.
 
     ``head``: ``linear`` or ``lln``; ``mean``: the data set's channel mean, which the peers'
-    families subtract (GloRo-family nets ignore it: raw [0,1] inputs, as in the reference)."""
-    return ARCHS.create(arch, num_classes=num_classes, in_shape=tuple(in_shape), head=head, mean=mean)
+    families subtract (GloRo-family nets ignore it: raw [0,1] inputs, as in the reference);
+    ``width``: a factor on every layer width (tests and CPU runs use small ones)."""
+    return ARCHS.create(arch, num_classes=num_classes, in_shape=tuple(in_shape), head=head, mean=mean,
+                        width=width)
 
 
 def names() -> list[str]:

@@ -15,8 +15,8 @@ Sandwich   LBDN "DNN" (Wang & Manchester, ICML 2023): Sandwich convs 64, 64/s2, 
 ========== =============================================================================================
 
 The head is chosen by the run (``head``: the peers' own losses use LLN, CLL an unconstrained
-linear layer, as the CLL reference does). ``width`` scales every channel/feature count (tests
-use tiny versions of the same skeletons).
+linear layer, as the CLL reference does). ``width`` scales every channel/feature count but the
+5 inner channels of CPL/SLL convs (tests and CPU runs use small versions of the same skeletons).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Sequence
 from torch import nn
 
 from .. import layers as L
-from . import ARCHS, LipschitzNet, make_head
+from . import ARCHS, LipschitzNet, make_head, scaled
 
 SOC_STD = 0.2507  # SOC's input standard deviation, the same for every channel
 FAMILY_SIZES = {"S": (20, 7, 45), "M": (30, 10, 60), "L": (50, 10, 90), "XL": (70, 15, 120)}
@@ -33,14 +33,10 @@ INNER_CONV = 5      # CPL's conv_size / SLL's conv_inner_dim
 INNER_DENSE = 2048  # CPL's and SLL's n_features / dense_inner_dim
 
 
-def _scaled(n: int, width: float) -> int:
-    """n * width, kept even (HH1 pairs channels); n itself at full width."""
-    return n if width == 1 else max(2, 2 * round(n * width / 2))
-
-
 def lipconv(blocks: int, num_classes: int, in_shape: Sequence[int], head: str = "linear",
-            mean: Sequence[float] | None = None, init_channels: int = 32) -> LipschitzNet:
+            mean: Sequence[float] | None = None, init_channels: int = 32, width: float = 1.0) -> LipschitzNet:
     """SOC LipConvNet with ``blocks`` convs per stage (LipConv-N has N = 5 * blocks)."""
+    init_channels = scaled(init_channels, width)
     if in_shape[1] % 32 or in_shape[2] % 32:
         raise ValueError(f"LipConv nets need inputs whose sides are multiples of 32, got {tuple(in_shape)}")
     layers: list[nn.Module] = []
@@ -79,13 +75,15 @@ def residual_net(conv, dense, depth: int, depth_linear: int, channels: int, num_
 def cpl_net(size: str, num_classes: int, in_shape: Sequence[int], width: float = 1.0, **kw) -> LipschitzNet:
     depth, depth_linear, channels = FAMILY_SIZES[size]
     return residual_net(lambda c, inner, hw: L.CPLConv(c, inner, hw), L.CPLLinear, depth, depth_linear,
-                        _scaled(channels, width), num_classes, in_shape, **kw)
+                        scaled(channels, width), num_classes, in_shape,
+                        inner_dense=scaled(INNER_DENSE, width), **kw)
 
 
 def sll_net(size: str, num_classes: int, in_shape: Sequence[int], width: float = 1.0, **kw) -> LipschitzNet:
     depth, depth_linear, channels = FAMILY_SIZES[size]
     return residual_net(lambda c, inner, hw: L.SLLConv(c, inner), L.SLLLinear, depth, depth_linear,
-                        _scaled(channels, width), num_classes, in_shape, **kw)
+                        scaled(channels, width), num_classes, in_shape,
+                        inner_dense=scaled(INNER_DENSE, width), **kw)
 
 
 def sandwich_net(num_classes: int, in_shape: Sequence[int], head: str = "linear",
@@ -99,13 +97,13 @@ def sandwich_net(num_classes: int, in_shape: Sequence[int], head: str = "linear"
     layers: list[nn.Module] = []
     channels, hw = in_shape[0], side
     for stage in range(stages):
-        out = _scaled(64 * 2 ** stage, width)
+        out = scaled(64 * 2 ** stage, width)
         layers += [L.SandwichConv(channels, out, 3, (hw, hw)), L.SandwichConv(out, out, 3, (hw, hw), stride=2)]
         channels, hw = out, hw // 2
     layers.append(nn.Flatten())
     features = channels * hw * hw
     for n in (2048, 2048, 1024):
-        n = _scaled(n, width)
+        n = scaled(n, width)
         layers.append(L.SandwichLinear(features, n))
         features = n
     return LipschitzNet(nn.Sequential(*layers), make_head(head, features, num_classes), in_shape,
