@@ -38,7 +38,6 @@ which is the Lipschitz constant of every logit difference z_i - z_j.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable
 
 import torch
@@ -443,7 +442,7 @@ def cpl_bound(layer, in_shape: tuple[int, ...]) -> float:
     own sound norm bound, so this is 1 up to rounding unless the cache is stale)."""
     if tuple(in_shape) != tuple(layer.u.shape[1:]):
         raise ValueError(f"CPL layer built for inputs {tuple(layer.u.shape[1:])} sees {tuple(in_shape)}")
-    return residual_bound(layer.eval_step_size(), layer.norm_bound(sys.modules[__name__]))
+    return residual_bound(layer.eval_step_size(), layer.norm_bound())
 
 
 def sll_bound(layer, in_shape: tuple[int, ...]) -> float:

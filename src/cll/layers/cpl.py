@@ -57,11 +57,13 @@ class _CPL(EvalCache):
             self.u = lipschitz.power_iterate(forward, adjoint, self.u, self.train_iters)
         return forward(self.u).norm()
 
-    def _eval_sigma(self) -> torch.Tensor:
-        """A guaranteed upper bound on ||W|| (what the evaluation-mode forward divides by)."""
-        from .. import lipschitz
+    def norm_bound(self) -> float:
+        """A guaranteed upper bound on ||W|| (``cll.lipschitz``)."""
+        raise NotImplementedError
 
-        return torch.tensor(self.norm_bound(lipschitz), dtype=self.weight.dtype, device=self.weight.device)
+    def _eval_sigma(self) -> torch.Tensor:
+        """What the evaluation-mode forward divides by: the sound ||W|| bound."""
+        return torch.tensor(self.norm_bound(), dtype=self.weight.dtype, device=self.weight.device)
 
     def step_size(self) -> torch.Tensor:
         """h = 2 / (||W||^2 + 1e-4) as the current mode computes it: training from
@@ -87,7 +89,9 @@ class CPLConv(_CPL):
         self.padding = kernel_size // 2
         self._init((inner, channels, kernel_size, kernel_size), (channels, *in_hw))
 
-    def norm_bound(self, lipschitz) -> float:
+    def norm_bound(self) -> float:
+        from .. import lipschitz  # late: lipschitz imports this package
+
         shape = tuple(self.u.shape[1:])
         return lipschitz.conv_norm_bound(self.weight, shape, (1, 1), (self.padding,) * 2, method="fft")
 
@@ -107,7 +111,9 @@ class CPLLinear(_CPL):
         super().__init__()
         self._init((inner, features), (features,))
 
-    def norm_bound(self, lipschitz) -> float:
+    def norm_bound(self) -> float:
+        from .. import lipschitz
+
         return lipschitz.spectral_norm_exact(self.weight)
 
     def operator(self):
