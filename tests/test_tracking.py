@@ -2,17 +2,28 @@
 same run, reruns add nothing twice), and a tracking failure is one warning line, never an error.
 
 The run directories here are written by hand (train.json, certify.json): tracking only reads
-those files, so no model is trained. MLflow logs into a sqlite file under tmp_path.
+those files, so no model is trained. MLflow logs into a sqlite file under tmp_path. The last test
+is the cluster case end to end: a real `mlflow server` on 127.0.0.1 that is down while two tiny
+moons runs train and certify, then up for `cll aggregate --track`.
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
+import yaml
 
 from cll import tracking
 from cll.cli import main
+from cll.grid import load_grid
 
 CONFIG = {"dataset": "moons", "arch": "moons-mlp", "loss": "cll", "eps": 0.15, "p": 0.01, "seed": 0,
           "epochs": 3, "certify_eps": [0.15, 0.1411764705882353], "milestones": None}
@@ -128,3 +139,113 @@ def test_missing_mlflow_is_one_warning(tmp_path, monkeypatch, capsys):
 def test_run_dir_without_train_json_is_one_warning(tmp_path, store, capsys):
     assert tracking.track(tmp_path / "empty", "exp") is None
     assert "train.json" in one_warning(capsys.readouterr().err)
+
+
+def test_backfill_logs_what_jobs_could_not_and_nothing_twice(tmp_path, store):
+    """A run whose certify job could not log (only train reached MLflow) and a run no job could
+    log are both completed by the back-fill, into one run each; a second back-fill does nothing."""
+    partly, never = tmp_path / "partly", tmp_path / "never"
+    write_run(partly)
+    partly_id = tracking.track(partly, "exp")  # the train job logged, then the tracker went away
+    write_certify(partly)
+    write_run(never)
+    write_certify(never, clean=0.7)
+    assert tracking.backfill([partly, never, tmp_path / "not-trained"], "exp") == (2, 0)
+    assert tracking.backfill([partly, never], "exp") == (0, 2)
+
+    runs = {r.data.tags["cll.run_dir"]: r for r in runs_of(store, "exp")}
+    assert sorted(runs) == sorted([str(partly.resolve()), str(never.resolve())])
+    assert runs[str(partly.resolve())].info.run_id == partly_id
+    for run in runs.values():
+        assert run.data.tags["cll.stage"] == "certify"
+        assert [m.step for m in store.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+        assert len(store.get_metric_history(run.info.run_id, "clean_accuracy")) == 1
+    assert runs[str(never.resolve())].data.metrics["clean_accuracy"] == 0.7
+
+    write_certify(never, clean=0.75)  # certify rerun: the new value is logged, once
+    assert tracking.backfill([partly, never], "exp") == (1, 1)
+    never_id = runs[str(never.resolve())].info.run_id
+    assert [m.value for m in store.get_metric_history(never_id, "clean_accuracy")] == [0.7, 0.75]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(tmp_path, port):
+    """`mlflow server` on 127.0.0.1 (as on a login node), with one worker and no job runner so
+    that it starts in a few seconds; returns the process once /health answers."""
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+
+
+@pytest.mark.slow
+def test_tracking_server_down_during_jobs_then_backfilled_by_aggregate(tmp_path, monkeypatch, capsys):
+    """The cluster case: train and certify jobs find no tracking server (each succeeds with one
+    warning), one certify job finds it up, and `cll aggregate --track` (the workflow's aggregate
+    step) logs the rest: one MLflow run per cell, none lost, none twice."""
+    port = _free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.chdir(tmp_path)
+    grid = {"experiment": "cluster", "results": str(tmp_path / "results"), "tables": [{"name": "moons", "rows": [
+        {"method": "CLL", "dataset": "moons", "arch": "moons-mlp", "loss": "cll", "eps": 0.15, "p": [0.25, 0.01],
+         "set": {"epochs": 2, "batch_size": 100, "max_test": 200, "cll_form": "per_logit", "lr": 5.0e-3}}]}]}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(grid))
+    first, second = (str(c.path(grid["results"])) for c in load_grid(grid_file).runnable())
+    sets = ["--set", "dataset=moons", "arch=moons-mlp", "loss=cll", "eps=0.15", "epochs=2", "batch_size=100",
+            "max_test=200", "cll_form=per_logit", "lr=5.0e-3"]
+
+    assert main(["train", "--out", first, "--track", "cluster", *sets, "p=0.25"]) == 0
+    assert main(["certify", "--run", first, "--track", "cluster"]) == 0
+    assert main(["train", "--out", second, "--track", "cluster", *sets, "p=0.01"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("cll: warning: MLflow tracking skipped") == 3, err
+
+    server = _start_server(tmp_path, port)
+    try:
+        assert main(["certify", "--run", second, "--track", "cluster"]) == 0
+        assert "warning" not in capsys.readouterr().err
+        assert main(["aggregate", "--grid", str(grid_file), "--track", "cluster"]) == 0
+        out, err = capsys.readouterr()
+        assert "MLflow: 1 runs logged now, 1 already up to date" in out and "warning" not in err, out + err
+        assert main(["aggregate", "--grid", str(grid_file), "--track", "cluster"]) == 0
+        assert "MLflow: 0 runs logged now, 2 already up to date" in capsys.readouterr().out
+
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
+        assert sorted(r.data.tags["cll.run_dir"] for r in runs) == sorted(
+            str(Path(d).resolve()) for d in (first, second))
+        for run in runs:
+            assert run.data.tags["cll.stage"] == "certify"
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+            assert len(client.get_metric_history(run.info.run_id, "clean_accuracy")) == 1
+            assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["certify.json", "train.json"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)

@@ -5,7 +5,7 @@
     cll audit   --run DIR [--eps ...] [--n 1000]                    -> DIR/audit.json (exit 1 if broken)
     cll list                                                        registered names and config keys
     cll track init --experiment NAME                                create the MLflow store + experiment
-    cll aggregate --grid GRID.yaml [--results DIR]                  -> DIR/summary.csv
+    cll aggregate --grid GRID.yaml [--results DIR] [--track EXP]    -> DIR/summary.csv (+ MLflow back-fill)
     cll tables  --summary DIR/summary.csv [--out DIR/tables]        -> {table}.csv, .md, .tex
     cll figures --summary DIR/summary.csv [--out DIR/figures]       -> slack_vs_k, cra_vs_p, moons_boundaries
 """
@@ -42,6 +42,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out!r} is a file, not a run directory")
     summary = train(cfg, args.out)
+    from . import distributed
+
+    if not distributed.is_main():  # under torchrun: rank 0 reports and tracks
+        return
     last = summary["epochs"][-1] if summary["epochs"] else {}
     print(f"trained {cfg.arch} on {cfg.dataset} ({cfg.loss}) into {args.out}: "
           f"train accuracy {100 * last.get('accuracy', float('nan')):.1f}%, "
@@ -149,6 +153,14 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "missing", "pending")}
     print(f"wrote {path}: {len(rows)} cells ({counts['done']} done, {counts['missing']} missing, "
           f"{counts['pending']} pending)")
+    if args.track:  # log what jobs could not (tracker down or unreachable from the nodes)
+        from . import tracking
+
+        runs = [path.parent / r["run_dir"] for r in rows if r["status"] != "pending"]
+        done = tracking.track_backfill(runs, args.track)
+        if done is not None:
+            print(f"MLflow: {done[0]} runs logged now, {done[1]} already up to date "
+                  f"({tracking.tracking_uri()})")
 
 
 def cmd_tables(args: argparse.Namespace) -> None:
@@ -211,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("aggregate", help="collect a grid's run directories into summary.csv")
     p.add_argument("--grid", required=True, help="grid YAML (e.g. config/config.yaml)")
     p.add_argument("--results", help="results root (default: the grid's results)")
+    p.add_argument("--track", metavar="EXPERIMENT",
+                   help="also log into this MLflow experiment every run the jobs could not log")
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("tables", help="poster-style tables (csv, md, tex) from summary.csv")

@@ -21,7 +21,8 @@ A grid (``config/config.yaml``, ``config/paper.yaml``) is a YAML mapping::
             p: 0.3                # a list expands into one row per value
             baseline: GloRo       # the row's table cells show the difference to that method
             pending: "..."        # optional: the row is listed but not run (e.g. a missing arch)
-            resources: {gpus: 1, runtime: 600, mem_mb: 16000}   # optional, per job (Slurm)
+            resources: {gpus: 1, runtime: 600, mem_mb: 16000}   # optional, per job (Slurm);
+                                  # gpus > 1: data-parallel training under torchrun (cll.distributed)
 
 Every cell's run config is ``defaults`` + the row's ``set`` + its dataset/arch/loss/eps/p/seed,
 validated by ``cll.config`` exactly as ``cll train`` would, so a bad grid fails in one line before

@@ -20,8 +20,19 @@ config), so ``cll certify --track`` adds to the run that ``cll train --track`` c
 updates that run instead of creating a second one. Logging is idempotent: epochs already logged
 and final metrics that did not change are skipped.
 
+Each mirrored run carries the tag ``cll.files``, a digest of the two JSON files, set last: a run
+whose digest matches the files is up to date and skipped without any further request.
+
 Tracking never fails a job: any error (mlflow not installed, no server, a locked database) becomes
-one warning line on stderr. The store is ``$MLFLOW_TRACKING_URI`` if set, else MLflow 3's default
+one warning line on stderr. Whatever a job could not log is logged later by :func:`backfill`
+(``cll aggregate --track``, the workflow's aggregate step, which runs on the login node): it reads
+every finished run directory of the grid and logs those whose digest MLflow lacks, so no run is
+lost and, because runs are found by their ``cll.key`` tag, none is logged twice.
+
+On a cluster, sqlite on a shared filesystem is unsafe (its locks are unreliable on NFS/Lustre/
+GPFS): point ``MLFLOW_TRACKING_URI`` at a tracking server, ``http://<login-node>:5000`` (README,
+"Cluster"). A server that is down or unreachable from the compute nodes costs each job a few
+seconds of retries and one warning line. The store is ``$MLFLOW_TRACKING_URI`` if set, else MLflow 3's default
 ``sqlite:///mlflow.db`` in the working directory (so ``mlflow ui`` there shows the runs).
 
 Parallel jobs against a fresh sqlite file race in MLflow's schema migration and in experiment
@@ -44,6 +55,7 @@ from . import results
 DEFAULT_URI = "sqlite:///mlflow.db"
 KEY_TAG = "cll.key"
 DIR_TAG = "cll.run_dir"
+FILES_TAG = "cll.files"
 EPOCH_METRICS = {  # train.json epoch field -> metric name
     "loss": "train_loss",
     "accuracy": "train_accuracy",
@@ -128,22 +140,39 @@ def _final_metrics(train: dict | None, cert: dict | None) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _run_key(run_dir: Path, config: dict) -> str:
+    """The ``cll.key`` tag of a run directory (an absolute path) trained with ``config``."""
+    return hashlib.sha1(f"{run_dir}\n{json.dumps(config, sort_keys=True)}".encode()).hexdigest()[:20]
+
+
+def _files_digest(run_dir: Path) -> str:
+    """The ``cll.files`` tag: a digest of train.json and certify.json as they are now."""
+    digest = hashlib.sha1()
+    for name in (results.TRAIN, results.CERTIFY):
+        path = run_dir / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-") + b"\0")
+    return digest.hexdigest()[:20]
+
+
 def log_run_dir(run_dir: str | Path, experiment: str) -> str:
     """Mirror a run directory into its MLflow run (created on first use); return the run id.
     Raises on any tracking error: callers that must not fail use :func:`track`."""
     from mlflow.entities import Metric, Param, RunTag
 
     run_dir = Path(run_dir).resolve()
+    digest = _files_digest(run_dir)  # before reading: a file rewritten meanwhile is logged again later
     train = results.read_json(run_dir / results.TRAIN)
     cert = results.read_json(run_dir / results.CERTIFY)
     if train is None:
         raise FileNotFoundError(f"{run_dir / results.TRAIN} is missing (run cll train first)")
     config = train["config"]
-    key = hashlib.sha1(f"{run_dir}\n{json.dumps(config, sort_keys=True)}".encode()).hexdigest()[:20]
+    key = _run_key(run_dir, config)
 
     client = _client()
     exp_id = _experiment_id(client, experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
+    if found and found[0].data.tags.get(FILES_TAG) == digest:
+        return found[0].info.run_id  # up to date
     if found:
         run = found[0]
     else:
@@ -171,7 +200,46 @@ def log_run_dir(run_dir: str | Path, experiment: str) -> str:
         if (run_dir / name).is_file():
             client.log_artifact(run_id, str(run_dir / name))
     client.set_terminated(run_id, "FINISHED")
+    client.set_tag(run_id, FILES_TAG, digest)  # last: a run interrupted before this is redone
     return run_id
+
+
+def backfill(run_dirs: list[str | Path], experiment: str) -> tuple[int, int]:
+    """Log every run directory (with a train.json) whose files MLflow does not have yet; return
+    (logged, already up to date). One search lists the experiment's runs, so an up-to-date grid
+    costs one request. Raises on the first tracking error (the tracker is down): callers that
+    must not fail use :func:`track_backfill`."""
+    dirs = [Path(d).resolve() for d in run_dirs]
+    dirs = [d for d in dirs if (d / results.TRAIN).is_file()]
+    client = _client()
+    exp_id = _experiment_id(client, experiment)
+    synced: dict[str, str | None] = {}
+    token = None
+    while True:  # every run of the experiment, page by page
+        page = client.search_runs([exp_id], max_results=1000, page_token=token)
+        for run in page:
+            if KEY_TAG in run.data.tags:
+                synced[run.data.tags[KEY_TAG]] = run.data.tags.get(FILES_TAG)
+        token = page.token
+        if not token:
+            break
+    logged = 0
+    for run_dir in dirs:
+        train = results.read_json(run_dir / results.TRAIN)
+        if synced.get(_run_key(run_dir, train["config"])) == _files_digest(run_dir):
+            continue
+        log_run_dir(run_dir, experiment)
+        logged += 1
+    return logged, len(dirs) - logged
+
+
+def track_backfill(run_dirs: list[str | Path], experiment: str) -> tuple[int, int] | None:
+    """:func:`backfill` that never raises: a failure prints one warning line, returns None."""
+    try:
+        return backfill(run_dirs, experiment)
+    except Exception as err:
+        warn(err)
+        return None
 
 
 def track(run_dir: str | Path, experiment: str) -> str | None:

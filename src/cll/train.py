@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import data, lipschitz, losses, models, results
+from . import data, distributed, lipschitz, losses, models, results
 from .config import RunConfig, build_config
 from .errors import CllError, ConfigError
 
@@ -143,10 +143,11 @@ def _load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
 def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None = None) -> dict:
     """Train one run into ``out_dir`` (resuming from its checkpoint if there is one) and return
     the content of ``train.json``."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
     ckpt_path = out_dir / results.MODEL
-    device = resolve_device(cfg.device)
+    # under torchrun: join the process group, one GPU per rank, only rank 0 logs (cll.distributed)
+    device = distributed.setup(resolve_device(cfg.device))
+    log = distributed.main_only(log or (lambda line: print(line, file=sys.stderr, flush=True)))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed)
@@ -178,6 +179,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
         log(f"resuming {out_dir} at epoch {start_epoch}/{cfg.epochs}")
 
     needs_k = criterion.needs_lipschitz or cfg.lip_penalty > 0
+    distributed.attach(model, optimizer, log)  # data-parallel: global-batch gradients, shared iterates
     t_start = time.time() - elapsed
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -188,14 +190,14 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
         t_epoch = t_note = time.time()
         total_loss = total_correct = total_n = 0.0
         for i, (x, y) in enumerate(loader):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = distributed.shard(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             progress = (epoch * steps_per_epoch + i) / (cfg.epochs * steps_per_epoch)
             lip_body = lipschitz.estimate_body(model, cfg.pi_iters) if needs_k else None
             logits = model(x)
             loss = criterion(logits, y, model.head.weight, lip_body, progress)
             if cfg.lip_penalty > 0:
                 loss = loss + losses.lipschitz_penalty(lip_body, model.head.weight, cfg.lip_penalty, cfg.lip_pow,
-                                                       y, cfg.lip_penalty_form)
+                                                       distributed.batch_labels(y), cfg.lip_penalty_form)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -209,6 +211,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
                 log(f"  epoch {epoch + 1} batch {i + 1}/{steps_per_epoch}  {rate:.0f} img/s  "
                     f"epoch ETA {_fmt_time((steps_per_epoch - i - 1) * cfg.batch_size / rate)}")
 
+        total_loss, total_correct, total_n = distributed.all_sum(total_loss, total_correct, total_n)
         mean_loss = float(total_loss) / total_n
         k_est = lipschitz.estimate_constant(model, lipschitz.converged_body(model, cfg.pi_tol))
         if not (math.isfinite(mean_loss) and math.isfinite(k_est)):
@@ -226,7 +229,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {h['loss']:.4f}  acc {100 * h['accuracy']:.1f}%  "
             f"K {k_est:.4g}  lr {h['lr']:.2e}  {per_epoch:.1f} s/epoch  ETA {_fmt_time(eta)}")
         last = epoch + 1 == cfg.epochs
-        if last or (epoch + 1) % cfg.checkpoint_every == 0:
+        if distributed.is_main() and (last or (epoch + 1) % cfg.checkpoint_every == 0):
             results.save_torch(ckpt_path, {
                 "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "rng": _rng_state(), "history": history,
@@ -246,5 +249,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
         "k_hf": losses.run_k_hf(cfg),
         "device": str(device),
     }
-    results.write_json(out_dir / results.TRAIN, summary)
+    if distributed.is_main():
+        results.write_json(out_dir / results.TRAIN, summary)
+    distributed.teardown()
     return summary

@@ -1,5 +1,6 @@
 # From every certify.json of the grid to summary.csv, then the tables and the figures. Cheap and
-# file-bound: local rules (never sent to a cluster).
+# file-bound: local rules (never sent to a cluster). aggregate also logs into MLflow whatever the
+# train and certify jobs could not (a tracking server down or unreachable from the nodes).
 
 
 rule aggregate:
@@ -12,11 +13,14 @@ rule aggregate:
         "logs/aggregate/aggregate.log",
     params:
         results=output_dir,
+        experiment=EXPERIMENT,
     localrule: True
     conda:
         "../../envs/report.yaml"
     shell:
-        "cll aggregate --grid {input.grid:q} --results {params.results:q} > {log} 2>&1"
+        # --track: runs whose jobs could not reach the tracker are logged now (cll.tracking.backfill)
+        "cll aggregate --grid {input.grid:q} --results {params.results:q} --track {params.experiment:q}"
+        " > {log} 2>&1"
 
 
 rule tables:

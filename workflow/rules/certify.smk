@@ -13,10 +13,11 @@ rule certify:
         experiment=EXPERIMENT,
     threads: resource("cpus", 1)
     resources:
-        gpu=resource("gpus", 0),
+        gpu=resource("gpus", 0, most=1),
         runtime=resource("runtime", 60),
         mem_mb=resource("mem_mb", 4000),
         cpus_per_task=resource("cpus", 1),
+        **SITE_RESOURCES,
     conda:
         "../../envs/train.yaml"
     shell:

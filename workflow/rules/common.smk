@@ -149,13 +149,36 @@ def set_args(wildcards):
     return " ".join(shlex.quote(f"{key}={yaml_value(value)}") for key, value in values.items())
 
 
-def resource(name, default):
-    """A per-job value from the cell's `resources` (gpus, runtime, mem_mb, cpus), else `default`."""
+def train_launcher(wildcards):
+    """`cll train`, or for a cell whose row asks for N > 1 GPUs the same command under torchrun:
+    N processes on the job's node, one GPU each, data-parallel (cll.distributed)."""
+    gpus = cell_of(wildcards).resources.get("gpus", 0)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc-per-node {gpus} -m cll.cli train"
+    return "cll train"
+
+
+def resource(name, default, most=None):
+    """A per-job value from the cell's `resources` (gpus, runtime, mem_mb, cpus), else `default`;
+    at most `most` if given (certify uses one GPU whatever the cell trains on)."""
 
     def pick(wildcards):
-        return cell_of(wildcards).resources.get(name, default)
+        value = cell_of(wildcards).resources.get(name, default)
+        return value if most is None else min(value, most)
 
     return pick
+
+
+# Slurm site settings come from the user's environment, never from files in the repository:
+# CLL_SLURM_PARTITION and CLL_SLURM_ACCOUNT become the plugin's slurm_partition / slurm_account of
+# the train and certify jobs. Unset, the plugin takes the cluster's default partition and guesses
+# the account. Local runs ignore them.
+SITE_RESOURCES = {
+    resource_name: os.environ[variable]
+    for resource_name, variable in (("slurm_partition", "CLL_SLURM_PARTITION"),
+                                    ("slurm_account", "CLL_SLURM_ACCOUNT"))
+    if os.environ.get(variable)
+}
 
 
 def output_dir(wildcards, output):

@@ -13,6 +13,7 @@ rule train:
     log:
         f"logs/train/{CELL_PATH}.log",
     params:
+        launch=train_launcher,
         run=run_dir_of,
         set=set_args,
         experiment=EXPERIMENT,
@@ -22,7 +23,9 @@ rule train:
         runtime=resource("runtime", 60),
         mem_mb=resource("mem_mb", 4000),
         cpus_per_task=resource("cpus", 1),
+        **SITE_RESOURCES,
     conda:
         "../../envs/train.yaml"
     shell:
-        "cll train --out {params.run:q} --track {params.experiment:q} --set {params.set} > {log} 2>&1"
+        # {params.launch}: `cll train`, or torchrun for a multi-GPU cell (common.smk: train_launcher)
+        "{params.launch} --out {params.run:q} --track {params.experiment:q} --set {params.set} > {log} 2>&1"
