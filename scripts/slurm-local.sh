@@ -80,7 +80,7 @@ write_config() {
     else
         rm -f "$CONF_DIR/gres.conf"
     fi
-    cat >"$CONF_DIR/slurm.conf" <<EOF
+    cat >"$CONF_DIR/slurm.conf.new" <<EOF
 $MARKER (a one-node test cluster; rerun it to change, do not edit)
 ClusterName=cll-local
 SlurmctldHost=localhost
@@ -109,13 +109,25 @@ GresTypes=gpu
 NodeName=localhost NodeAddr=127.0.0.1 $topo RealMemory=$mem $gres State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+    # CHANGED=1 when the daemons must re-read it (a running cluster is otherwise left alone)
+    if cmp -s "$CONF_DIR/slurm.conf.new" "$CONF_DIR/slurm.conf"; then
+        rm "$CONF_DIR/slurm.conf.new"
+        CHANGED=0
+    else
+        mv "$CONF_DIR/slurm.conf.new" "$CONF_DIR/slurm.conf"
+        CHANGED=1
+    fi
 }
 
 wait_idle() {
     local state
     for _ in $(seq 150); do
         state=$(node_state)
-        case "$state" in idle | mixed | allocated) return 0 ;; esac
+        case "$state" in
+            idle | mixed | allocated) return 0 ;;
+            # left DOWN/DRAINED/INVALID by an earlier configuration: registered again, it may resume
+            down* | drain* | inval*) scontrol update NodeName=localhost State=RESUME 2>/dev/null || true ;;
+        esac
         sleep 0.2
     done
     tail -n 20 "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" >&2 || true
@@ -128,16 +140,12 @@ up() {
     install_packages
     start_munge
     write_config
-    if controller_up; then
-        scontrol reconfigure  # running already: re-read slurm.conf (a new GPU count included)
-        pgrep -x slurmd >/dev/null || slurmd -N localhost
-    else
-        slurmctld
-        pgrep -x slurmd >/dev/null || slurmd -N localhost
-    fi
+    # a running cluster whose slurm.conf changed is restarted: `scontrol reconfigure` cannot change
+    # a GRES count (Slurm 22.05 refuses it with File= devices and drains the node)
+    if [ "$CHANGED" -eq 1 ] && controller_up; then down; fi
+    controller_up || slurmctld
+    pgrep -x slurmd >/dev/null || slurmd -N localhost
     wait_idle
-    # a node left DOWN/DRAIN by an earlier run comes back
-    scontrol update NodeName=localhost State=RESUME 2>/dev/null || true
     echo "slurm-local: up in $((SECONDS - t0)) s: partition debug, node localhost, $GPUS fake GPU(s)"
 }
 
