@@ -9,7 +9,9 @@ function here is a no-op and training is the single-process loop of ``cll.train`
 What one step computes is exactly the single-process step on the same global batch:
 
 * every rank draws the same global batch (the shuffle order depends only on seed and epoch, so
-  augmentation too is the same) and keeps a contiguous slice of it (``shard``);
+  augmentation too is the same) and keeps a contiguous slice of it (``shard``). The price: each
+  rank loads and augments the whole batch (give the job enough cpus for its DataLoader
+  workers); the network's forward and backward, which dominate, are split;
 * each rank's loss is its slice's batch mean plus the K penalty. All our losses are batch means
   (cll.losses), so the global batch's gradient is sum_r (n_r / N) * grad_r, which ``attach``'s
   optimizer pre-hook all-reduces before every optimizer step (slices may differ in size by one);
