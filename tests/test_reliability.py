@@ -100,11 +100,13 @@ def test_audit_attacks_every_certified_point_and_breaks_none(capsys, results_tre
 
 def test_an_unsound_certificate_fails_the_audit_loudly(capsys, results_tree, monkeypatch):
     """Pretend K_F were 20x smaller (as a bound that under-estimates would): the audit finds
-    certified points it can break, writes them down and exits 1 with one line."""
+    certified points it can break, writes them down and exits 1 with one line. The certifier
+    multiplies per-layer bounds, so the first layer's (the only one seeing the 2-d input) shrinks."""
     from cll import lipschitz
 
-    real = lipschitz.upper_bound_body
-    monkeypatch.setattr(lipschitz, "upper_bound_body", lambda model: real(model) / 20)
+    real = lipschitz.upper_bound_layer
+    monkeypatch.setattr(lipschitz, "upper_bound_layer",
+                        lambda layer, shape, *a, **k: real(layer, shape, *a, **k) / (20 if tuple(shape) == (2,) else 1))
     run = run_of(results_tree)
     rc, out, err = cli(capsys, "audit", "--run", str(run), "--n", "100", "--steps", "20", "--restarts", "1",
                        "--eps", "0.3")

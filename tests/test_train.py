@@ -117,3 +117,22 @@ def test_divergence_mid_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     state = torch.load(tmp_path / "model.pt", weights_only=False)
     assert state["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_compile_and_amp_options_train_the_same_model_on_cpu(tmp_path, monkeypatch):
+    # compile: true routes the body through torch.compile (stubbed here: inductor would take a
+    # minute); amp: true is a GPU option and leaves a CPU run bit-identical to the fp32 one
+    compiled = []
+
+    def fake_compile(module, **kwargs):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    overrides = ["batch_size=250", "lr=0.01", "epochs=3"]
+    plain = train(load_config("examples/moons.yaml", overrides), tmp_path / "plain", log=lambda line: None)
+    both = train(load_config("examples/moons.yaml", overrides + ["compile=true", "amp=true"]), tmp_path / "opts",
+                 log=lambda line: None)
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Sequential)
+    assert [e["loss"] for e in both["epochs"]] == [e["loss"] for e in plain["epochs"]]
+    assert both["lipschitz_bound"] == plain["lipschitz_bound"]

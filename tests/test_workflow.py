@@ -133,7 +133,10 @@ def test_paper_grid_dry_run_lists_every_runnable_cell(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     grid = load_grid(PAPER_GRID)
     cells = {str(c.path(grid.results)): c for c in grid.runnable()}
-    assert len(cells) == 19  # GloRo 3 seeds, CLL eps 0.5 3 seeds, CLL eps 1.0 9 seeds, moons 4 slacks
+    # Tiny-ImageNet: GloRo, CLL eps 0.5, SOC LipConv-10/20, CLL LipConv-20, SLL, LBDN 3 seeds each,
+    # CLL eps 1.0 9 seeds; CIFAR-100: SOC, CLL LipConv-20, CPL, CLL CPL-XL, SLL 3 seeds each, CLL
+    # SLL-XL 9 seeds; moons 4 slacks (Local-Lip-B is pending)
+    assert len(cells) == 30 + 24 + 4
     counts = job_counts(run.stdout)
     assert counts["train"] == counts["certify"] == len(cells)
     assert not (tmp_path / "results").exists()  # a dry run writes nothing

@@ -117,7 +117,6 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     return models.create(cfg.arch, info.num_classes, info.in_shape, head=head, mean=info.mean, width=cfg.width)
 
 
-
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[RunConfig, torch.nn.Module]:
     """The config and trained model of a run directory."""
     path = Path(run_dir) / results.MODEL
@@ -140,6 +139,57 @@ def _load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
                        f"({type(err).__name__}: {first}); delete it to start the run afresh") from None
 
 
+def prepare_model(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The model on ``device`` in the layout it trains in. On a GPU: channels-last memory for image
+    models (cuDNN's faster NHWC kernels) and cudnn.benchmark (the conv algorithms are autotuned once:
+    the input shape never changes), unless the run is deterministic."""
+    model = model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        if len(model.in_shape) == 3:
+            model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on ``device`` (images channels-last on a GPU, as ``prepare_model`` lays out the model)."""
+    if device.type == "cuda" and x.dim() == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last), y.to(device, non_blocking=True)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def make_step(cfg: RunConfig, model: torch.nn.Module, criterion: torch.nn.Module,
+              optimizer: torch.optim.Optimizer, device: torch.device):
+    """One training step (steps 1-3 of the module docstring, without the LR schedule) as
+    ``step(x, y, progress) -> (loss, logits)``, both detached and left on the device: nothing in
+    the step waits for the GPU.
+
+    ``amp`` (GPU only): the body's forward, and so its backward, under bf16 autocast; the head, the
+    logits the loss sees, the loss and the power-iteration K stay fp32 (the reference trains in fp32,
+    shared/spec/cll.md pitfall 5, so no recipe turns it on). ``compile``: the body's forward through
+    torch.compile; the power iterations stay eager. Both use model(x) == head(body(x)), the
+    interface the certifier relies on too."""
+    needs_k = criterion.needs_lipschitz or cfg.lip_penalty > 0
+    body = torch.compile(model.body) if cfg.compile else model.body
+    amp = cfg.amp and device.type == "cuda"
+
+    def step(x: torch.Tensor, y: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
+        lip_body = lipschitz.estimate_body(model, cfg.pi_iters) if needs_k else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            features = body(x)
+        logits = model.head(features.float())
+        loss = criterion(logits, y, model.head.weight, lip_body, progress)
+        if cfg.lip_penalty > 0:
+            loss = loss + losses.lipschitz_penalty(lip_body, model.head.weight, cfg.lip_penalty, cfg.lip_pow,
+                                                   distributed.batch_labels(y), cfg.lip_penalty_form)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), logits.detach()
+
+    return step
+
+
 def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None = None) -> dict:
     """Train one run into ``out_dir`` (resuming from its checkpoint if there is one) and return
     the content of ``train.json``."""
@@ -155,7 +205,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
     train_set, test_set, info = data.load_dataset(cfg.dataset, root=cfg.data_root, augment=cfg.augment,
                                                   seed=cfg.seed, max_train=cfg.max_train,
                                                   max_test=cfg.max_test)
-    model = build_model(cfg).to(device)
+    model = prepare_model(build_model(cfg), cfg, device)
     criterion = losses.create(cfg)
     optimizer = make_optimizer(cfg, model)
     drop_last = len(train_set) >= cfg.batch_size  # the reference drops the last partial batch
@@ -178,32 +228,28 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
         history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
         log(f"resuming {out_dir} at epoch {start_epoch}/{cfg.epochs}")
 
-    needs_k = criterion.needs_lipschitz or cfg.lip_penalty > 0
+    step = make_step(cfg, model, criterion, optimizer, device)
     distributed.attach(model, optimizer, log)  # data-parallel: global-batch gradients, shared iterates
+    in_memory = data.in_memory(train_set, device)  # moons, digits: batches gathered on the device
+    if cfg.amp and device.type != "cuda":
+        log("amp: true has no effect on the CPU (bf16 autocast is a GPU option); training in fp32")
     t_start = time.time() - elapsed
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         # the shuffle order depends only on (seed, epoch), so a resumed run sees the same batches
         order = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=order,
-                            drop_last=drop_last, num_workers=cfg.num_workers)
+        loader = (in_memory.epoch(cfg.batch_size, order, drop_last) if in_memory is not None else
+                  DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=order,
+                             drop_last=drop_last, num_workers=cfg.num_workers))
         t_epoch = t_note = time.time()
         total_loss = total_correct = total_n = 0.0
         for i, (x, y) in enumerate(loader):
-            x, y = distributed.shard(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            x, y = distributed.shard(*to_device(x, y, device))  # this rank's part of the batch
             progress = (epoch * steps_per_epoch + i) / (cfg.epochs * steps_per_epoch)
-            lip_body = lipschitz.estimate_body(model, cfg.pi_iters) if needs_k else None
-            logits = model(x)
-            loss = criterion(logits, y, model.head.weight, lip_body, progress)
-            if cfg.lip_penalty > 0:
-                loss = loss + losses.lipschitz_penalty(lip_body, model.head.weight, cfg.lip_penalty, cfg.lip_pow,
-                                                       distributed.batch_labels(y), cfg.lip_penalty_form)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits = step(x, y, progress)
             schedule.step()
-            total_loss += loss.detach() * len(y)
-            total_correct += (logits.detach().argmax(1) == y).sum()
+            total_loss += loss * len(y)  # on the device: no sync per step
+            total_correct += (logits.argmax(1) == y).sum()
             total_n += len(y)
             if time.time() - t_note > 30:  # long epochs: a line every 30 s
                 t_note = time.time()

@@ -24,19 +24,16 @@ rule audit:
         restarts=AUDIT_RESTARTS,
     threads: resource("cpus", 1)
     resources:
-        gpu=resource("gpus", 0),
+        gpu=resource("gpus", 0, most=1),
         runtime=resource("runtime", 60),
         mem_mb=resource("mem_mb", 4000),
         cpus_per_task=resource("cpus", 1),
+        **SITE_RESOURCES,
     conda:
         "../../envs/train.yaml"
     shell:
         "cll audit --run {params.run:q} --n {params.n} --steps {params.steps} --restarts {params.restarts}"
         " > {log} 2>&1"
-
-
-def audit_files():
-    return [str(Path(path) / cll_results.AUDIT) for path in CELLS]
 
 
 rule all_audits:

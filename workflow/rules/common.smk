@@ -190,6 +190,10 @@ def certify_files():
     return [str(Path(path) / cll_results.CERTIFY) for path in CELLS]
 
 
+def audit_files():
+    return [str(Path(path) / cll_results.AUDIT) for path in CELLS]
+
+
 def table_files():
     """results/tables/<name>.{csv,md,tex} per table of the grid; the CSVs go into the report."""
     files = []
