@@ -56,10 +56,6 @@ def unit_row_head(in_features: int, num_classes: int) -> nn.Linear:
     return head
 
 
-def is_unit_row_head(head: nn.Module) -> bool:
-    return parametrize.is_parametrized(head, "weight")
-
-
 class EvalCache(nn.Module):
     """A layer that caches what its evaluation-mode forward derives from the parameters (CPL's
     converged ||W||, Sandwich's orthogonal factors). The cache is dropped whenever it could be
