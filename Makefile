@@ -14,7 +14,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 ## demo: the embedded grid (config/config.yaml) through the workflow: two-moons slack sweep and a
-## digits GloRo/CLL table, trained, certified, tabulated and plotted; CPU only, about 3.5 minutes
+## digits GloRo/CLL table, trained, certified, audited, tabulated and plotted; CPU only, about 10 minutes
 demo: $(STAMP)
 	$(VENV)/bin/snakemake --cores 2 all_tables
 	@cat results/tables/*.md
