@@ -18,21 +18,13 @@ import pytest
 import torch
 
 from cll.cli import main
+from helpers import cli
 
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "moons.yaml")
 TINY = ["--set", "epochs=2", "max_train=200", "max_test=500", "batch_size=100"]
 CLL_SCRIPT = Path(sys.executable).with_name("cll")
 
 
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """Run ``cll argv`` in-process: (exit code, stdout, stderr). argparse errors exit via SystemExit."""
-    capsys.readouterr()  # drop anything printed before
-    try:
-        rc = main(list(argv))
-    except SystemExit as exit_:
-        rc = exit_.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def assert_one_line_error(rc: int, out: str, err: str) -> str:

@@ -24,6 +24,7 @@ import torch
 
 from cll import results
 from cll.cli import main
+from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "moons.yaml")
@@ -39,15 +40,6 @@ def run_cll(*argv: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
     return subprocess.run([str(CLL), *argv], capture_output=True, text=True, timeout=timeout, env=ENV, **kwargs)
 
 
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """``cll argv`` in-process: (exit code, stdout, stderr); argparse errors exit via SystemExit."""
-    capsys.readouterr()
-    try:
-        rc = main(list(argv))
-    except SystemExit as exit_:
-        rc = exit_.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def tree(root: Path) -> dict[str, tuple[bytes, int]]:

@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from cll.grid import load_grid
+from helpers import check_pipeline_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -128,16 +129,7 @@ def test_ci_grid_through_slurm(slurm, tmp_path):
     grid = load_grid(CI_GRID)
     results = tmp_path / grid.results
     cells = grid.runnable()
-    for cell in cells:
-        for name in ("model.pt", "train.json", "certify.json"):
-            assert (cell.path(results) / name).is_file(), cell.path(results) / name
-    assert (results / "summary.csv").is_file()
-    for table in ("moons", "digits"):
-        for ext in ("csv", "md", "tex"):
-            assert (results / "tables" / f"{table}.{ext}").stat().st_size > 0
-    for figure in ("slack_vs_k", "cra_vs_p", "moons_boundaries"):
-        for ext in ("png", "pdf"):
-            assert (results / "figures" / f"{figure}.{ext}").stat().st_size > 0
+    check_pipeline_outputs(results, cells)
 
     # every train and certify job was a Slurm job that completed, on the partition from the
     # environment, with its log where the profile puts it; the local rules never went to Slurm

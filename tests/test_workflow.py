@@ -23,6 +23,7 @@ import yaml
 from cll import data, losses, models
 from cll.config import CHOICES, KEYS, load_config
 from cll.grid import load_grid
+from helpers import check_pipeline_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -60,17 +61,7 @@ def test_ci_grid_end_to_end(tmp_path):
     results = tmp_path / grid.results
     cells = grid.runnable()
     assert len(cells) == 4
-    for cell in cells:
-        run_dir = cell.path(results)
-        for name in ("model.pt", "train.json", "certify.json"):
-            assert (run_dir / name).is_file(), run_dir / name
-    assert (results / "summary.csv").is_file()
-    for table in ("moons", "digits"):
-        for ext in ("csv", "md", "tex"):
-            assert (results / "tables" / f"{table}.{ext}").stat().st_size > 0
-    for figure in ("slack_vs_k", "cra_vs_p", "moons_boundaries"):
-        for ext in ("png", "pdf"):
-            assert (results / "figures" / f"{figure}.{ext}").stat().st_size > 0
+    check_pipeline_outputs(results, cells)
     logs = "".join(p.read_text() for p in (tmp_path / "logs").rglob("*.log"))
     assert "warning" not in logs  # MLflow tracking worked in every job
 
