@@ -138,10 +138,7 @@ class PowerIteration(nn.Module):
         norms = []
         for i, (layer, shape) in enumerate(self._layers):
             forward, adjoint = linear_operator(layer, shape)
-            u = getattr(self, f"u{i}")
-            for _ in range(n_iter):
-                v = adjoint(forward(u))
-                u = v / (v.norm() + 1e-12)
+            u = power_iterate(forward, adjoint, getattr(self, f"u{i}"), n_iter)
             norms.append(forward(u).norm() / (u.norm() + 1e-12))
             if update:  # rebind, not copy_: the old iterate may be saved for this step's backward
                 setattr(self, f"u{i}", u.detach())
@@ -201,9 +198,7 @@ def _sym_top_eigenvalue(gram: torch.Tensor) -> float:
 
 def spectral_norm_exact(matrix: torch.Tensor) -> float:
     """Largest singular value of a dense matrix, in float64 via the smaller Gram matrix."""
-    a = matrix.detach().double()
-    gram = a @ a.t() if a.shape[0] <= a.shape[1] else a.t() @ a
-    return math.sqrt(_sym_top_eigenvalue(gram)) * (1 + ROUNDING_SLACK)
+    return math.sqrt(_sym_top_eigenvalue(_gram(matrix.detach().double()))) * (1 + ROUNDING_SLACK)
 
 
 def explicit_matrix(layer: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor:
