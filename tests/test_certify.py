@@ -95,19 +95,44 @@ def test_certify_report(trained_run):
 
 # ------------------------------------------------------------------ rounding of the forward pass
 def _exact_logits(model, x_row):
-    """The logits of the exact network (float32 parameters read as rationals) at one input."""
+    """The logits of the exact network (float32 parameters read as rationals) at one input
+    (nested lists: [c][i][j] for images, flat for vectors)."""
     from fractions import Fraction
 
     from cll.layers import MaxMin
 
-    h = [Fraction(float(v)) for v in x_row]
+    def exact(v):
+        return [exact(u) for u in v] if isinstance(v, list) else Fraction(float(v))
+
+    def flat(v):
+        return [t for u in v for t in flat(u)] if isinstance(v, list) else [v]
+
+    h = exact(x_row)
     for layer in list(model.body) + [model.head]:
         if isinstance(layer, torch.nn.Linear):
-            w, b = layer.weight.detach().tolist(), layer.bias.detach().tolist()
-            h = [sum((Fraction(wij) * hj for wij, hj in zip(row, h)), Fraction(bi)) for row, bi in zip(w, b)]
+            w, b = exact(layer.weight.detach().tolist()), exact(layer.bias.detach().tolist())
+            h = [sum((wij * hj for wij, hj in zip(row, h)), bi) for row, bi in zip(w, b)]
+        elif isinstance(layer, torch.nn.Conv2d):
+            w, b = exact(layer.weight.detach().tolist()), exact(layer.bias.detach().tolist())
+            (s, _), (p, _), (k, _) = layer.stride, layer.padding, layer.kernel_size
+            size = len(h[0])
+            out = (size + 2 * p - k) // s + 1
+
+            def pixel(c, i, j):
+                return h[c][i][j] if 0 <= i < size and 0 <= j < size else 0
+
+            h = [[[sum((w[o][c][a][d] * pixel(c, i * s + a - p, j * s + d - p)
+                        for c in range(len(h)) for a in range(k) for d in range(k)), b[o])
+                   for j in range(out)] for i in range(out)] for o in range(len(w))]
         elif isinstance(layer, MaxMin):
             pairs = list(zip(h[0::2], h[1::2]))
-            h = [max(p) for p in pairs] + [min(p) for p in pairs]
+            if isinstance(h[0], list):  # channels: elementwise over their pixels
+                h = [[[max(x, y) for x, y in zip(ra, rb)] for ra, rb in zip(a, b)] for a, b in pairs] + \
+                    [[[min(x, y) for x, y in zip(ra, rb)] for ra, rb in zip(a, b)] for a, b in pairs]
+            else:
+                h = [max(p) for p in pairs] + [min(p) for p in pairs]
+        elif isinstance(layer, torch.nn.Flatten):
+            h = flat(h)
         else:
             raise AssertionError(f"no exact evaluation for {layer}")
     return h
@@ -140,6 +165,78 @@ def test_float64_rounding_bound_covers_the_exact_logits():
     assert worst32 > 1e3 * worst64  # ... while float32 margins are not exact at all
 
 
+def _loud_rounding(model):
+    """Large, varied weights and biases: float32 rounding becomes visible in the logits."""
+    with torch.no_grad():
+        for layer in model.body:
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                layer.weight.mul_(3.0)
+                layer.bias.normal_(0, 5.0)
+    return model
+
+
+@pytest.mark.parametrize("arch,in_shape,scale", [("moons-mlp", (2,), 100.0), ("2C2F", (1, 6, 6), 10.0)])
+def test_float32_rounding_bound_covers_the_exact_logits(arch, in_shape, scale):
+    """Against exact rational arithmetic: the float32 pass model(x) is within its own bound
+    (Float32Bound: logit error r_i + ||W_i|| E) of the exact logits, for dense and conv layers."""
+    from cll import models
+
+    torch.manual_seed(11)
+    model = _loud_rounding(models.create(arch, 10 if len(in_shape) == 3 else 2, in_shape))
+    x = torch.randn(4, *in_shape) * scale
+    shapes = lipschitz.trace_input_shapes(model.body, in_shape)
+    bounds = [lipschitz.upper_bound_layer(layer, shape) for layer, shape in zip(model.body, shapes)]
+    bound32 = certify.Float32Bound(model, shapes, bounds)
+    z32, logit_error, body_error = bound32(x)
+    assert torch.equal(z32, model(x))  # the certified logits are model(x) itself
+    w_norm = model.head.weight.detach().double().norm(dim=1)
+    slack = 0.0
+    for n in range(len(x)):
+        exact = torch.tensor([float(v) for v in _exact_logits(model, x[n].tolist())], dtype=torch.float64)
+        bound = logit_error[n] + w_norm * body_error[n]
+        off = (z32[n].double() - exact).abs()
+        assert (off <= bound).all(), (off, bound)
+        slack = max(slack, (off / bound).max().item())
+    assert slack > 0  # rounding did happen, the bound was not vacuous by a missing case
+    assert (bound / exact.abs().max()).max() < 5e-2  # ... and it is not vacuous by size either (worst case)
+
+
+def test_nonnegative_norm_bound_is_an_upper_bound_close_to_the_norm():
+    torch.manual_seed(3)
+    for shape in [(5, 7), (64, 32), (512, 300)]:
+        m = torch.rand(shape, dtype=torch.float64) ** 3
+        m[0] = 0  # a zero row and column must not break the positivity of the iterate
+        m[:, 1] = 0
+        exact = torch.linalg.matrix_norm(m, 2).item()
+        bound = certify.nonnegative_norm_bound(m)
+        assert exact <= bound <= exact * (1 + 1e-6)
+    # for a conv, || sum_s |K_s| || bounds the norm of the conv with |K| at any stride and padding
+    weight = torch.randn(6, 4, 3, 3)
+    absolute = weight.abs().sum((2, 3)).double()
+    for stride, padding in [(1, 1), (2, 1), (2, 0)]:
+        matrix = lipschitz.conv_matrix(weight.abs(), (4, 7, 7), (stride, stride), (padding, padding))
+        assert torch.linalg.matrix_norm(matrix, 2).item() <= certify.nonnegative_norm_bound(absolute)
+
+
+@pytest.mark.parametrize("values", [MOONS, DIGITS], ids=["moons", "digits"])
+def test_float64_only_where_it_decides_gives_the_same_certificates(trained_run, values):
+    """The certifier settles most samples with the float32 bound and recomputes the rest in float64:
+    at eps placed among the radii every decision equals that of the float64 pass over every sample."""
+    cfg, model, _ = trained_run(**values)
+    _, test_set, _ = data.load_dataset(cfg.dataset, seed=cfg.seed, max_test=400)
+    x, y = next(iter(torch.utils.data.DataLoader(test_set, batch_size=400)))
+    _, pred_all, radius_all = certify.Certifier(model)(x)
+    certified = radius_all[(pred_all == y) & (radius_all > 0)]
+    # each eps a hair (1e-9, far above float64 noise, far below the float32 bound) above a sample's radius
+    eps = [certified.sort().values[int(q * len(certified))].item() * (1 + 1e-9) for q in (0.2, 0.5, 0.8)]
+    screened = certify.Certifier(model, eps=eps)
+    _, pred, radius = screened(x, y)
+    for e in eps:
+        assert torch.equal((pred == y) & (radius > e), (pred_all == y) & (radius_all > e))
+    # the float32 bound cannot settle a sample whose radius is that close to an eps: recomputed
+    assert 0 < screened.recomputed < len(x)
+
+
 def test_rounding_term_is_subtracted_from_the_margin():
     w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     z = torch.tensor([[1.0, 0.0]])
@@ -162,8 +259,12 @@ def test_certify_reports_rounding_and_refuses_a_foreign_forward(trained_run):
     loader = torch.utils.data.DataLoader(test_set, batch_size=250)
     out = certify.certify(model, loader, [0.15])
     assert out["rounding"] == "rigorous"
-    assert 0 < out["float32_gap"] < 1e-4
+    assert 0 <= out["float64_share"] < 0.1  # the float32 bound settles almost every sample
+    assert 0 <= out["float32_gap"] < 1e-4
     assert set(out["cra_unrounded"]) == {"0.15"}
+    everything = certify.Certifier(model)  # no eps: every sample through the float64 pass
+    everything(next(iter(loader))[0])
+    assert everything.recomputed == 250 and 0 < everything.max_gap < 1e-4
     # the float64 margins and their rounding term cost (almost) nothing against float32 margins
     assert abs(out["cra"]["0.15"] - out["cra_unrounded"]["0.15"]) <= 2 / 500
 

@@ -230,3 +230,26 @@ def test_direct_fft_path_equals_full_eigvalsh():
     for stride, padding in (((1, 1), (1, 1)), ((2, 2), (0, 0))):
         assert lipschitz.conv_fft_bound(w, (10, 9, 8), stride, padding) == pytest.approx(
             full_fft_bound(w, (10, 9, 8), stride, padding), rel=1e-12)
+
+
+@pytest.mark.parametrize("layer,shape", [(nn.Linear(40, 30), (40,)), (nn.Conv2d(3, 8, 3, padding=1), (3, 9, 9)),
+                                         (nn.Conv2d(4, 6, 4, stride=2, padding=1), (4, 9, 9)),
+                                         (nn.Conv2d(4, 6, 3, stride=2), (4, 10, 11))],
+                         ids=["linear", "conv", "conv-stride2", "conv-stride2-uneven"])
+@pytest.mark.parametrize("n_iter", [1, 5])
+def test_power_norm_gradient_equals_autograd_through_the_iterations(layer, shape, n_iter):
+    """The hand-written backward of the training power iteration (all weight gradients in one
+    call) gives the gradient autograd gives through the plain loop, and the same forward values."""
+    torch.manual_seed(5)
+    layer = layer.double()
+    u = torch.randn(1, *shape, dtype=torch.float64)
+    u = u / u.norm()
+    sigma, u_new = lipschitz.power_norm(layer, shape, u, n_iter)
+    (grad,) = torch.autograd.grad(3 * sigma, layer.weight)
+    forward, adjoint = lipschitz.linear_operator(layer, shape)
+    u_ref = lipschitz.power_iterate(forward, adjoint, u, n_iter)
+    sigma_ref = forward(u_ref).norm() / (u_ref.norm() + 1e-12)
+    (grad_ref,) = torch.autograd.grad(3 * sigma_ref, layer.weight)
+    assert sigma.item() == sigma_ref.item() and torch.equal(u_new, u_ref.detach())
+    assert not u_new.requires_grad
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-14)

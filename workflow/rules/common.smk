@@ -9,6 +9,7 @@
 # Either failure stops Snakemake with ONE line naming the field, e.g.
 #   cll: error: config: tables[1].rows[0].p: 1.5 is greater than or equal to the maximum of 1
 # and a non-zero exit; nothing is written to results/.
+import functools
 import os
 import shlex
 import sys
@@ -136,6 +137,17 @@ def run_dir_of(wildcards):
 
 def yaml_value(value):
     """A value as `cll train --set` parses it back (YAML flow style: 1.0e-06, [400, 600], per_logit)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return _yaml_scalar(value)  # the grid repeats few values over ~1000 calls: dump each once
+    return _yaml_dump(value)
+
+
+@functools.lru_cache(maxsize=None, typed=True)  # typed: 1, 1.0 and True are three values
+def _yaml_scalar(value):
+    return _yaml_dump(value)
+
+
+def _yaml_dump(value):
     text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
     return text[: -len("...")].strip() if text.endswith("\n...") else text
 
