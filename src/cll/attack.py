@@ -164,8 +164,8 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: list[float], 
           restarts: int = 5, seed: int = 0, batch_size: int = 500) -> dict:
     """Attack every certified point of (x, y) at each radius in ``eps`` with ``strongest``.
 
-    A point is certified by the certifier's own rule (``cll.certify.Certifier``: float64 margins
-    less their rounding bound, sound K_F). It is *broken* if an attack point within distance eps
+    A point is certified by the certifier's own rule (``cll.certify.Certifier``: float32 or float64
+    margins less their rounding bound, sound K_F). It is *broken* if an attack point within distance eps
     (checked in float64) is misclassified by the float32 model or by the float64 forward pass:
     one broken point refutes the certificate. Correct but uncertified points are attacked too, as
     a check that the attack is strong enough to matter (``uncertified_broken``).
@@ -175,7 +175,7 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: list[float], 
     uncertified_attacked, uncertified_broken``."""
     from .certify import Certifier, eps_key
 
-    certifier = Certifier(model)
+    certifier = Certifier(model, eps=eps)
     generator = torch.Generator().manual_seed(seed)
     per_eps, names = {}, attack_names(steps, restarts)
     for e in eps:
@@ -183,7 +183,7 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: list[float], 
                                 "broken_float64", "uncertified_attacked", "uncertified_broken"], 0)
         for start in range(0, len(x), batch_size):
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-            logits, pred, radius = certifier(xb)
+            logits, pred, radius = certifier(xb, yb)
             correct = logits.argmax(1) == yb
             certified = (pred == yb) & (radius > e)
             targets = certified | correct

@@ -167,7 +167,8 @@ class _PowerNorm(torch.autograd.Function):
             grad_y = forward(grad_v)
             # y_k = A u_k
             inputs.append(us[k]), grads.append(grad_y)
-            grad_u = adjoint(grad_y)
+            if k > 0:  # u_0 is the stored iterate, a constant: no gradient needed
+                grad_u = adjoint(grad_y)
         grad_weight = weight_gradient(ctx.layer, torch.cat(inputs), torch.cat(grads))
         return grad_weight, None, None, None, None
 

@@ -64,7 +64,7 @@ def grid_file():
     given = list(workflow.overwrite_configfiles)
     path = str(given[-1]) if given else "config/config.yaml"
     with open(path, encoding="utf-8") as f:
-        on_disk = yaml.safe_load(f) or {}
+        on_disk = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}  # libyaml: 10x faster
     free = ("results", "experiment")
     if {k: v for k, v in config.items() if k not in free} != {
         k: v for k, v in on_disk.items() if k not in free
