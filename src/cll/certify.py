@@ -412,8 +412,7 @@ class Certifier:
     runs only on the samples where it could change a decision at one of ``eps``: those whose
     float32 radius is <= eps while an upper bound on their exact radius (the margins plus their
     error bounds, for the predicted class and for any other class) is above it. With ``eps``
-    None, or a body layer without a float32 analysis, every sample is recomputed in float64.
-    ``recomputed`` / ``seen`` count the samples."""
+    None, or a body layer without a float32 analysis, every sample is recomputed in float64."""
 
     def __init__(self, model: nn.Module, lip_body: float | None = None, eps: Sequence[float] | None = None):
         model.eval()
@@ -423,7 +422,7 @@ class Certifier:
         self.forward32 = Float32Bound(model, self.forward64.shapes, self.forward64.layer_bounds)
         self.eps = None if eps is None else sorted(float(e) for e in eps)
         self.max_gap = 0.0  # largest |float32 logit - float64 logit| seen, relative to the logit scale
-        self.recomputed = self.seen = 0
+        self.recomputed = 0  # samples that went through the float64 pass
 
     def _needs_float64(self, logits, logit_error, body_error, radius, y) -> torch.Tensor:
         """Samples whose float64 radius could be above an eps that the float32 radius is not."""
@@ -448,7 +447,6 @@ class Certifier:
         logits32, logit_error, body_error = self.forward32(x)
         pred, radius = certified_radius(logits32, self.model.head.weight, self.lip_body, logit_error, body_error)
         need = self._needs_float64(logits32, logit_error, body_error, radius, y)
-        self.seen += len(x)
         index = need.nonzero().flatten()
         if len(index):
             logits64, logit_error64, body_error64 = self.forward64(x[index])
