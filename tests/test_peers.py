@@ -121,6 +121,27 @@ def test_eval_cache_is_dropped_by_train_and_load_state_dict(make):
     assert layer._cache is None
 
 
+def test_cayley_of_a_256_channel_layer_on_two_threads():
+    """The full-size Sandwich's 256-channel layers factor (8 x 5 frequencies, 256 x 256) with
+    torch's MKL on 2 threads, which fails these batched LU factorisations unless the solve runs on
+    one thread (layers/sandwich.py); the rows come out orthonormal and the backward runs."""
+    from cll.layers.sandwich import cayley_rows
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        w = (0.05 * torch.randn(8, 5, 256, 384, dtype=torch.complex64)).requires_grad_()
+        q = cayley_rows(w)
+        assert torch.get_num_threads() == 2  # restored
+        gram = q @ q.mH
+        assert (gram - torch.eye(256)).abs().max().item() < 1e-4
+        q.real.sum().backward()
+        assert torch.isfinite(w.grad).all()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_sandwich_alpha_exists_before_the_optimizer_and_trains():
     layer = L.SandwichConv(3, 4, 3, (8, 8))
     names = dict(layer.named_parameters())

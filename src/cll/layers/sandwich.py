@@ -24,6 +24,7 @@ Rounding makes [A B] only nearly orthonormal. With E = A A^H + B B^H - I the sam
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,23 @@ from .basic import EvalCache
 SQRT2 = math.sqrt(2.0)
 
 
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """One intra-op thread on the CPU. The MKL that ships with torch 2.14.1 fails batched LU
+    factorisations of matrices from about 256 x 256 when it runs on 2 or more threads ("Parameter 6
+    was incorrect on entry to CLASWP", then "Pivots given to lu_solve must all be greater or equal
+    to 1"): a 256-channel Sandwich layer hits it; on one thread the same solve is correct."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def cayley_rows(w: torch.Tensor) -> torch.Tensor:
     """(..., m, m + k) -> a matrix of the same shape with orthonormal rows (real or complex)."""
     m = w.shape[-2]
@@ -41,8 +59,9 @@ def cayley_rows(w: torch.Tensor) -> torch.Tensor:
     u, v = y[..., :m, :], y[..., m:, :]
     z = u - u.mH + v.mH @ v
     eye = torch.eye(m, dtype=w.dtype, device=w.device)
-    top = torch.linalg.solve(eye + z, eye - z)                        # (I+Z)^{-1} (I-Z)
-    bottom = -2 * torch.linalg.solve((eye + z).mT, v.mT).mT           # -2 V (I+Z)^{-1}
+    with _one_cpu_thread(w.device):
+        top = torch.linalg.solve(eye + z, eye - z)                    # (I+Z)^{-1} (I-Z)
+        bottom = -2 * torch.linalg.solve((eye + z).mT, v.mT).mT       # -2 V (I+Z)^{-1}
     return torch.cat([top, bottom], dim=-2).transpose(-2, -1)
 
 
