@@ -212,7 +212,7 @@ class Float32Bound:
                 if isinstance(layer, (nn.Linear, nn.Conv2d)):
                     w = layer.weight.detach().double()
                     if isinstance(layer, nn.Conv2d):
-                        positions = math.prod(self._out_hw(layer, shape))
+                        positions = math.prod(lipschitz.conv_output_hw(layer, shape))
                         absolute = w.abs().sum((2, 3))
                     else:
                         positions, absolute = 1, w.abs()
@@ -244,10 +244,6 @@ class Float32Bound:
         n = h[0].numel()
         computed = torch.linalg.vector_norm(h, dim=tuple(range(1, h.dim()))).double()
         return torch.sqrt(((computed / (1 - cls.UNIT)) ** 2 + n * cls.TINY) / (1 - gamma(n + 1, torch.float32)))
-
-    @staticmethod
-    def _out_hw(layer: nn.Conv2d, shape: tuple[int, ...]) -> list[int]:
-        return [(shape[d + 1] + 2 * layer.padding[d] - layer.kernel_size[d]) // layer.stride[d] + 1 for d in range(2)]
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -57,6 +57,12 @@ Operator = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------- the true operators of the layers
+def conv_output_hw(layer: nn.Conv2d, in_shape: tuple[int, ...]) -> list[int]:
+    """(height, width) of a zero-padded conv2d's output at input shape ``in_shape`` (no batch axis)."""
+    return [(in_shape[d + 1] + 2 * layer.padding[d] - layer.kernel_size[d]) // layer.stride[d] + 1
+            for d in range(2)]
+
+
 def linear_operator(layer: nn.Module, in_shape: tuple[int, ...],
                     weight: torch.Tensor | None = None) -> tuple[Operator, Operator]:
     """The bias-free map of a conv/linear layer at input shape ``in_shape`` (no batch axis), and its
@@ -71,7 +77,7 @@ def linear_operator(layer: nn.Module, in_shape: tuple[int, ...],
             raise ValueError(f"conv layer {layer} is not supported (groups, dilation, padding mode)")
         stride, padding = layer.stride, layer.padding
         k = layer.kernel_size
-        out_hw = [(in_shape[d + 1] + 2 * padding[d] - k[d]) // stride[d] + 1 for d in range(2)]
+        out_hw = conv_output_hw(layer, in_shape)
         # conv_transpose2d maps back onto (out-1)*s - 2p + k rows; the rows the forward conv never
         # reads (when the stride does not divide evenly) get output_padding, which makes the
         # adjoint exact instead of dropping the last row/column as the reference did.
