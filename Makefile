@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test clean-demo
+.PHONY: demo test lint format clean-demo
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,17 @@ demo: $(STAMP)
 ## test: the whole test suite on two processes
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n 2 -q
+
+## lint: ruff (lint + format check) on Python, snakefmt on the workflow; `make format` rewrites
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/snakefmt --check Snakefile workflow/
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/snakefmt Snakefile workflow/
 
 clean-demo:
 	rm -rf results/runs results/summary.csv results/tables results/figures results/demo logs

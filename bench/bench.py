@@ -11,6 +11,7 @@ Every architecture of the registry (cll.models) is measured, with the recipe of 
 config/paper.yaml (data set shape, loss, batch size), or a fallback recipe. See bench/README.md for
 the meaning of every key.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,15 +89,22 @@ def emit(record: dict) -> None:
 
 def base(what: str, arch: str | None, device: torch.device, batch: int | None) -> dict:
     """The keys every line has (filled in by the measurement)."""
-    return {"what": what, "arch": arch, "device": str(device), "batch": batch, "images_per_s": None,
-            "seconds": None, "peak_mem_mb": None}
+    return {
+        "what": what,
+        "arch": arch,
+        "device": str(device),
+        "batch": batch,
+        "images_per_s": None,
+        "seconds": None,
+        "peak_mem_mb": None,
+    }
 
 
 def guarded(what: str, arch: str | None, device: torch.device, fn, *args, **kwargs) -> dict | None:
     """Run one measurement; a failure becomes a line with an ``error`` key and the run goes on."""
     try:
         rec = fn(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - a benchmark reports, it does not stop
+    except Exception as err:
         rec = base(what, arch, device, None)
         rec["error"] = f"{type(err).__name__}: {err}"[:300]
     emit(rec)
@@ -114,9 +122,15 @@ def paper_recipes() -> dict[str, dict]:
         for row in table.get("rows") or []:
             if row.get("arch") in out:
                 continue
-            first = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
-            values = {**defaults, **(row.get("set") or {}), "dataset": row["dataset"], "arch": row["arch"],
-                      "loss": row["loss"], "eps": first(row["eps"])}
+            first = lambda v: v[0] if isinstance(v, list) else v
+            values = {
+                **defaults,
+                **(row.get("set") or {}),
+                "dataset": row["dataset"],
+                "arch": row["arch"],
+                "loss": row["loss"],
+                "eps": first(row["eps"]),
+            }
             if "p" in row:
                 values["p"] = first(row["p"])
             out[row["arch"]] = {k: v for k, v in values.items() if k not in IGNORED_KEYS}
@@ -145,8 +159,9 @@ def build(cfg: RunConfig, width: float | None = None) -> tuple[torch.nn.Module, 
         info = data.dataset_info(cfg.dataset)
         head = losses.default_head(cfg.loss) if cfg.head == "auto" else cfg.head
         try:
-            return models.ARCHS.create(cfg.arch, num_classes=info.num_classes, in_shape=info.in_shape,
-                                       head=head, mean=info.mean, width=width), width
+            return models.ARCHS.create(
+                cfg.arch, num_classes=info.num_classes, in_shape=info.in_shape, head=head, mean=info.mean, width=width
+            ), width
         except TypeError:  # a builder without ``width``
             pass
     return train.build_model(cfg), None
@@ -162,8 +177,9 @@ def random_batch(cfg: RunConfig, n: int, gen: torch.Generator) -> tuple[torch.Te
 
 
 # ---------------------------------------------------------------- train
-def bench_train(cfg: RunConfig, model: torch.nn.Module, device: torch.device, warmup: int, steps: int,
-                pi_reps: int) -> dict:
+def bench_train(
+    cfg: RunConfig, model: torch.nn.Module, device: torch.device, warmup: int, steps: int, pi_reps: int
+) -> dict:
     """The training step of cll.train (train.make_step: PI with gradient, forward, loss, backward,
     optimizer step) on one random batch, and the power iterations alone (forward + backward)."""
     gen = torch.Generator().manual_seed(0)
@@ -201,19 +217,22 @@ def bench_train(cfg: RunConfig, model: torch.nn.Module, device: torch.device, wa
     step_s = step_total / steps
 
     rec = base("train", cfg.arch, device, cfg.batch_size)
-    rec.update({
-        "images_per_s": round(cfg.batch_size * steps / step_total, 1),
-        "seconds": round(step_total, 4),
-        "steps": steps,
-        "step_ms": round(1e3 * step_s, 2),
-        "pi_share": round(pi_fb / step_s, 4),
-        "pi_ms": round(1e3 * pi_fb, 2),
-        "pi_fwd_ms": round(1e3 * pi_fwd, 2),
-        "pi_iters": cfg.pi_iters,
-        "loss": cfg.loss,
-        "amp": cfg.amp, "compile": cfg.compile,
-        "peak_mem_mb": peak_mem_mb(device),
-    })
+    rec.update(
+        {
+            "images_per_s": round(cfg.batch_size * steps / step_total, 1),
+            "seconds": round(step_total, 4),
+            "steps": steps,
+            "step_ms": round(1e3 * step_s, 2),
+            "pi_share": round(pi_fb / step_s, 4),
+            "pi_ms": round(1e3 * pi_fb, 2),
+            "pi_fwd_ms": round(1e3 * pi_fwd, 2),
+            "pi_iters": cfg.pi_iters,
+            "loss": cfg.loss,
+            "amp": cfg.amp,
+            "compile": cfg.compile,
+            "peak_mem_mb": peak_mem_mb(device),
+        }
+    )
     return rec
 
 
@@ -227,17 +246,19 @@ def bench_bound(cfg: RunConfig, model: torch.nn.Module, device: torch.device, wa
     est = lipschitz.converged_body(model)  # cold start: fresh random iterates
     t2 = timer.now()
     rec = base("bound", cfg.arch, device, None)
-    rec.update({
-        "seconds": round(t1 - t0, 4),  # = upper_bound_seconds
-        "upper_bound_seconds": round(t1 - t0, 4),
-        "converged_seconds": round(t2 - t1, 4),
-        "upper_bound_body": bound,
-        "converged_body": est,
-        "peak_mem_mb": peak_mem_mb(device),
-    })
+    rec.update(
+        {
+            "seconds": round(t1 - t0, 4),  # = upper_bound_seconds
+            "upper_bound_seconds": round(t1 - t0, 4),
+            "converged_seconds": round(t2 - t1, 4),
+            "upper_bound_body": bound,
+            "converged_body": est,
+            "peak_mem_mb": peak_mem_mb(device),
+        }
+    )
     if warm:
         t3 = timer.now()
-        lipschitz.converged_body(model)    # warm start: the iterates just converged
+        lipschitz.converged_body(model)  # warm start: the iterates just converged
         rec["converged_warm_seconds"] = round(timer.now() - t3, 4)
     return rec
 
@@ -267,18 +288,20 @@ def bench_certify(cfg: RunConfig, model: torch.nn.Module, device: torch.device, 
     t3 = timer.now()
     cert, inf, bound = t1 - t0, t2 - t1, t3 - t2
     rec = base("certify", cfg.arch, device, batch)
-    rec.update({
-        "n_images": n,
-        "images_per_s": round(n / cert, 1),
-        "seconds": round(cert, 4),
-        "inference_seconds": round(inf, 4),
-        "inference_images_per_s": round(n / inf, 1),
-        "bound_seconds": round(bound, 4),
-        "ratio_to_inference_plus_bound": round(cert / (inf + bound), 3),
-        "float64_share": out["float64_share"],  # samples the certifier recomputed in float64
-        "target_ratio": TARGETS["certify_ratio"],
-        "peak_mem_mb": peak_mem_mb(device),
-    })
+    rec.update(
+        {
+            "n_images": n,
+            "images_per_s": round(n / cert, 1),
+            "seconds": round(cert, 4),
+            "inference_seconds": round(inf, 4),
+            "inference_images_per_s": round(n / inf, 1),
+            "bound_seconds": round(bound, 4),
+            "ratio_to_inference_plus_bound": round(cert / (inf + bound), 3),
+            "float64_share": out["float64_share"],  # samples the certifier recomputed in float64
+            "target_ratio": TARGETS["certify_ratio"],
+            "peak_mem_mb": peak_mem_mb(device),
+        }
+    )
     return rec
 
 
@@ -291,10 +314,16 @@ def bench_dryrun() -> dict:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     dt = time.perf_counter() - t0
     rec = base("dryrun", None, torch.device("cpu"), None)
-    rec.update({"seconds": round(dt, 3), "returncode": proc.returncode, "command": " ".join(cmd[-5:]),
-                "target_seconds": TARGETS["dryrun_seconds"],
-                # children's max RSS (snakemake's own process)
-                "peak_mem_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)})
+    rec.update(
+        {
+            "seconds": round(dt, 3),
+            "returncode": proc.returncode,
+            "command": " ".join(cmd[-5:]),
+            "target_seconds": TARGETS["dryrun_seconds"],
+            # children's max RSS (snakemake's own process)
+            "peak_mem_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        }
+    )
     if proc.returncode != 0:
         rec["stderr_tail"] = proc.stderr[-500:]
     return rec
@@ -311,15 +340,26 @@ def one_per_family(names: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     names = models.names()
-    ap.add_argument("--arch", action="append", metavar="NAME",
-                    help="architecture (repeatable; default: every registered one: %s)" % ", ".join(names))
+    ap.add_argument(
+        "--arch",
+        action="append",
+        metavar="NAME",
+        help="architecture (repeatable; default: every registered one: {})".format(", ".join(names)),
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
-    ap.add_argument("--quick", action="store_true",
-                    help="one arch per family unless --arch, few steps and images; on CPU big models at "
-                         "batch 16 / narrower, no big bounds")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="one arch per family unless --arch, few steps and images; on CPU big models at "
+        "batch 16 / narrower, no big bounds",
+    )
     ap.add_argument("--batch", type=int, help="training batch size for every arch (default: recipe)")
-    ap.add_argument("--only", action="append", choices=["train", "certify", "bound", "dryrun"],
-                    help="run only these measurements (repeatable; default all)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=["train", "certify", "bound", "dryrun"],
+        help="run only these measurements (repeatable; default all)",
+    )
     ap.add_argument("--amp", action="store_true", help="train with amp: true (bf16 autocast; cuda only)")
     ap.add_argument("--compile", action="store_true", help="train with compile: true (torch.compile)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -340,8 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     quick_cpu = args.quick and device.type == "cpu"
     warmup, steps, pi_reps = (1, 2, 1) if args.quick else (3, 10, 11)
     n_cert, cert_batch = (100, 100) if args.quick else (10000, 1000)
-    log(f"# torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} cpus, "
-        f"threads {torch.get_num_threads()}, device {device}, quick={args.quick}")
+    log(
+        f"# torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} cpus, "
+        f"threads {torch.get_num_threads()}, device {device}, quick={args.quick}"
+    )
     paper = paper_recipes()
 
     t_start = time.perf_counter()
@@ -367,18 +409,23 @@ def main(argv: list[str] | None = None) -> int:
         scaled = {"recipe": source, "params": n_params(model), "width": width}
         if "train" in only:
             log(f"train {arch} batch {cfg.batch_size} ({scaled})")
-            guarded("train", arch, device, lambda: {**bench_train(cfg, model, device, warmup, steps,
-                                                                         pi_reps), **scaled})
+            guarded(
+                "train", arch, device, lambda: {**bench_train(cfg, model, device, warmup, steps, pi_reps), **scaled}
+            )
         if only & {"bound", "certify"}:
             torch.manual_seed(0)
             fresh, _ = build(cfg, width)  # fresh model: the bound line's converged time is cold
             fresh = fresh.to(device)
             skip = None
             if quick_cpu and n_params(fresh) > QUICK_BOUND_PARAMS:
-                skip = (f"--quick on CPU: {n_params(fresh)} parameters > {QUICK_BOUND_PARAMS}; run "
-                        f"`bench.py --arch {arch} --only bound --only certify` for it")
-            for what, fn in (("bound", lambda: bench_bound(cfg, fresh, device, warm=not args.quick)),
-                             ("certify", lambda: bench_certify(cfg, fresh, device, n_cert, cert_batch))):
+                skip = (
+                    f"--quick on CPU: {n_params(fresh)} parameters > {QUICK_BOUND_PARAMS}; run "
+                    f"`bench.py --arch {arch} --only bound --only certify` for it"
+                )
+            for what, fn in (
+                ("bound", lambda: bench_bound(cfg, fresh, device, warm=not args.quick)),
+                ("certify", lambda: bench_certify(cfg, fresh, device, n_cert, cert_batch)),
+            ):
                 if what not in only:
                     continue
                 if skip:

@@ -1,5 +1,6 @@
 """Helpers shared by several test files (imported as ``from helpers import ...``: pytest puts
 tests/ on sys.path)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,6 +6,7 @@ exactly (means, ± std over two seeds, signed differences to the baseline, pendi
 rows, K^(h∘f) from k_hf for CLL and from the certified bound otherwise). One test trains two tiny
 moons models to draw the decision-boundary figure.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,23 +33,59 @@ GRID = {
     "experiment": "test-aggregate",
     "results": "res",
     "tables": [
-        {"name": "digits", "title": "Digits, 4C3F", "rows": [
-            # a GloRo row on another model, listed first: CLL 4C3F must still compare to GloRo 4C3F
-            {"method": "GloRo", "dataset": "digits", "arch": "2C2F", "loss": "gloro", "eps": 0.15, "seeds": [0]},
-            {"method": "GloRo", "dataset": "digits", "arch": "4C3F", "loss": "gloro", "eps": 0.15,
-             "seeds": [0, 1]},
-            {"method": "CLL", "dataset": "digits", "arch": "4C3F", "loss": "cll", "eps": 0.15, "p": 0.3,
-             "seeds": [0, 1], "baseline": "GloRo"},
-            {"method": "CLL", "dataset": "digits", "arch": "2C2F", "loss": "cll", "eps": 0.15, "p": 0.3,
-             "seeds": [0, 1], "baseline": "GloRo"},          # only seed 0 has run
-            {"method": "CE", "dataset": "digits", "arch": "4C3F", "loss": "ce", "eps": 0.15},  # not run
-            {"method": "SOC", "dataset": "digits", "arch": "LipConv-20", "loss": "cll", "eps": 0.15,
-             "pending": "LipConv is not implemented"},
-        ]},
-        {"name": "moons", "title": "Two moons", "rows": [
-            {"method": "CLL", "dataset": "moons", "arch": "moons-mlp", "loss": "cll", "eps": 0.15,
-             "p": [0.75, 0.25], "set": {"certify_eps": [0.15]}},
-        ]},
+        {
+            "name": "digits",
+            "title": "Digits, 4C3F",
+            "rows": [
+                # a GloRo row on another model, listed first: CLL 4C3F must still compare to GloRo 4C3F
+                {"method": "GloRo", "dataset": "digits", "arch": "2C2F", "loss": "gloro", "eps": 0.15, "seeds": [0]},
+                {"method": "GloRo", "dataset": "digits", "arch": "4C3F", "loss": "gloro", "eps": 0.15, "seeds": [0, 1]},
+                {
+                    "method": "CLL",
+                    "dataset": "digits",
+                    "arch": "4C3F",
+                    "loss": "cll",
+                    "eps": 0.15,
+                    "p": 0.3,
+                    "seeds": [0, 1],
+                    "baseline": "GloRo",
+                },
+                {
+                    "method": "CLL",
+                    "dataset": "digits",
+                    "arch": "2C2F",
+                    "loss": "cll",
+                    "eps": 0.15,
+                    "p": 0.3,
+                    "seeds": [0, 1],
+                    "baseline": "GloRo",
+                },  # only seed 0 has run
+                {"method": "CE", "dataset": "digits", "arch": "4C3F", "loss": "ce", "eps": 0.15},  # not run
+                {
+                    "method": "SOC",
+                    "dataset": "digits",
+                    "arch": "LipConv-20",
+                    "loss": "cll",
+                    "eps": 0.15,
+                    "pending": "LipConv is not implemented",
+                },
+            ],
+        },
+        {
+            "name": "moons",
+            "title": "Two moons",
+            "rows": [
+                {
+                    "method": "CLL",
+                    "dataset": "moons",
+                    "arch": "moons-mlp",
+                    "loss": "cll",
+                    "eps": 0.15,
+                    "p": [0.75, 0.25],
+                    "set": {"certify_eps": [0.15]},
+                },
+            ],
+        },
     ],
 }
 
@@ -82,19 +119,39 @@ def write_fake_run(run: Path, cell, clean: float, cra: list[float], lipschitz: f
     """train.json and certify.json as cll train / cll certify write them, with chosen numbers."""
     cfg = cell.run_config()
     khf = k_hf(cfg.eps, cfg.p) if cfg.loss == "cll" else None
-    results.write_json(run / results.TRAIN, {
-        "config": cfg.to_dict(), "num_classes": 10, "in_shape": [1, 8, 8],
-        "epochs": [{"epoch": 1, "loss": 0.9, "accuracy": 0.5, "lipschitz_estimate": 1.0, "lr": 1e-3,
-                    "seconds": 1.0},
-                   {"epoch": 2, "loss": 0.7, "accuracy": 0.6, "lipschitz_estimate": 1.1, "lr": 1e-3,
-                    "seconds": 1.0}],
-        "wall_time": 2.5, "lipschitz_estimate": 1.1, "lipschitz_bound": lipschitz, "k_hf": khf,
-        "device": "cpu"})
+    results.write_json(
+        run / results.TRAIN,
+        {
+            "config": cfg.to_dict(),
+            "num_classes": 10,
+            "in_shape": [1, 8, 8],
+            "epochs": [
+                {"epoch": 1, "loss": 0.9, "accuracy": 0.5, "lipschitz_estimate": 1.0, "lr": 1e-3, "seconds": 1.0},
+                {"epoch": 2, "loss": 0.7, "accuracy": 0.6, "lipschitz_estimate": 1.1, "lr": 1e-3, "seconds": 1.0},
+            ],
+            "wall_time": 2.5,
+            "lipschitz_estimate": 1.1,
+            "lipschitz_bound": lipschitz,
+            "k_hf": khf,
+            "device": "cpu",
+        },
+    )
     by_eps = dict(zip([eps_key(e) for e in cfg.certify_eps], cra))
-    results.write_json(run / results.CERTIFY, {
-        "clean_accuracy": clean, "cra": by_eps, "cra_estimate": by_eps, "lipschitz_constant": lipschitz,
-        "lipschitz_estimate": 0.9 * lipschitz, "lipschitz_body": 1.0, "k_hf": khf, "n_samples": 360,
-        "eps": cfg.certify_eps, "seconds": 0.1})
+    results.write_json(
+        run / results.CERTIFY,
+        {
+            "clean_accuracy": clean,
+            "cra": by_eps,
+            "cra_estimate": by_eps,
+            "lipschitz_constant": lipschitz,
+            "lipschitz_estimate": 0.9 * lipschitz,
+            "lipschitz_body": 1.0,
+            "k_hf": khf,
+            "n_samples": 360,
+            "eps": cfg.certify_eps,
+            "seconds": 0.1,
+        },
+    )
 
 
 @pytest.fixture
@@ -127,8 +184,9 @@ def test_summary_has_one_row_per_cell_in_grid_order(fake_tree, summary):
     grid = load_grid(fake_tree[0])
     rows = read_csv(summary)
     assert len(rows) == len(grid.cells) == 11
-    assert [(r["table"], r["method"], r["arch"], r["seed"]) for r in rows] == \
-        [(c.table, c.method, c.arch, str(c.seed)) for c in grid.cells]
+    assert [(r["table"], r["method"], r["arch"], r["seed"]) for r in rows] == [
+        (c.table, c.method, c.arch, str(c.seed)) for c in grid.cells
+    ]
     assert [r["status"] for r in rows] == ["done"] * 6 + ["missing", "missing", "pending", "done", "done"]
     assert rows[8]["pending"] == "LipConv is not implemented"
     assert all(r["run_dir"] == c.path(".").as_posix() for r, c in zip(rows, grid.cells))
@@ -138,8 +196,9 @@ def test_summary_columns_and_values(summary):
     with summary.open(newline="") as f:
         header = next(csv.reader(f))
     assert header[:14] == aggregate.CELL_COLUMNS + ["clean_accuracy"]
-    assert header[14:22] == [f"cra_{k}" for k in ("0.1412", "0.15", "0.2824", "0.4235")] + \
-        [f"cra_estimate_{k}" for k in ("0.1412", "0.15", "0.2824", "0.4235")]
+    assert header[14:22] == [f"cra_{k}" for k in ("0.1412", "0.15", "0.2824", "0.4235")] + [
+        f"cra_estimate_{k}" for k in ("0.1412", "0.15", "0.2824", "0.4235")
+    ]
     assert header[22:29] == aggregate.MODEL_COLUMNS
     assert header[29:32] == ["cfg_dataset", "cfg_arch", "cfg_loss"]
     rows = aggregate.read_summary(summary)
@@ -172,10 +231,12 @@ def test_estimate_table_beside_the_sound_one(summary, tmp_path):
     (digits,) = [t for t in aggregate.build_tables(aggregate.read_summary(summary)) if t.name == "digits"]
     md = aggregate.render_markdown(digits)
     estimate = md.split("sound certificate vs power-iteration estimate**\n\n", 1)[1].splitlines()
-    assert estimate[0] == ("| Method | Model | CRA 36/255 sound / est. | CRA 72/255 sound / est. | "
-                           "CRA 108/255 sound / est. | K bound / est. |")
-    gloro = [line for line in estimate if line.startswith("| GloRo | 4C3F | ")][0]
-    sound_row = [line for line in md.splitlines() if line.startswith("| GloRo | 4C3F")][0]
+    assert estimate[0] == (
+        "| Method | Model | CRA 36/255 sound / est. | CRA 72/255 sound / est. | "
+        "CRA 108/255 sound / est. | K bound / est. |"
+    )
+    gloro = next(line for line in estimate if line.startswith("| GloRo | 4C3F | "))
+    sound_row = next(line for line in md.splitlines() if line.startswith("| GloRo | 4C3F"))
     # the fake runs report the same CRA both ways and an estimate 0.9 x the bound
     sound = sound_row.split(" | ")[3].split(" ")[0]
     assert gloro.split(" | ")[2] == f"{sound} / {sound}"
@@ -202,7 +263,7 @@ def test_table_csv_holds_plain_fractions(summary, tmp_path):
     assert [r["status"] for r in rows] == ["done", "done", "done", "partial", "missing", "pending"]
     gloro, cll = rows[1], rows[2]
     assert float(gloro["clean_mean"]) == pytest.approx(0.395)
-    assert float(gloro["clean_std"]) == pytest.approx(math.sqrt(2 * 0.003 ** 2))
+    assert float(gloro["clean_std"]) == pytest.approx(math.sqrt(2 * 0.003**2))
     assert gloro["clean_diff"] == "" and gloro["k_source"] == "measured"
     assert float(gloro["k_hf"]) == pytest.approx(3.9)
     assert float(cll["clean_diff"]) == pytest.approx(0.003)
@@ -254,7 +315,8 @@ def test_markdown_and_latex_are_well_formed(summary, tmp_path):
 def test_rebuilt_tables_are_byte_identical(summary):
     written = aggregate.make_tables(summary)
     assert sorted(p.name for p in written) == sorted(
-        f"{n}.{s}" for n in ("digits", "moons") for s in ("csv", "md", "tex"))
+        f"{n}.{s}" for n in ("digits", "moons") for s in ("csv", "md", "tex")
+    )
     before = {p.name: p.read_bytes() for p in written}
     for p in written:
         p.unlink()
@@ -304,10 +366,33 @@ def test_matplotlib_is_not_imported_by_the_cli_module():
 # ------------------------------------------------------------------- figures with real models
 @pytest.mark.slow
 def test_figures_from_two_tiny_moons_models(tmp_path, capsys):
-    grid = {"experiment": "tiny", "results": str(tmp_path / "res"), "tables": [{"name": "moons", "rows": [
-        {"method": "CLL", "dataset": "moons", "arch": "moons-mlp", "loss": "cll", "eps": 0.15,
-         "p": [0.75, 0.01], "set": {"epochs": 2, "max_train": 200, "max_test": 500, "batch_size": 100,
-                                    "certify_eps": [0.15], "device": "cpu"}}]}]}
+    grid = {
+        "experiment": "tiny",
+        "results": str(tmp_path / "res"),
+        "tables": [
+            {
+                "name": "moons",
+                "rows": [
+                    {
+                        "method": "CLL",
+                        "dataset": "moons",
+                        "arch": "moons-mlp",
+                        "loss": "cll",
+                        "eps": 0.15,
+                        "p": [0.75, 0.01],
+                        "set": {
+                            "epochs": 2,
+                            "max_train": 200,
+                            "max_test": 500,
+                            "batch_size": 100,
+                            "certify_eps": [0.15],
+                            "device": "cpu",
+                        },
+                    }
+                ],
+            }
+        ],
+    }
     grid_path = tmp_path / "grid.yaml"
     grid_path.write_text(yaml.safe_dump(grid))
     for cell in load_grid(grid_path).cells:
@@ -316,8 +401,7 @@ def test_figures_from_two_tiny_moons_models(tmp_path, capsys):
     assert main(["aggregate", "--grid", str(grid_path)]) == 0
     summary = tmp_path / "res" / "summary.csv"
     written = figures.make_figures(summary, log=lambda line: pytest.fail(f"unexpected skip: {line}"))
-    assert sorted(p.name for p in written) == sorted(
-        f"{n}.{s}" for n in figures.FIGURES for s in ("png", "pdf"))
+    assert sorted(p.name for p in written) == sorted(f"{n}.{s}" for n in figures.FIGURES for s in ("png", "pdf"))
     for path in written:
         assert path.parent == tmp_path / "res" / "figures" and path.stat().st_size > 1000
         assert path.read_bytes()[:4] in (b"\x89PNG", b"%PDF")

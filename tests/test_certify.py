@@ -1,4 +1,5 @@
 """The certifier: the rule itself, and soundness against a strong attack on trained models."""
+
 import math
 
 import pytest
@@ -9,10 +10,22 @@ from cll.attack import pgd_l2
 from cll.certify import certified_radius
 from cll.models import LipschitzNet
 
-MOONS = dict(dataset="moons", arch="moons-mlp", loss="cll", eps=0.15, p=0.01, cll_form="per_logit",
-             cll_offset="one-sided", lip_penalty=1e-6, batch_size=250, lr=0.01, epochs=30)
-DIGITS = dict(dataset="digits", arch="2C2F", loss="cll", eps=0.3, p=0.1, lip_penalty=1e-3,
-              batch_size=64, lr=3e-3, epochs=6)
+MOONS = dict(
+    dataset="moons",
+    arch="moons-mlp",
+    loss="cll",
+    eps=0.15,
+    p=0.01,
+    cll_form="per_logit",
+    cll_offset="one-sided",
+    lip_penalty=1e-6,
+    batch_size=250,
+    lr=0.01,
+    epochs=30,
+)
+DIGITS = dict(
+    dataset="digits", arch="2C2F", loss="cll", eps=0.3, p=0.1, lip_penalty=1e-3, batch_size=64, lr=3e-3, epochs=6
+)
 GLORO = dict(DIGITS, loss="gloro", eps=0.3)
 
 
@@ -79,10 +92,9 @@ def test_attack_is_strong_enough_to_matter(trained_run):
 
 
 def test_certify_report(trained_run):
-    cfg, model, _ = trained_run(**DIGITS)
+    _cfg, model, _ = trained_run(**DIGITS)
     _, test_set, _ = data.load_dataset("digits")
-    out = certify.certify(model, torch.utils.data.DataLoader(test_set, batch_size=100),
-                          [36 / 255, 72 / 255, 108 / 255])
+    out = certify.certify(model, torch.utils.data.DataLoader(test_set, batch_size=100), [36 / 255, 72 / 255, 108 / 255])
     assert set(out["cra"]) == {"0.1412", "0.2824", "0.4235"}
     assert out["n_samples"] == len(test_set)
     cras = list(out["cra"].values())
@@ -121,14 +133,30 @@ def _exact_logits(model, x_row):
             def pixel(c, i, j):
                 return h[c][i][j] if 0 <= i < size and 0 <= j < size else 0
 
-            h = [[[sum((w[o][c][a][d] * pixel(c, i * s + a - p, j * s + d - p)
-                        for c in range(len(h)) for a in range(k) for d in range(k)), b[o])
-                   for j in range(out)] for i in range(out)] for o in range(len(w))]
+            h = [
+                [
+                    [
+                        sum(
+                            (
+                                w[o][c][a][d] * pixel(c, i * s + a - p, j * s + d - p)
+                                for c in range(len(h))
+                                for a in range(k)
+                                for d in range(k)
+                            ),
+                            b[o],
+                        )
+                        for j in range(out)
+                    ]
+                    for i in range(out)
+                ]
+                for o in range(len(w))
+            ]
         elif isinstance(layer, MaxMin):
             pairs = list(zip(h[0::2], h[1::2]))
             if isinstance(h[0], list):  # channels: elementwise over their pixels
-                h = [[[max(x, y) for x, y in zip(ra, rb)] for ra, rb in zip(a, b)] for a, b in pairs] + \
-                    [[[min(x, y) for x, y in zip(ra, rb)] for ra, rb in zip(a, b)] for a, b in pairs]
+                h = [[[max(x, y) for x, y in zip(ra, rb)] for ra, rb in zip(a, b)] for a, b in pairs] + [
+                    [[min(x, y) for x, y in zip(ra, rb)] for ra, rb in zip(a, b)] for a, b in pairs
+                ]
             else:
                 h = [max(p) for p in pairs] + [min(p) for p in pairs]
         elif isinstance(layer, torch.nn.Flatten):
@@ -254,7 +282,7 @@ def test_rounding_term_is_subtracted_from_the_margin():
 def test_certify_reports_rounding_and_refuses_a_foreign_forward(trained_run):
     from cll.errors import CllError
 
-    cfg, model, _ = trained_run(**MOONS)
+    _cfg, model, _ = trained_run(**MOONS)
     _, test_set, _ = data.load_dataset("moons", max_test=500)
     loader = torch.utils.data.DataLoader(test_set, batch_size=250)
     out = certify.certify(model, loader, [0.15])
@@ -280,8 +308,9 @@ def test_certify_reports_rounding_and_refuses_a_foreign_forward(trained_run):
         model.__class__ = Doubled.__mro__[1]
 
 
-@pytest.mark.parametrize("arch,in_shape,classes", [("moons-mlp", (2,), 2), ("2C2F", (1, 12, 12), 10),
-                                                   ("4C3F", (1, 8, 8), 10)])
+@pytest.mark.parametrize(
+    "arch,in_shape,classes", [("moons-mlp", (2,), 2), ("2C2F", (1, 12, 12), 10), ("4C3F", (1, 8, 8), 10)]
+)
 def test_certifier_k_is_the_sound_body_bound(arch, in_shape, classes):
     """The certifier forms K_F from the per-layer bounds its float64 pass needs anyway: it must be
     exactly lipschitz.upper_bound_body's."""

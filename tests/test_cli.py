@@ -4,6 +4,7 @@ certify end to end, refusing to overwrite a run with another config, and resumin
 Most tests call ``cll.cli.main`` in-process; three run the installed console script to prove the
 real entry point prints one line on stderr, no traceback, and exits with 2.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,15 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli
 
 from cll.cli import main
-from helpers import cli
 
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "moons.yaml")
 TINY = ["--set", "epochs=2", "max_train=200", "max_test=500", "batch_size=100"]
 CLL_SCRIPT = Path(sys.executable).with_name("cll")
-
-
 
 
 def assert_one_line_error(rc: int, out: str, err: str) -> str:
@@ -66,7 +65,8 @@ def test_list_prints_registered_names(capsys):
     assert {"2C2F", "4C3F", "6C2F", "8C2F", "moons-mlp"} <= set(archs)
     assert {"cll", "gloro", "ce"} <= {a.strip() for a in lines["losses"].split(",")}
     assert {"moons", "digits", "mnist", "cifar10", "cifar100", "tinyimagenet"} <= {
-        a.strip() for a in lines["datasets"].split(",")}
+        a.strip() for a in lines["datasets"].split(",")
+    }
     assert "certify_eps" in lines["config keys"] and "lip_penalty" in lines["config keys"]
 
 
@@ -85,14 +85,14 @@ def test_train_bad_value_writes_nothing(capsys, tmp_path):
     assert "p: 2" in msg and "(0, 1)" in msg
     assert not out_dir.exists()
     out_dir.mkdir()  # an existing empty directory stays empty
-    assert_one_line_error(*cli(capsys, "train", "--config", EXAMPLE, "--out", str(out_dir),
-                               "--set", "lr_rate=0.1"))
+    assert_one_line_error(*cli(capsys, "train", "--config", EXAMPLE, "--out", str(out_dir), "--set", "lr_rate=0.1"))
     assert list(out_dir.iterdir()) == []
 
 
 def test_train_bad_override_syntax(capsys, tmp_path):
-    msg = assert_one_line_error(*cli(capsys, "train", "--config", EXAMPLE, "--out", str(tmp_path / "o"),
-                                     "--set", "novalue"))
+    msg = assert_one_line_error(
+        *cli(capsys, "train", "--config", EXAMPLE, "--out", str(tmp_path / "o"), "--set", "novalue")
+    )
     assert "novalue" in msg
     assert not (tmp_path / "o").exists()
 
@@ -105,17 +105,21 @@ def test_train_out_is_a_file(capsys, tmp_path):
     assert target.read_text() == "keep me\n"
 
 
-@pytest.mark.parametrize("argv, names", [
-    (["bogus"], "bogus"),
-    ([], "command"),
-    (["train", "--config", EXAMPLE], "--out"),
-    (["certify"], "--run"),
-    (["certify", "--run", "x", "--device", "tpu"], "tpu"),
-    (["certify", "--run", "x", "--batch-size", "0"], "--batch-size"),
-    (["certify", "--run", "x", "--batch-size", "-3"], "--batch-size"),
-    (["certify", "--run", "x", "--batch-size", "ten"], "--batch-size"),
-    (["train", "--out", "x", "--set"], "--set"),
-], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["bogus"], "bogus"),
+        ([], "command"),
+        (["train", "--config", EXAMPLE], "--out"),
+        (["certify"], "--run"),
+        (["certify", "--run", "x", "--device", "tpu"], "tpu"),
+        (["certify", "--run", "x", "--batch-size", "0"], "--batch-size"),
+        (["certify", "--run", "x", "--batch-size", "-3"], "--batch-size"),
+        (["certify", "--run", "x", "--batch-size", "ten"], "--batch-size"),
+        (["train", "--out", "x", "--set"], "--set"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
 def test_argparse_errors_are_one_line(capsys, tmp_path, monkeypatch, argv, names):
     monkeypatch.chdir(tmp_path)  # relative paths such as "x" must not be created anywhere
     msg = assert_one_line_error(*cli(capsys, *argv))
@@ -248,8 +252,7 @@ def test_certify_bad_eps_writes_nothing(capsys, run_copy, eps):
 @pytest.mark.parametrize("change, key", [("p=0.25", "p"), ("epochs=3", "epochs")])
 def test_other_config_into_existing_run_is_refused(capsys, run_copy, change, key):
     before = snapshot(run_copy)
-    msg = assert_one_line_error(*cli(capsys, "train", "--config", EXAMPLE, "--out", str(run_copy),
-                                     *TINY, change))
+    msg = assert_one_line_error(*cli(capsys, "train", "--config", EXAMPLE, "--out", str(run_copy), *TINY, change))
     assert f"differs in {key}" in msg
     assert str(run_copy) in msg
     assert snapshot(run_copy) == before  # model.pt and train.json untouched
@@ -258,7 +261,7 @@ def test_other_config_into_existing_run_is_refused(capsys, run_copy, change, key
 def test_identical_rerun_does_not_retrain(capsys, run_copy):
     model_before = (run_copy / "model.pt").read_bytes()
     train_before = json.loads((run_copy / "train.json").read_text())
-    rc, out, err = cli(capsys, "train", "--config", EXAMPLE, "--out", str(run_copy), *TINY)
+    rc, _out, err = cli(capsys, "train", "--config", EXAMPLE, "--out", str(run_copy), *TINY)
     assert rc == 0, err
     assert "already trained" in err
     assert "loss" not in err  # no epoch was run again (each epoch logs its loss)

@@ -1,4 +1,5 @@
 """Tests for cll.config: defaults, fractions, one-line validation errors, YAML files and --set."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,17 @@ def test_default_lists_are_not_shared():
 
 def test_resolved_config_round_trips():
     """A checkpoint stores cfg.to_dict(); build_config must accept it back unchanged (load_run)."""
-    cfg = build_config({**BASE, "eps": "36/255", "milestones": [10, 20], "max_train": 50, "delta": 0.1,
-                        "optimizer": "sgd", "certify_eps": ["36/255", 0.2]})
+    cfg = build_config(
+        {
+            **BASE,
+            "eps": "36/255",
+            "milestones": [10, 20],
+            "max_train": 50,
+            "delta": 0.1,
+            "optimizer": "sgd",
+            "certify_eps": ["36/255", 0.2],
+        }
+    )
     assert set(cfg.to_dict()) == set(KEYS)
     assert build_config(cfg.to_dict()) == cfg
 
@@ -119,7 +129,7 @@ MALFORMED = [
     ({"eps": float("nan")}, (), "eps: nan", ["finite"]),
     ({"eps": float("inf")}, (), "eps: inf", ["finite"]),
     ({"eps": "inf/1"}, (), "eps: 'inf/1'", ["finite"]),
-    ({"eps": 10 ** 400}, (), "eps: ", ["not a number"]),
+    ({"eps": 10**400}, (), "eps: ", ["not a number"]),
     ({"eps": True}, (), "eps: True", ["not a number"]),
     ({"lr": 0}, (), "lr: 0", ["> 0"]),
     ({"lr": "fast"}, (), "lr: 'fast'", []),
@@ -154,9 +164,11 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize("changes, removed, start, extras", MALFORMED,
-                         ids=[f"{next(iter(c), None) or 'no-' + r[0]}={next(iter(c.values()), '')!r}"[:40]
-                              for c, r, _, _ in MALFORMED])
+@pytest.mark.parametrize(
+    "changes, removed, start, extras",
+    MALFORMED,
+    ids=[f"{next(iter(c), None) or 'no-' + r[0]}={next(iter(c.values()), '')!r}"[:40] for c, r, _, _ in MALFORMED],
+)
 def test_malformed_config_is_one_line_naming_the_key(changes, removed, start, extras):
     values = {k: v for k, v in {**BASE, **changes}.items() if k not in removed}
     msg = config_error(values)
@@ -263,8 +275,17 @@ def test_unknown_key_in_file(tmp_path):
 
 # ----------------------------------------------------------------------------- --set
 def test_parse_overrides():
-    out = parse_overrides(["eps=0.5", "certify_eps=[0.1, 0.2]", "max_train=null", "eps_frac=36/255",
-                           "augment=false", "data_root=/tmp/x=y", " lr = 0.01"])
+    out = parse_overrides(
+        [
+            "eps=0.5",
+            "certify_eps=[0.1, 0.2]",
+            "max_train=null",
+            "eps_frac=36/255",
+            "augment=false",
+            "data_root=/tmp/x=y",
+            " lr = 0.01",
+        ]
+    )
     assert out["eps"] == 0.5
     assert out["certify_eps"] == [0.1, 0.2]
     assert out["max_train"] is None

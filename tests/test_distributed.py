@@ -9,6 +9,7 @@ backend gives the same run as one process on the same global batches, within flo
    same per-epoch loss, accuracy and K estimate, same final weights and power-iteration iterates,
    and only rank 0 wrote files and logged.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def torchrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-PRIMITIVES = r'''
+PRIMITIVES = r"""
 import json, sys
 import torch
 from cll import distributed
@@ -59,7 +66,7 @@ json.dump({"n": len(ys), "labels": distributed.batch_labels(ys).tolist(), "grad"
            "bias_grad": model.bias.grad.tolist(), "weight": model.weight.tolist(), "u": model.u.tolist(),
            "totals": totals}, open(f"rank{rank}.json", "w"))
 distributed.teardown()
-'''
+"""
 
 
 def test_primitives_under_torchrun(tmp_path):
@@ -86,8 +93,21 @@ def test_primitives_under_torchrun(tmp_path):
         assert r["totals"][1] == 25 and r["totals"][0] == pytest.approx(25 * loss.item(), rel=1e-5)
 
 
-CONFIG = ["dataset=digits", "arch=4C3F", "loss=cll", "eps=0.15", "p=0.3", "epochs=2", "batch_size=25",
-          "max_train=100", "max_test=100", "lr=1.0e-3", "lip_penalty=1.0e-3", "pi_iters=2", "num_workers=0"]
+CONFIG = [
+    "dataset=digits",
+    "arch=4C3F",
+    "loss=cll",
+    "eps=0.15",
+    "p=0.3",
+    "epochs=2",
+    "batch_size=25",
+    "max_train=100",
+    "max_test=100",
+    "lr=1.0e-3",
+    "lip_penalty=1.0e-3",
+    "pi_iters=2",
+    "num_workers=0",
+]
 
 
 def _compare(single: Path, parallel: Path) -> dict:
@@ -102,12 +122,16 @@ def _compare(single: Path, parallel: Path) -> dict:
     sa, sb = (load_checkpoint(d / "model.pt")["model"] for d in (single, parallel))
     assert sa.keys() == sb.keys()
     weights = [k for k in sa if not k.startswith("power.")]
-    out["weights"] = max(((sa[k].double() - sb[k].double()).abs().max() / sa[k].double().abs().max()).item()
-                         for k in weights)
+    out["weights"] = max(
+        ((sa[k].double() - sb[k].double()).abs().max() / sa[k].double().abs().max()).item() for k in weights
+    )
     # the power-iteration iterates are unit vectors, compared by direction
-    out["iterates"] = max(1 - torch.nn.functional.cosine_similarity(sa[k].double().flatten(), sb[k].double().flatten(),
-                                                                    dim=0).abs().item()
-                          for k in sa if k.startswith("power."))
+    out["iterates"] = max(
+        1
+        - torch.nn.functional.cosine_similarity(sa[k].double().flatten(), sb[k].double().flatten(), dim=0).abs().item()
+        for k in sa
+        if k.startswith("power.")
+    )
     return out
 
 
@@ -117,9 +141,14 @@ def test_two_processes_match_one(tmp_path):
     per rank unless the ranks share the global batch's labels; the global form depends on
     weights and iterates only, which the primitives test covers."""
     config = [*CONFIG, "lip_penalty_form=batch"]
-    single = subprocess.run([sys.executable, "-m", "cll.cli", "train", "--out", "single", "--set", *config],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    single = subprocess.run(
+        [sys.executable, "-m", "cll.cli", "train", "--out", "single", "--set", *config],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     run = torchrun("-m", "cll.cli", "train", "--out", "parallel", "--set", *config, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,4 +1,5 @@
 """Power iteration and the sound bound against the exact operator norm from the explicit matrix."""
+
 import itertools
 import math
 
@@ -207,8 +208,9 @@ def reference_converge(power, tol, max_iter):
     return norms
 
 
-@pytest.mark.parametrize("tol,max_iter,check_every", [(1e-7, 10_000, 16), (1e-4, 10_000, 3), (1e-12, 7, 4),
-                                                      (1e-7, 0, 16)])
+@pytest.mark.parametrize(
+    "tol,max_iter,check_every", [(1e-7, 10_000, 16), (1e-4, 10_000, 3), (1e-12, 7, 4), (1e-7, 0, 16)]
+)
 def test_converge_matches_per_iteration_check(tol, max_iter, check_every):
     # blocked reads stop every layer at the same iteration as reading at every iteration would
     torch.manual_seed(9)
@@ -229,13 +231,20 @@ def test_direct_fft_path_equals_full_eigvalsh():
     w = torch.randn(12, 10, 3, 3)
     for stride, padding in (((1, 1), (1, 1)), ((2, 2), (0, 0))):
         assert lipschitz.conv_fft_bound(w, (10, 9, 8), stride, padding) == pytest.approx(
-            full_fft_bound(w, (10, 9, 8), stride, padding), rel=1e-12)
+            full_fft_bound(w, (10, 9, 8), stride, padding), rel=1e-12
+        )
 
 
-@pytest.mark.parametrize("layer,shape", [(nn.Linear(40, 30), (40,)), (nn.Conv2d(3, 8, 3, padding=1), (3, 9, 9)),
-                                         (nn.Conv2d(4, 6, 4, stride=2, padding=1), (4, 9, 9)),
-                                         (nn.Conv2d(4, 6, 3, stride=2), (4, 10, 11))],
-                         ids=["linear", "conv", "conv-stride2", "conv-stride2-uneven"])
+@pytest.mark.parametrize(
+    "layer,shape",
+    [
+        (nn.Linear(40, 30), (40,)),
+        (nn.Conv2d(3, 8, 3, padding=1), (3, 9, 9)),
+        (nn.Conv2d(4, 6, 4, stride=2, padding=1), (4, 9, 9)),
+        (nn.Conv2d(4, 6, 3, stride=2), (4, 10, 11)),
+    ],
+    ids=["linear", "conv", "conv-stride2", "conv-stride2-uneven"],
+)
 @pytest.mark.parametrize("n_iter", [1, 5])
 def test_power_norm_gradient_equals_autograd_through_the_iterations(layer, shape, n_iter):
     """The hand-written backward of the training power iteration (all weight gradients in one

@@ -1,4 +1,5 @@
 """CLL against the spec's closed forms and the poster's K^(h o f) column; GloRo; the K penalty."""
+
 import math
 
 import pytest
@@ -9,8 +10,9 @@ from cll import lipschitz, losses, models
 from cll.certify import certified_radius
 
 
-@pytest.mark.parametrize("eps,p,poster", [(0.5, 0.01, 10.6), (1.0, 0.025, 4.4), (0.15, 0.3, 11.6),
-                                          (1.0, 1e-3, 7.6), (1.0, 3e-3, 6.5)])
+@pytest.mark.parametrize(
+    "eps,p,poster", [(0.5, 0.01, 10.6), (1.0, 0.025, 4.4), (0.15, 0.3, 11.6), (1.0, 1e-3, 7.6), (1.0, 3e-3, 6.5)]
+)
 def test_k_hf_reproduces_poster_column(eps, p, poster):
     assert round(losses.k_hf(eps, p), 1) == poster
 
@@ -41,8 +43,11 @@ def test_pairwise_closed_form(offset, shift):
     expected = []
     for n in range(2):
         t = y[n].item()
-        s = sum(math.exp(((z[n, j] - z[n, t]).item() / (k_f * _pair_dist(w, t, j)) + shift * eps) / sigma)
-                for j in range(3) if j != t)
+        s = sum(
+            math.exp(((z[n, j] - z[n, t]).item() / (k_f * _pair_dist(w, t, j)) + shift * eps) / sigma)
+            for j in range(3)
+            if j != t
+        )
         expected.append(math.log1p(s))
     got = losses.cll_loss(z, y, w, torch.tensor(k_f), eps, p, offset=offset)
     assert got.item() == pytest.approx(sum(expected) / 2, rel=1e-5)
@@ -56,8 +61,11 @@ def test_per_logit_closed_form(offset, target_sign):
     total = 0.0
     for n in range(2):
         t = y[n].item()
-        u = [z[n, i].item() / (k_scale * sigma * k_f * w[i].norm().item())
-             + delta / sigma * (1 if i != t else target_sign) for i in range(3)]
+        u = [
+            z[n, i].item() / (k_scale * sigma * k_f * w[i].norm().item())
+            + delta / sigma * (1 if i != t else target_sign)
+            for i in range(3)
+        ]
         total += -u[t] + math.log(sum(math.exp(v) for v in u))
     got = losses.cll_loss(z, y, w, k_f, eps, p, delta=delta, form="per_logit", offset=offset, k_scale=k_scale)
     assert got.item() == pytest.approx(total / 2, rel=1e-5)

@@ -1,5 +1,6 @@
 """The GloRo-family architectures: shapes, parameter counts, a training step, and their bound.
 (The peers' families are tested in test_peers.py.)"""
+
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ USES = {
 PARAMS = {
     ("4C3F", (3, 32, 32)): 2_431_018,
     ("6C2F", (3, 32, 32)): 2_250_378,
-    ("8C2F", (3, 64, 64)): 4_342_984,   # "about 4M" on the poster
+    ("8C2F", (3, 64, 64)): 4_342_984,  # "about 4M" on the poster
     ("moons-mlp", (2,)): 3_782,
 }
 
@@ -33,12 +34,11 @@ def test_every_registered_arch_has_a_use():
 
 
 def test_unknown_arch_lists_the_known_ones():
-    with pytest.raises(Exception, match="unknown architecture 'VGG'.*4C3F"):
+    with pytest.raises(Exception, match=r"unknown architecture 'VGG'.*4C3F"):
         models.create("VGG", 10, (3, 32, 32))
 
 
-@pytest.mark.parametrize("arch,num_classes,in_shape",
-                         [(a, c, s) for a, uses in USES.items() for c, s in uses])
+@pytest.mark.parametrize("arch,num_classes,in_shape", [(a, c, s) for a, uses in USES.items() for c, s in uses])
 def test_forward_backward_and_bound(arch, num_classes, in_shape):
     torch.manual_seed(0)
     model = models.create(arch, num_classes, in_shape)
@@ -48,8 +48,9 @@ def test_forward_backward_and_bound(arch, num_classes, in_shape):
     logits = model(x)
     assert logits.shape == (2, num_classes)
     k = lipschitz.estimate_body(model, n_iter=1)
-    loss = losses.cll_loss(logits, torch.tensor([0, 1]), model.head.weight, k, 0.15, 0.3) \
-        + losses.lipschitz_penalty(k, model.head.weight, 1e-4)
+    loss = losses.cll_loss(logits, torch.tensor([0, 1]), model.head.weight, k, 0.15, 0.3) + losses.lipschitz_penalty(
+        k, model.head.weight, 1e-4
+    )
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     # every body layer is a conv/linear layer with a bias or a MaxMin/Flatten
@@ -62,8 +63,15 @@ def test_8c2f_conv_shapes_follow_the_spec():
     model = models.create("8C2F", 200, (3, 64, 64))
     convs = [m for m in model.body if isinstance(m, torch.nn.Conv2d)]
     assert [(c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs] == [
-        (64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 0), (128, 3, 1, 1), (128, 3, 1, 1), (128, 4, 2, 0),
-        (256, 3, 1, 1), (256, 4, 2, 0)]
+        (64, 3, 1, 1),
+        (64, 3, 1, 1),
+        (64, 4, 2, 0),
+        (128, 3, 1, 1),
+        (128, 3, 1, 1),
+        (128, 4, 2, 0),
+        (256, 3, 1, 1),
+        (256, 4, 2, 0),
+    ]
     dense = [m for m in model.body if isinstance(m, torch.nn.Linear)]
     assert [(d.in_features, d.out_features) for d in dense] == [(9216, 256)]
     assert (model.head.in_features, model.head.out_features) == (256, 200)

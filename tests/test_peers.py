@@ -1,13 +1,15 @@
 """The peers' layers (SOC, CPL, SLL, Sandwich, HH1, LLN) and model families: Lipschitz constants
 measured against the layers' bounds, caches, parameter counts, a training step and a
 certification per family, and certificates that a strong attack cannot break."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cll import certify, layers as L, lipschitz, losses, models
+from cll import certify, lipschitz, losses, models
+from cll import layers as L
 from cll.attack import pgd_l2
 from cll.models import peers
 
@@ -19,7 +21,7 @@ PARAMS_M = {
     ("SLL-M", 10, (3, 32, 32)): 78.8,
     ("SLL-L", 10, (3, 32, 32)): 118.3,
     ("SLL-XL", 10, (3, 32, 32)): 236.4,
-    ("CPL-XL", 10, (3, 32, 32)): 236.4,   # the SLL paper's table: "about 236M"
+    ("CPL-XL", 10, (3, 32, 32)): 236.4,  # the SLL paper's table: "about 236M"
     ("Sandwich", 100, (3, 32, 32)): 25.8,
     ("Sandwich", 200, (3, 64, 64)): 39.1,
 }
@@ -102,8 +104,9 @@ def test_training_mode_soc_uses_fewer_terms():
     assert layer.train().terms == 5 and layer.eval().terms == 15
 
 
-@pytest.mark.parametrize("make", [lambda: L.CPLConv(4, 3, (6, 6)), lambda: L.SandwichLinear(6, 4)],
-                         ids=["cpl", "sandwich"])
+@pytest.mark.parametrize(
+    "make", [lambda: L.CPLConv(4, 3, (6, 6)), lambda: L.SandwichLinear(6, 4)], ids=["cpl", "sandwich"]
+)
 def test_eval_cache_is_dropped_by_train_and_load_state_dict(make):
     torch.manual_seed(0)
     layer, other = make(), make()
@@ -112,8 +115,8 @@ def test_eval_cache_is_dropped_by_train_and_load_state_dict(make):
     layer.eval()
     first = layer(x)
     assert layer._cache is not None
-    assert torch.equal(layer(x), first)          # cached: same output
-    layer.load_state_dict(other.state_dict())     # new weights: the cache must go
+    assert torch.equal(layer(x), first)  # cached: same output
+    layer.load_state_dict(other.state_dict())  # new weights: the cache must go
     assert layer._cache is None
     other.eval()
     assert torch.allclose(layer(x), other(x))
@@ -187,11 +190,33 @@ def tiny(family, num_classes, shape, head):
     if family == "lipconv":
         return peers.lipconv(1, num_classes, shape, head=head, init_channels=4, mean=[0.4] * 3)
     if family == "cpl":
-        return peers.residual_net(lambda c, i, hw: L.CPLConv(c, i, hw), L.CPLLinear, 2, 2, 8, num_classes,
-                                  shape, head=head, mean=[0.4] * 3, inner_conv=4, inner_dense=32)
+        return peers.residual_net(
+            lambda c, i, hw: L.CPLConv(c, i, hw),
+            L.CPLLinear,
+            2,
+            2,
+            8,
+            num_classes,
+            shape,
+            head=head,
+            mean=[0.4] * 3,
+            inner_conv=4,
+            inner_dense=32,
+        )
     if family == "sll":
-        return peers.residual_net(lambda c, i, hw: L.SLLConv(c, i), L.SLLLinear, 2, 2, 8, num_classes,
-                                  shape, head=head, mean=[0.4] * 3, inner_conv=4, inner_dense=32)
+        return peers.residual_net(
+            lambda c, i, hw: L.SLLConv(c, i),
+            L.SLLLinear,
+            2,
+            2,
+            8,
+            num_classes,
+            shape,
+            head=head,
+            mean=[0.4] * 3,
+            inner_conv=4,
+            inner_dense=32,
+        )
     return peers.sandwich_net(num_classes, shape, head=head, mean=[0.4] * 3, width=1 / 16)
 
 
@@ -199,21 +224,24 @@ FAMILIES = ["lipconv", "cpl", "sll", "sandwich"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("num_classes,shape", [(10, (3, 32, 32)), (100, (3, 32, 32)), (200, (3, 64, 64))],
-                         ids=["c10", "c100", "tiny"])
+@pytest.mark.parametrize(
+    "num_classes,shape", [(10, (3, 32, 32)), (100, (3, 32, 32)), (200, (3, 64, 64))], ids=["c10", "c100", "tiny"]
+)
 def test_family_trains_a_step_and_certifies(family, num_classes, shape):
     torch.manual_seed(0)
     model = tiny(family, num_classes, shape, head="lln")
     x, y = torch.rand(4, *shape), torch.randint(0, num_classes, (4,))
     k = lipschitz.estimate_body(model, 5)
-    loss = losses.OffsetCrossEntropy(2.12, 0.25)(model(x), y) \
-        + losses.lipschitz_penalty(k, model.head.weight, 1e-3, 2.0, y, "batch")
+    loss = losses.OffsetCrossEntropy(2.12, 0.25)(model(x), y) + losses.lipschitz_penalty(
+        k, model.head.weight, 1e-3, 2.0, y, "batch"
+    )
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     out = certify.certify(model, [(x, y)], [36 / 255])
     assert out["lipschitz_body"] >= out["lipschitz_estimate"] / lipschitz.head_factor(
-        model.head.weight.detach().double()).item() * (1 - 1e-9)
+        model.head.weight.detach().double()
+    ).item() * (1 - 1e-9)
     assert 0 <= out["cra"]["0.1412"] <= out["clean_accuracy"] <= 1
 
 
@@ -235,7 +263,7 @@ def test_no_certified_point_of_a_trained_family_is_broken(family):
     criterion = losses.OffsetCrossEntropy(2.12, 0.25)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(20):
+    for _step in range(20):
         idx = torch.randint(0, len(x), (16,))
         loss = criterion(model(x[idx]), y[idx])
         opt.zero_grad()
@@ -293,7 +321,7 @@ def test_batch_penalty_is_the_max_over_the_batch_pairs():
     glob = losses.lipschitz_penalty(torch.tensor(2.0), w, 1e-3, 2.0)
     assert glob.item() == pytest.approx(1e-3 * (2 * math.sqrt(9.01)) ** 2)
     pen_small = losses.lipschitz_penalty(torch.tensor(2.0), w * 0.01, 1e-3, 2.0, y, "batch")
-    assert pen_small.item() == pytest.approx(1e-3 * 2.0 ** 2)  # K_tt := 1 is the floor
+    assert pen_small.item() == pytest.approx(1e-3 * 2.0**2)  # K_tt := 1 is the floor
 
 
 def test_peer_losses_default_to_lln_heads():
@@ -328,8 +356,19 @@ def test_cli_trains_certifies_and_reloads_each_family(arch, unpack, tmp_path):
     from cll.train import load_run
 
     root = unpack("cifar10-subset.tgz")
-    sets = {**dict(dataset="cifar10", arch=arch, data_root=str(root), max_train=64, max_test=32, epochs=1,
-                   batch_size=32, lip_penalty=0.0), **CLI_RUNS[arch]}
+    sets = {
+        **dict(
+            dataset="cifar10",
+            arch=arch,
+            data_root=str(root),
+            max_train=64,
+            max_test=32,
+            epochs=1,
+            batch_size=32,
+            lip_penalty=0.0,
+        ),
+        **CLI_RUNS[arch],
+    }
     args = [f"{k}={v}" for k, v in sets.items()]
     with pytest.warns(UserWarning, match="only data_batch_1"):
         main(["train", "--out", str(tmp_path), "--set", *args])
@@ -341,6 +380,7 @@ def test_cli_trains_certifies_and_reloads_each_family(arch, unpack, tmp_path):
     assert torch.nn.utils.parametrize.is_parametrized(model.head) == (head == "lln")
     with pytest.warns(UserWarning):
         from cll import data
+
         _, test_set, _ = data.load_dataset("cifar10", root=root, augment=False, max_test=32)
     x, y = next(iter(torch.utils.data.DataLoader(test_set, batch_size=32)))
     again = certify.certify(model, [(x, y)], [36 / 255])

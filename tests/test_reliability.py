@@ -4,6 +4,7 @@ over every user-facing entry, divergence of K, and parallel jobs logging into on
 Everything trains tiny moons runs on the CPU (seconds each). The subprocess tests run the
 installed ``cll`` console script with one thread, like a Snakemake job.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cli
 
 from cll import results
 from cll.cli import main
-from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "moons.yaml")
@@ -40,12 +41,11 @@ def run_cll(*argv: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
     return subprocess.run([str(CLL), *argv], capture_output=True, text=True, timeout=timeout, env=ENV, **kwargs)
 
 
-
-
 def tree(root: Path) -> dict[str, tuple[bytes, int]]:
     """Content and mtime of every file under ``root``."""
-    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,9 @@ def run_of(root: Path) -> Path:
 # ------------------------------------------------------------------------------- the audit
 def test_audit_attacks_every_certified_point_and_breaks_none(capsys, results_tree):
     run = run_of(results_tree)
-    rc, out, err = cli(capsys, "audit", "--run", str(run), "--n", "150", "--steps", "20", "--restarts", "1",
-                       "--eps", "0.15", "0.6")
+    rc, out, err = cli(
+        capsys, "audit", "--run", str(run), "--n", "150", "--steps", "20", "--restarts", "1", "--eps", "0.15", "0.6"
+    )
     assert rc == 0, err
     audit = json.loads((run / results.AUDIT).read_text())
     assert audit["n_samples"] == 150 and audit["broken"] == 0
@@ -97,11 +98,15 @@ def test_an_unsound_certificate_fails_the_audit_loudly(capsys, results_tree, mon
     from cll import lipschitz
 
     real = lipschitz.upper_bound_layer
-    monkeypatch.setattr(lipschitz, "upper_bound_layer",
-                        lambda layer, shape, *a, **k: real(layer, shape, *a, **k) / (20 if tuple(shape) == (2,) else 1))
+    monkeypatch.setattr(
+        lipschitz,
+        "upper_bound_layer",
+        lambda layer, shape, *a, **k: real(layer, shape, *a, **k) / (20 if tuple(shape) == (2,) else 1),
+    )
     run = run_of(results_tree)
-    rc, out, err = cli(capsys, "audit", "--run", str(run), "--n", "100", "--steps", "20", "--restarts", "1",
-                       "--eps", "0.3")
+    rc, _out, err = cli(
+        capsys, "audit", "--run", str(run), "--n", "100", "--steps", "20", "--restarts", "1", "--eps", "0.3"
+    )
     assert rc == 1
     assert err.count("\n") == 1 and err.startswith("cll: error: BROKEN CERTIFICATE in ")
     audit = json.loads((run / results.AUDIT).read_text())
@@ -111,9 +116,24 @@ def test_an_unsound_certificate_fails_the_audit_loudly(capsys, results_tree, mon
 def test_audit_rule_is_in_the_workflow(tmp_path):
     """One audit job per runnable cell, required by all_tables (dry run of the CI grid)."""
     snakemake = Path(sys.executable).with_name("snakemake")
-    proc = subprocess.run([str(snakemake), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
-                           "-n", "-p", "all_tables", "--configfile", str(ROOT / ".test" / "config.yaml")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            str(snakemake),
+            "--snakefile",
+            str(ROOT / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "-n",
+            "-p",
+            "all_tables",
+            "--configfile",
+            str(ROOT / ".test" / "config.yaml"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     commands = [line.removeprefix("Shell command: ") for line in proc.stdout.splitlines()]
     lines = [line for line in commands if line.startswith("cll audit --run ")]
@@ -130,8 +150,18 @@ def _history(run: Path) -> list[dict]:
 
 
 def test_kill_9_at_random_moments_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
-    argv = ["train", "--config", EXAMPLE, "--set", "epochs=6", "batch_size=100", "lr=0.01", "max_test=200",
-            "checkpoint_every=1", "deterministic=true"]
+    argv = [
+        "train",
+        "--config",
+        EXAMPLE,
+        "--set",
+        "epochs=6",
+        "batch_size=100",
+        "lr=0.01",
+        "max_test=200",
+        "checkpoint_every=1",
+        "deterministic=true",
+    ]
     whole = tmp_path / "whole"
     assert run_cll(*argv, "--out", str(whole)).returncode == 0
 
@@ -163,8 +193,10 @@ def test_kill_9_at_random_moments_then_rerun_ends_like_an_uninterrupted_run(tmp_
     a = torch.load(whole / results.MODEL, weights_only=False)["model"]
     b = torch.load(cut / results.MODEL, weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a), (seed, kills)
-    assert json.loads((cut / results.TRAIN).read_text())["lipschitz_bound"] == \
-        json.loads((whole / results.TRAIN).read_text())["lipschitz_bound"]
+    assert (
+        json.loads((cut / results.TRAIN).read_text())["lipschitz_bound"]
+        == json.loads((whole / results.TRAIN).read_text())["lipschitz_bound"]
+    )
 
 
 def test_kill_9_while_a_file_is_written_leaves_the_old_file(tmp_path):
@@ -173,12 +205,14 @@ def test_kill_9_while_a_file_is_written_leaves_the_old_file(tmp_path):
     workflow would take for a finished output)."""
     target = tmp_path / "certify.json"
     results.write_json(target, {"good": 1})
-    code = ("import os, sys; from cll import results\n"
-            "def half(f):\n"
-            "    f.write(b'{\"partial')\n"
-            "    f.flush()\n"
-            "    os.kill(os.getpid(), 9)\n"
-            "results._atomic(sys.argv[1], half)\n")
+    code = (
+        "import os, sys; from cll import results\n"
+        "def half(f):\n"
+        "    f.write(b'{\"partial')\n"
+        "    f.flush()\n"
+        "    os.kill(os.getpid(), 9)\n"
+        "results._atomic(sys.argv[1], half)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert json.loads(target.read_text()) == {"good": 1}
@@ -254,11 +288,14 @@ def _text(name: str, text: str):
     def make(tmp: Path) -> str:
         (tmp / name).write_text(text)
         return str(tmp / name)
+
     return make
 
 
-GRID_ONE_CELL = ("experiment: e\ntables:\n  - name: t\n    rows:\n      - {method: M, dataset: moons, "
-                 "arch: moons-mlp, loss: cll, eps: 0.15, p: 0.01}\n")
+GRID_ONE_CELL = (
+    "experiment: e\ntables:\n  - name: t\n    rows:\n      - {method: M, dataset: moons, "
+    "arch: moons-mlp, loss: cll, eps: 0.15, p: 0.01}\n"
+)
 
 
 def _corrupt_cell_train_json(run: Path) -> None:
@@ -273,45 +310,146 @@ def _corrupt_cell_train_json(run: Path) -> None:
 # leave every file under results/ as it was (content and mtime), apart from the change itself.
 CASES = [
     # run configs and CLI flags of train
-    ("train-unknown-key", lambda t, r, d: ["train", "--config", _text("a.yaml", "dataset: moons\narch: moons-mlp\n"
-                                                                       "loss: cll\nlearning_rate: 1\n")(t),
-                                            "--out", str(r / "runs" / "new")], None, ["learning_rate"]),
-    ("train-yaml-syntax", lambda t, r, d: ["train", "--config", _text("b.yaml", "dataset: [moons\n")(t),
-                                           "--out", str(r / "runs" / "new")], None, ["line"]),
-    ("train-bad-value-into-finished-run", lambda t, r, d: ["train", "--config", EXAMPLE, "--out", str(d),
-                                                           "--set", "eps=-1"], None, ["eps"]),
-    ("train-other-config-into-finished-run", lambda t, r, d: ["train", "--config", EXAMPLE, "--out", str(d),
-                                                              "--set", *QUICK, "lr=0.02"], None, ["lr"]),
-    ("train-checkpoint-every-0", lambda t, r, d: ["train", "--config", EXAMPLE, "--out", str(r / "runs" / "new"),
-                                                  "--set", "checkpoint_every=0"], None, ["checkpoint_every"]),
-    ("train-out-is-results-file", lambda t, r, d: ["train", "--config", EXAMPLE, "--out", str(d / results.CERTIFY)],
-     None, ["is a file"]),
+    (
+        "train-unknown-key",
+        lambda t, r, d: [
+            "train",
+            "--config",
+            _text("a.yaml", "dataset: moons\narch: moons-mlp\nloss: cll\nlearning_rate: 1\n")(t),
+            "--out",
+            str(r / "runs" / "new"),
+        ],
+        None,
+        ["learning_rate"],
+    ),
+    (
+        "train-yaml-syntax",
+        lambda t, r, d: [
+            "train",
+            "--config",
+            _text("b.yaml", "dataset: [moons\n")(t),
+            "--out",
+            str(r / "runs" / "new"),
+        ],
+        None,
+        ["line"],
+    ),
+    (
+        "train-bad-value-into-finished-run",
+        lambda t, r, d: ["train", "--config", EXAMPLE, "--out", str(d), "--set", "eps=-1"],
+        None,
+        ["eps"],
+    ),
+    (
+        "train-other-config-into-finished-run",
+        lambda t, r, d: ["train", "--config", EXAMPLE, "--out", str(d), "--set", *QUICK, "lr=0.02"],
+        None,
+        ["lr"],
+    ),
+    (
+        "train-checkpoint-every-0",
+        lambda t, r, d: ["train", "--config", EXAMPLE, "--out", str(r / "runs" / "new"), "--set", "checkpoint_every=0"],
+        None,
+        ["checkpoint_every"],
+    ),
+    (
+        "train-out-is-results-file",
+        lambda t, r, d: ["train", "--config", EXAMPLE, "--out", str(d / results.CERTIFY)],
+        None,
+        ["is a file"],
+    ),
     # data roots and data files
-    ("data-root-missing", lambda t, r, d: ["train", "--config", EXAMPLE, "--out", str(r / "runs" / "new"),
-                                           "--set", "dataset=mnist", "arch=2C2F", f"data_root={t / 'nowhere'}"],
-     None, ["mnist", "nowhere"]),
-    ("data-root-is-a-file", lambda t, r, d: ["train", "--config", EXAMPLE, "--out", str(r / "runs" / "new"),
-                                             "--set", "dataset=cifar10", "arch=4C3F",
-                                             f"data_root={_text('root.txt', 'x')(t)}"], None, ["cifar10"]),
-    ("mnist-images-wrong-shape", lambda t, r, d: ["train", "--config", EXAMPLE, "--out", str(r / "runs" / "new"),
-                                                  "--set", "dataset=mnist", "arch=2C2F",
-                                                  f"data_root={fake_mnist(t / 'm1', image_hw=(27, 28))}"],
-     None, ["mnist", "shape"]),
-    ("mnist-labels-count", lambda t, r, d: ["train", "--config", EXAMPLE, "--out", str(r / "runs" / "new"),
-                                            "--set", "dataset=mnist", "arch=2C2F",
-                                            f"data_root={fake_mnist(t / 'm2', n_test_labels=19)}"],
-     None, ["mnist", "labels"]),
-    ("cifar-batch-wrong-shape", lambda t, r, d: ["train", "--config", EXAMPLE, "--out", str(r / "runs" / "new"),
-                                                 "--set", "dataset=cifar10", "arch=4C3F",
-                                                 f"data_root={fake_cifar10(t / 'c1', shape=(10, 100))}"],
-     None, ["cifar10"]),
+    (
+        "data-root-missing",
+        lambda t, r, d: [
+            "train",
+            "--config",
+            EXAMPLE,
+            "--out",
+            str(r / "runs" / "new"),
+            "--set",
+            "dataset=mnist",
+            "arch=2C2F",
+            f"data_root={t / 'nowhere'}",
+        ],
+        None,
+        ["mnist", "nowhere"],
+    ),
+    (
+        "data-root-is-a-file",
+        lambda t, r, d: [
+            "train",
+            "--config",
+            EXAMPLE,
+            "--out",
+            str(r / "runs" / "new"),
+            "--set",
+            "dataset=cifar10",
+            "arch=4C3F",
+            f"data_root={_text('root.txt', 'x')(t)}",
+        ],
+        None,
+        ["cifar10"],
+    ),
+    (
+        "mnist-images-wrong-shape",
+        lambda t, r, d: [
+            "train",
+            "--config",
+            EXAMPLE,
+            "--out",
+            str(r / "runs" / "new"),
+            "--set",
+            "dataset=mnist",
+            "arch=2C2F",
+            f"data_root={fake_mnist(t / 'm1', image_hw=(27, 28))}",
+        ],
+        None,
+        ["mnist", "shape"],
+    ),
+    (
+        "mnist-labels-count",
+        lambda t, r, d: [
+            "train",
+            "--config",
+            EXAMPLE,
+            "--out",
+            str(r / "runs" / "new"),
+            "--set",
+            "dataset=mnist",
+            "arch=2C2F",
+            f"data_root={fake_mnist(t / 'm2', n_test_labels=19)}",
+        ],
+        None,
+        ["mnist", "labels"],
+    ),
+    (
+        "cifar-batch-wrong-shape",
+        lambda t, r, d: [
+            "train",
+            "--config",
+            EXAMPLE,
+            "--out",
+            str(r / "runs" / "new"),
+            "--set",
+            "dataset=cifar10",
+            "arch=4C3F",
+            f"data_root={fake_cifar10(t / 'c1', shape=(10, 100))}",
+        ],
+        None,
+        ["cifar10"],
+    ),
     # checkpoints: certify and audit never touch certify.json (or write audit.json) on failure
     ("certify-truncated-checkpoint", lambda t, r, d: ["certify", "--run", str(d)], _truncate_model, ["model.pt"]),
     ("audit-truncated-checkpoint", lambda t, r, d: ["audit", "--run", str(d)], _truncate_model, ["model.pt"]),
     ("audit-foreign-weights", lambda t, r, d: ["audit", "--run", str(d)], _foreign_weights, ["weights"]),
     ("certify-foreign-weights", lambda t, r, d: ["certify", "--run", str(d)], _foreign_weights, ["weights"]),
-    ("certify-bad-config-in-checkpoint", lambda t, r, d: ["certify", "--run", str(d)], _bad_config_in_checkpoint,
-     ["p: 2"]),
+    (
+        "certify-bad-config-in-checkpoint",
+        lambda t, r, d: ["certify", "--run", str(d)],
+        _bad_config_in_checkpoint,
+        ["p: 2"],
+    ),
     ("audit-no-run", lambda t, r, d: ["audit", "--run", str(r / "runs" / "absent")], None, ["model.pt"]),
     # flags of certify and audit
     ("certify-eps-zero", lambda t, r, d: ["certify", "--run", str(d), "--eps", "0"], None, ["--eps"]),
@@ -324,16 +462,40 @@ CASES = [
     ("audit-restarts-zero", lambda t, r, d: ["audit", "--run", str(d), "--restarts", "0"], None, ["--restarts"]),
     ("audit-device", lambda t, r, d: ["audit", "--run", str(d), "--device", "tpu"], None, ["tpu"]),
     # grids, summaries
-    ("grid-unknown-arch", lambda t, r, d: ["aggregate", "--results", str(r), "--grid", _text("g.yaml",
-        "experiment: e\ntables:\n  - name: t\n    rows:\n      - {method: M, dataset: moons, arch: 9C9F, "
-        "loss: cll, eps: 0.15}\n")(t)], None, ["9C9F"]),
-    ("grid-not-a-mapping", lambda t, r, d: ["aggregate", "--results", str(r), "--grid", _text("h.yaml", "- 1\n")(t)],
-     None, ["grid"]),
-    ("summary-not-a-summary", lambda t, r, d: ["tables", "--summary", _text("s.csv", "a,b\n1,2\n")(t),
-                                               "--out", str(r / "tables")], None, ["summary"]),
-    ("corrupt-train-json-in-results", lambda t, r, d: ["aggregate", "--results", str(r), "--grid",
-                                                       _text("k.yaml", GRID_ONE_CELL)(t)],
-     _corrupt_cell_train_json, ["train.json"]),
+    (
+        "grid-unknown-arch",
+        lambda t, r, d: [
+            "aggregate",
+            "--results",
+            str(r),
+            "--grid",
+            _text(
+                "g.yaml",
+                "experiment: e\ntables:\n  - name: t\n    rows:\n      - {method: M, dataset: moons, arch: 9C9F, "
+                "loss: cll, eps: 0.15}\n",
+            )(t),
+        ],
+        None,
+        ["9C9F"],
+    ),
+    (
+        "grid-not-a-mapping",
+        lambda t, r, d: ["aggregate", "--results", str(r), "--grid", _text("h.yaml", "- 1\n")(t)],
+        None,
+        ["grid"],
+    ),
+    (
+        "summary-not-a-summary",
+        lambda t, r, d: ["tables", "--summary", _text("s.csv", "a,b\n1,2\n")(t), "--out", str(r / "tables")],
+        None,
+        ["summary"],
+    ),
+    (
+        "corrupt-train-json-in-results",
+        lambda t, r, d: ["aggregate", "--results", str(r), "--grid", _text("k.yaml", GRID_ONE_CELL)(t)],
+        _corrupt_cell_train_json,
+        ["train.json"],
+    ),
 ]
 
 
@@ -381,19 +543,40 @@ def test_parallel_jobs_logging_into_one_sqlite_store_lose_no_run(tmp_path):
         run = tmp_path / "runs" / f"cell{i}"
         run.mkdir(parents=True)
         config = {"dataset": "moons", "arch": "moons-mlp", "loss": "cll", "eps": 0.15, "p": 0.01, "seed": i}
-        history = [{"epoch": e, "loss": 1.0 / e + i, "accuracy": 0.9, "lipschitz_estimate": 10.0, "lr": 1e-3,
-                    "seconds": 0.1} for e in range(1, 6)]
-        (run / results.TRAIN).write_text(json.dumps({"config": config, "epochs": history, "wall_time": 1.0,
-                                                     "lipschitz_bound": 11.0, "k_hf": 35.3}))
-        (run / results.CERTIFY).write_text(json.dumps({"clean_accuracy": 0.9, "cra": {"0.15": 0.8 + i / 100},
-                                                       "lipschitz_constant": 11.0, "n_samples": 100}))
+        history = [
+            {"epoch": e, "loss": 1.0 / e + i, "accuracy": 0.9, "lipschitz_estimate": 10.0, "lr": 1e-3, "seconds": 0.1}
+            for e in range(1, 6)
+        ]
+        (run / results.TRAIN).write_text(
+            json.dumps({"config": config, "epochs": history, "wall_time": 1.0, "lipschitz_bound": 11.0, "k_hf": 35.3})
+        )
+        (run / results.CERTIFY).write_text(
+            json.dumps(
+                {"clean_accuracy": 0.9, "cra": {"0.15": 0.8 + i / 100}, "lipschitz_constant": 11.0, "n_samples": 100}
+            )
+        )
         runs.append(run)
-    init = subprocess.run([str(CLL), "track", "init", "--experiment", "par"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=180)
+    init = subprocess.run(
+        [str(CLL), "track", "init", "--experiment", "par"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert init.returncode == 0 and init.stderr == "", init.stderr
     code = "import sys; from cll import tracking; sys.exit(0 if tracking.track(sys.argv[1], 'par') else 3)"
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for run in runs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(run)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for run in runs
+    ]
     outcomes = [(p.communicate(timeout=600)[1], p.returncode) for p in procs]
     assert all(rc == 0 and "warning" not in err for err, rc in outcomes), outcomes
     from mlflow import MlflowClient

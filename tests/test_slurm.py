@@ -15,6 +15,7 @@ the tests skip and say why. CI runs as root, so there they run. The cluster is l
 later tests. Every Snakemake call has a hard timeout that kills its whole process group (the
 Slurm plugin ignores SIGTERM while it waits for jobs) and cancels its Slurm jobs.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -29,9 +30,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import check_pipeline_outputs
 
 from cll.grid import load_grid
-from helpers import check_pipeline_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -56,8 +57,13 @@ def slurm(tmp_path_factory):
 def squeue_jobs() -> dict[str, dict[str, str]]:
     """Every job slurmctld remembers (MinJobAge keeps finished ones): id -> state, partition,
     comment (rule_<rule>_wildcards_<...>, set by the Snakemake plugin), work dir."""
-    out = subprocess.run(["squeue", "--states=all", "--noheader", "-o", "%i|%T|%P|%k|%Z"],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
+    out = subprocess.run(
+        ["squeue", "--states=all", "--noheader", "-o", "%i|%T|%P|%k|%Z"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     jobs = {}
     for line in out.splitlines():
         job_id, state, partition, comment, workdir = line.strip().split("|", 4)
@@ -76,10 +82,22 @@ def start_snakemake(workdir: Path, *args: str, env: dict) -> subprocess.Popen:
     results, logs and .snakemake/ in ``workdir``. The first status check after 2 s, not the
     profile's 40 s (a real cluster's scheduler is slower than this one)."""
     return subprocess.Popen(
-        [str(SNAKEMAKE), "--profile", "slurm", *args, "--directory", str(workdir),
-         "--slurm-init-seconds-before-status-checks", "2"],
-        cwd=ROOT, env=env, stdout=open(workdir / "snakemake.out", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+        [
+            str(SNAKEMAKE),
+            "--profile",
+            "slurm",
+            *args,
+            "--directory",
+            str(workdir),
+            "--slurm-init-seconds-before-status-checks",
+            "2",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=open(workdir / "snakemake.out", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, workdir: Path, timeout: float) -> str:
@@ -90,8 +108,10 @@ def finish(proc: subprocess.Popen, workdir: Path, timeout: float) -> str:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         cancel_jobs_of(workdir)
-        pytest.fail(f"snakemake --profile slurm did not finish in {timeout} s:\n"
-                    + (workdir / "snakemake.out").read_text()[-3000:])
+        pytest.fail(
+            f"snakemake --profile slurm did not finish in {timeout} s:\n"
+            + (workdir / "snakemake.out").read_text()[-3000:]
+        )
     output = (workdir / "snakemake.out").read_text()
     assert proc.returncode == 0, output[-4000:]
     return output
@@ -100,11 +120,16 @@ def finish(proc: subprocess.Popen, workdir: Path, timeout: float) -> str:
 def user_env(tmp_path: Path) -> dict:
     """A user who ran the README's one-line profile step (the link goes into a private config
     dir), with the site's partition in the environment and MLflow in a sqlite file here."""
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "CLL_SLURM_PARTITION": "debug",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {
+        **os.environ,
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+        "CLL_SLURM_PARTITION": "debug",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
     env.pop("SNAKEMAKE_PROFILE", None)
-    link = subprocess.run([str(ROOT / "scripts" / "slurm-profile.sh")], env=env, capture_output=True,
-                          text=True, timeout=30)
+    link = subprocess.run(
+        [str(ROOT / "scripts" / "slurm-profile.sh")], env=env, capture_output=True, text=True, timeout=30
+    )
     assert link.returncode == 0, link.stderr
     assert (tmp_path / "xdg" / "snakemake" / "slurm").resolve() == ROOT / "profiles" / "slurm"
     return env
@@ -173,8 +198,7 @@ def test_cancelled_train_job_is_resubmitted_and_resumes(slurm, tmp_path):
     proc = start_snakemake(tmp_path, target, "--configfile", str(grid_file), env=user_env(tmp_path))
     deadline, cancelled = time.time() + 600, None
     while cancelled is None and time.time() < deadline and proc.poll() is None:
-        running = [i for i, j in squeue_jobs().items()
-                   if j["workdir"] == str(tmp_path) and j["state"] == "RUNNING"]
+        running = [i for i, j in squeue_jobs().items() if j["workdir"] == str(tmp_path) and j["state"] == "RUNNING"]
         if running and (run_dir / "model.pt").is_file():
             (cancelled,) = running
             subprocess.run(["scancel", cancelled], check=True, timeout=30)
@@ -200,9 +224,24 @@ def test_profile_dry_run_plans_gpu_jobs(tmp_path):
     needed): every runnable poster cell is planned, its train and certify jobs with the row's GPU,
     and a row asking for 2 GPUs trains under torchrun with 2 processes (certify keeps one GPU)."""
     env = user_env(tmp_path)
-    paper = subprocess.run([str(SNAKEMAKE), "--profile", "slurm", "all_tables", "--configfile",
-                            str(ROOT / "config" / "paper.yaml"), "-n", "--directory", str(tmp_path)],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    paper = subprocess.run(
+        [
+            str(SNAKEMAKE),
+            "--profile",
+            "slurm",
+            "all_tables",
+            "--configfile",
+            str(ROOT / "config" / "paper.yaml"),
+            "-n",
+            "--directory",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert paper.returncode == 0, paper.stderr[-3000:]
     grid = load_grid(ROOT / "config" / "paper.yaml")
     jobs = planned(paper.stdout)
@@ -217,9 +256,25 @@ def test_profile_dry_run_plans_gpu_jobs(tmp_path):
     two = yaml.safe_load(CI_GRID.read_text())
     two["tables"][1]["rows"][1]["resources"] = {"gpus": 2, "cpus": 2}
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
-    run = subprocess.run([str(SNAKEMAKE), "--profile", "slurm", "all_tables", "--configfile", str(tmp_path / "two.yaml"),
-                          "-n", "-p", "--directory", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [
+            str(SNAKEMAKE),
+            "--profile",
+            "slurm",
+            "all_tables",
+            "--configfile",
+            str(tmp_path / "two.yaml"),
+            "-n",
+            "-p",
+            "--directory",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     (cell,) = [c for c in load_grid(tmp_path / "two.yaml").runnable() if c.resources]
     jobs = planned(run.stdout)
@@ -227,7 +282,8 @@ def test_profile_dry_run_plans_gpu_jobs(tmp_path):
     assert jobs["certify"][str(cell.path("results"))]["gpu"] == "1"
     commands = [line for line in run.stdout.splitlines() if f"--out {cell.path('results')} " in line]
     assert commands and commands[0].startswith(
-        "Shell command: torchrun --standalone --nproc-per-node 2 -m cll.cli train --out"), commands
+        "Shell command: torchrun --standalone --nproc-per-node 2 -m cll.cli train --out"
+    ), commands
 
 
 def planned(output: str) -> dict[str, dict[str, dict[str, str]]]:

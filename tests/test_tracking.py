@@ -6,6 +6,7 @@ those files, so no model is trained. MLflow logs into a sqlite file under tmp_pa
 is the cluster case end to end: a real `mlflow server` on 127.0.0.1 that is down while two tiny
 moons runs train and certify, then up for `cll aggregate --track`.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,23 +26,54 @@ from cll import tracking
 from cll.cli import main
 from cll.grid import load_grid
 
-CONFIG = {"dataset": "moons", "arch": "moons-mlp", "loss": "cll", "eps": 0.15, "p": 0.01, "seed": 0,
-          "epochs": 3, "certify_eps": [0.15, 0.1411764705882353], "milestones": None}
+CONFIG = {
+    "dataset": "moons",
+    "arch": "moons-mlp",
+    "loss": "cll",
+    "eps": 0.15,
+    "p": 0.01,
+    "seed": 0,
+    "epochs": 3,
+    "certify_eps": [0.15, 0.1411764705882353],
+    "milestones": None,
+}
 
 
 def write_run(run, epochs=3, config=CONFIG):
     run.mkdir(parents=True, exist_ok=True)
-    history = [{"epoch": e, "loss": 1.0 / e, "accuracy": 0.5 + 0.1 * e, "lipschitz_estimate": 10.0 + e,
-                "lr": 1e-3, "seconds": 0.1} for e in range(1, epochs + 1)]
-    (run / "train.json").write_text(json.dumps({"config": config, "epochs": history, "wall_time": 0.3,
-                                                "lipschitz_bound": 13.5, "k_hf": 35.29}))
+    history = [
+        {
+            "epoch": e,
+            "loss": 1.0 / e,
+            "accuracy": 0.5 + 0.1 * e,
+            "lipschitz_estimate": 10.0 + e,
+            "lr": 1e-3,
+            "seconds": 0.1,
+        }
+        for e in range(1, epochs + 1)
+    ]
+    (run / "train.json").write_text(
+        json.dumps({"config": config, "epochs": history, "wall_time": 0.3, "lipschitz_bound": 13.5, "k_hf": 35.29})
+    )
 
 
 def write_certify(run, clean=0.9):
-    (run / "certify.json").write_text(json.dumps({
-        "clean_accuracy": clean, "cra": {"0.15": 0.8, "0.1412": 0.81}, "cra_estimate": {"0.15": 0.8},
-        "lipschitz_constant": 13.5, "lipschitz_estimate": 13.4, "lipschitz_body": 6.0, "n_samples": 500,
-        "k_hf": 35.29, "eps": [0.15, 0.1412], "seconds": 0.01}))
+    (run / "certify.json").write_text(
+        json.dumps(
+            {
+                "clean_accuracy": clean,
+                "cra": {"0.15": 0.8, "0.1412": 0.81},
+                "cra_estimate": {"0.15": 0.8},
+                "lipschitz_constant": 13.5,
+                "lipschitz_estimate": 13.4,
+                "lipschitz_body": 6.0,
+                "n_samples": 500,
+                "k_hf": 35.29,
+                "eps": [0.15, 0.1412],
+                "seconds": 0.01,
+            }
+        )
+    )
 
 
 @pytest.fixture
@@ -179,11 +211,26 @@ def _start_server(tmp_path, port):
     that it starts in a few seconds; returns the process once /health answers."""
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(tmp_path / "server.log", "w")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (the server process keeps writing to it)
     proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
@@ -207,14 +254,41 @@ def test_tracking_server_down_during_jobs_then_backfilled_by_aggregate(tmp_path,
     port = _free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     monkeypatch.chdir(tmp_path)
-    grid = {"experiment": "cluster", "results": str(tmp_path / "results"), "tables": [{"name": "moons", "rows": [
-        {"method": "CLL", "dataset": "moons", "arch": "moons-mlp", "loss": "cll", "eps": 0.15, "p": [0.25, 0.01],
-         "set": {"epochs": 2, "batch_size": 100, "max_test": 200, "cll_form": "per_logit", "lr": 5.0e-3}}]}]}
+    grid = {
+        "experiment": "cluster",
+        "results": str(tmp_path / "results"),
+        "tables": [
+            {
+                "name": "moons",
+                "rows": [
+                    {
+                        "method": "CLL",
+                        "dataset": "moons",
+                        "arch": "moons-mlp",
+                        "loss": "cll",
+                        "eps": 0.15,
+                        "p": [0.25, 0.01],
+                        "set": {"epochs": 2, "batch_size": 100, "max_test": 200, "cll_form": "per_logit", "lr": 5.0e-3},
+                    }
+                ],
+            }
+        ],
+    }
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(grid))
     first, second = (str(c.path(grid["results"])) for c in load_grid(grid_file).runnable())
-    sets = ["--set", "dataset=moons", "arch=moons-mlp", "loss=cll", "eps=0.15", "epochs=2", "batch_size=100",
-            "max_test=200", "cll_form=per_logit", "lr=5.0e-3"]
+    sets = [
+        "--set",
+        "dataset=moons",
+        "arch=moons-mlp",
+        "loss=cll",
+        "eps=0.15",
+        "epochs=2",
+        "batch_size=100",
+        "max_test=200",
+        "cll_form=per_logit",
+        "lr=5.0e-3",
+    ]
 
     assert main(["train", "--out", first, "--track", "cluster", *sets, "p=0.25"]) == 0
     assert main(["certify", "--run", first, "--track", "cluster"]) == 0
@@ -237,7 +311,8 @@ def test_tracking_server_down_during_jobs_then_backfilled_by_aggregate(tmp_path,
         client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
         runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
         assert sorted(r.data.tags["cll.run_dir"] for r in runs) == sorted(
-            str(Path(d).resolve()) for d in (first, second))
+            str(Path(d).resolve()) for d in (first, second)
+        )
         for run in runs:
             assert run.data.tags["cll.stage"] == "certify"
             assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]

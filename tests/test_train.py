@@ -1,4 +1,5 @@
 """Two moons end to end through the CLI, the K penalty, and resume after an interruption."""
+
 import json
 
 import pytest
@@ -13,8 +14,7 @@ FAST = ["batch_size=250", "lr=0.01", "epochs=60"]  # a few seconds per run on on
 
 def run_cli(tmp_path, name, *overrides):
     out = tmp_path / name
-    assert cli.main(["train", "--config", "examples/moons.yaml", "--out", str(out),
-                     "--set", *FAST, *overrides]) == 0
+    assert cli.main(["train", "--config", "examples/moons.yaml", "--out", str(out), "--set", *FAST, *overrides]) == 0
     assert cli.main(["certify", "--run", str(out)]) == 0
     return json.loads((out / "certify.json").read_text()), json.loads((out / "train.json").read_text())
 
@@ -39,8 +39,11 @@ def test_cra_rises_as_slack_falls(sweep):
 
 
 def test_measured_k_follows_the_penalty(sweep):
-    k = [sweep[0.01][0]["lipschitz_constant"], sweep[1e-5][0]["lipschitz_constant"],
-         sweep[1e-4][0]["lipschitz_constant"]]  # lambda 1e-6 (the recipe), 1e-5, 1e-4
+    k = [
+        sweep[0.01][0]["lipschitz_constant"],
+        sweep[1e-5][0]["lipschitz_constant"],
+        sweep[1e-4][0]["lipschitz_constant"],
+    ]  # lambda 1e-6 (the recipe), 1e-5, 1e-4
     assert k[0] > k[1] > k[2], k
     for certified, trained in sweep.values():
         # the certified constant is the sound bound: never below the converged estimate
@@ -92,8 +95,22 @@ def test_divergence_stops_with_one_line_and_keeps_last_checkpoint(tmp_path, caps
     # a fresh directory: the NaN is caught at the end of the first epoch, no checkpoint is written
     fresh = tmp_path / "fresh"
     capsys.readouterr()
-    assert cli.main(["train", "--config", "examples/moons.yaml", "--out", str(fresh),
-                     "--set", "epochs=3", "batch_size=500", "lr=1e6"]) == 2
+    assert (
+        cli.main(
+            [
+                "train",
+                "--config",
+                "examples/moons.yaml",
+                "--out",
+                str(fresh),
+                "--set",
+                "epochs=3",
+                "batch_size=500",
+                "lr=1e6",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("cll: error: training diverged at epoch 1") and "no checkpoint" in err[-1]
     assert not (fresh / "model.pt").exists()
@@ -112,7 +129,7 @@ def test_divergence_mid_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return value * float("nan") if len(calls) > 8 else value
 
     monkeypatch.setattr(losses, "lipschitz_penalty", nan_from_epoch_3)
-    with pytest.raises(TrainingDiverged, match="epoch 3.*last good checkpoint"):
+    with pytest.raises(TrainingDiverged, match=r"epoch 3.*last good checkpoint"):
         train(cfg, tmp_path, log=lambda line: None)
     state = torch.load(tmp_path / "model.pt", weights_only=False)
     assert state["epoch"] == 2
@@ -131,8 +148,11 @@ def test_compile_and_amp_options_train_the_same_model_on_cpu(tmp_path, monkeypat
     monkeypatch.setattr(torch, "compile", fake_compile)
     overrides = ["batch_size=250", "lr=0.01", "epochs=3"]
     plain = train(load_config("examples/moons.yaml", overrides), tmp_path / "plain", log=lambda line: None)
-    both = train(load_config("examples/moons.yaml", overrides + ["compile=true", "amp=true"]), tmp_path / "opts",
-                 log=lambda line: None)
+    both = train(
+        load_config("examples/moons.yaml", overrides + ["compile=true", "amp=true"]),
+        tmp_path / "opts",
+        log=lambda line: None,
+    )
     assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Sequential)
     assert [e["loss"] for e in both["epochs"]] == [e["loss"] for e in plain["epochs"]]
     assert both["lipschitz_bound"] == plain["lipschitz_bound"]

@@ -8,6 +8,7 @@ paper grid, feed malformed grids (one line naming the field, nothing written), a
 the schema, the conda envs and the lint agree with the package. Every Snakemake call is a
 subprocess with a timeout. About 2 minutes on two cores, most of it the end-to-end test.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import check_pipeline_outputs
 
 from cll import data, losses, models
 from cll.config import CHOICES, KEYS, load_config
 from cll.grid import load_grid
-from helpers import check_pipeline_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -35,9 +36,14 @@ SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 def snakemake(workdir: Path, *args: str, timeout: float = 120, env: dict | None = None):
     """Run the project's Snakefile with ``workdir`` as working directory (results/, logs/,
     .snakemake/ and mlflow.db all land there, never in the repository)."""
-    return subprocess.run([str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-                           *args], cwd=workdir, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -133,30 +139,38 @@ def test_paper_grid_dry_run_lists_every_runnable_cell(tmp_path):
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
     # each printed command is one line a person can paste, and reproduces its cell's run config
-    commands = [line.removeprefix("Shell command: ") for line in run.stdout.splitlines()
-                if line.removeprefix("Shell command: ").startswith("cll train ")]
+    commands = [
+        line.removeprefix("Shell command: ")
+        for line in run.stdout.splitlines()
+        if line.removeprefix("Shell command: ").startswith("cll train ")
+    ]
     assert len(commands) == len(cells)
     for line in commands:
         argv = shlex.split(line.split(" > ", 1)[0])
         out = argv[argv.index("--out") + 1]
         assert argv[argv.index("--track") + 1] == grid.experiment
-        cfg = load_config(None, argv[argv.index("--set") + 1:])
+        cfg = load_config(None, argv[argv.index("--set") + 1 :])
         assert cfg == cells[out].run_config(), out
 
 
 def _bad(mutate):
     def make(grid: dict) -> None:
         mutate(grid["tables"][1]["rows"][1])
+
     return make
 
 
-@pytest.mark.parametrize("mutate, field", [
-    (_bad(lambda row: row.update(arch="9C9F")), "tables[1].rows[1].arch: '9C9F' is not one of"),
-    (_bad(lambda row: row.update(p=1.5)), "tables[1].rows[1].p: 1.5 is greater than"),
-    (_bad(lambda row: row.update(eps=-0.1)), "tables[1].rows[1].eps: -0.1 is less than"),
-    (_bad(lambda row: row.pop("loss")), "tables[1].rows[1]: 'loss' is a required property"),
-    (_bad(lambda row: row["set"].update(milestones=[3, 2])), "tables[1].rows[1]: milestones: [3, 2]"),
-], ids=["unknown-arch", "p-1.5", "eps-negative", "missing-loss", "run-config-check"])
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (_bad(lambda row: row.update(arch="9C9F")), "tables[1].rows[1].arch: '9C9F' is not one of"),
+        (_bad(lambda row: row.update(p=1.5)), "tables[1].rows[1].p: 1.5 is greater than"),
+        (_bad(lambda row: row.update(eps=-0.1)), "tables[1].rows[1].eps: -0.1 is less than"),
+        (_bad(lambda row: row.pop("loss")), "tables[1].rows[1]: 'loss' is a required property"),
+        (_bad(lambda row: row["set"].update(milestones=[3, 2])), "tables[1].rows[1]: milestones: [3, 2]"),
+    ],
+    ids=["unknown-arch", "p-1.5", "eps-negative", "missing-loss", "run-config-check"],
+)
 def test_bad_grid_stops_before_any_job(tmp_path, mutate, field):
     grid = yaml.safe_load(CI_GRID.read_text())
     mutate(grid)
@@ -238,8 +252,13 @@ def test_conda_envs_pin_what_requirements_pin():
         for name, version in pins.items():
             assert required.get(name) == version, f"{env_file.name}: {name} {version} vs requirements.txt"
         assert {"torch", "torchvision"} <= set(_pins(pip)), env_file  # CUDA wheels come from pip
-    assert "mlflow" in _pins(next(d["pip"] for d in yaml.safe_load(
-        (ROOT / "envs" / "train.yaml").read_text())["dependencies"] if isinstance(d, dict)))
+    assert "mlflow" in _pins(
+        next(
+            d["pip"]
+            for d in yaml.safe_load((ROOT / "envs" / "train.yaml").read_text())["dependencies"]
+            if isinstance(d, dict)
+        )
+    )
 
 
 def test_lint(tmp_path):
@@ -254,12 +273,15 @@ def test_lint(tmp_path):
 def test_workflow_parse_path_imports_no_torch_and_expands_the_same_cells():
     # snakemake -n stays fast: common.smk's imports (cll.grid) pull in no torch, and skipping the
     # registry look-up (the schema checked the names) changes no cell
-    code = ("import sys, cll.grid, cll.results, cll.config; "
-            "sys.exit(1 if any(m == 'torch' or m.startswith('torch.') for m in sys.modules) else 0)")
+    code = (
+        "import sys, cll.grid, cll.results, cll.config; "
+        "sys.exit(1 if any(m == 'torch' or m.startswith('torch.') for m in sys.modules) else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     from cll.grid import parse_grid
 
     grid = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
     fast, full = parse_grid(grid, check_names=False), parse_grid(grid)
     assert fast.cells == full.cells and [c.run_config(False) for c in fast.runnable()] == [
-        c.run_config() for c in full.runnable()]
+        c.run_config() for c in full.runnable()
+    ]

@@ -10,14 +10,19 @@ Public API (everything else is reachable through the submodules):
     k_hf(eps, p)                                cll.losses
     load_dataset(name, root=...)                cll.data
 """
+
 __all__ = ["certify", "create_model", "k_hf", "lipschitz_constant", "load_dataset"]
 __version__ = "0.1.0"
 
 # name -> (submodule, attribute); imported on first use (PEP 562), not at `import cll`: the
 # workflow's parse path (`snakemake -n`) imports cll.grid and must not pay for torch
-_LAZY = {"certify": ("certify", None), "load_dataset": ("data", "load_dataset"),
-         "lipschitz_constant": ("lipschitz", "lipschitz_constant"), "k_hf": ("losses", "k_hf"),
-         "create_model": ("models", "create")}
+_LAZY = {
+    "certify": ("certify", None),
+    "load_dataset": ("data", "load_dataset"),
+    "lipschitz_constant": ("lipschitz", "lipschitz_constant"),
+    "k_hf": ("losses", "k_hf"),
+    "create_model": ("models", "create"),
+}
 
 
 def __getattr__(name: str):

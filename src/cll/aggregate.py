@@ -23,6 +23,7 @@ give beside it (``cra_estimate``), and the ratio of the two constants; the table
 numbers as ``cra_<eps>_estimate_mean`` and ``k_bound_over_estimate`` (the LaTeX table stays the
 poster's).
 """
+
 from __future__ import annotations
 
 import csv
@@ -44,10 +45,30 @@ SUMMARY = "summary.csv"
 STANDARD_EPS = {results.fmt_number(n / 255): f"{n}/255" for n in (36, 72, 108)}
 
 # Columns of summary.csv that describe the cell; metric and config columns follow (summary_columns).
-CELL_COLUMNS = ["table", "title", "method", "baseline", "status", "pending", "dataset", "arch", "loss",
-                "eps", "p", "seed", "run_dir"]
-MODEL_COLUMNS = ["lipschitz_constant", "lipschitz_estimate", "k_hf", "n_samples", "wall_time",
-                 "train_loss", "train_accuracy"]
+CELL_COLUMNS = [
+    "table",
+    "title",
+    "method",
+    "baseline",
+    "status",
+    "pending",
+    "dataset",
+    "arch",
+    "loss",
+    "eps",
+    "p",
+    "seed",
+    "run_dir",
+]
+MODEL_COLUMNS = [
+    "lipschitz_constant",
+    "lipschitz_estimate",
+    "k_hf",
+    "n_samples",
+    "wall_time",
+    "train_loss",
+    "train_accuracy",
+]
 INTEGER_COLUMNS = {"seed", "n_samples"}
 FLOAT_COLUMNS = {"eps", "p", "clean_accuracy", *MODEL_COLUMNS} - INTEGER_COLUMNS
 
@@ -79,10 +100,19 @@ def collect(grid: Grid, results_root: str | Path) -> list[dict]:
     for cell in grid.cells:
         run = cell.path(root)
         row: dict[str, Any] = {
-            "table": cell.table, "title": titles.get(cell.table), "method": cell.method,
-            "baseline": cell.baseline, "status": "pending", "pending": cell.pending,
-            "dataset": cell.dataset, "arch": cell.arch, "loss": cell.loss, "eps": cell.eps, "p": cell.p,
-            "seed": cell.seed, "run_dir": run.relative_to(root).as_posix(),
+            "table": cell.table,
+            "title": titles.get(cell.table),
+            "method": cell.method,
+            "baseline": cell.baseline,
+            "status": "pending",
+            "pending": cell.pending,
+            "dataset": cell.dataset,
+            "arch": cell.arch,
+            "loss": cell.loss,
+            "eps": cell.eps,
+            "p": cell.p,
+            "seed": cell.seed,
+            "run_dir": run.relative_to(root).as_posix(),
         }
         train = cert = None
         if cell.pending is None:
@@ -104,8 +134,9 @@ def collect(grid: Grid, results_root: str | Path) -> list[dict]:
             last = (train.get("epochs") or [{}])[-1]
             row["train_loss"] = last.get("loss")
             row["train_accuracy"] = last.get("accuracy")
-        config = train["config"] if train is not None and isinstance(train.get("config"), dict) \
-            else _planned_config(cell)
+        config = (
+            train["config"] if train is not None and isinstance(train.get("config"), dict) else _planned_config(cell)
+        )
         for key, value in config.items():
             row[f"cfg_{key}"] = value
         rows.append(row)
@@ -116,7 +147,7 @@ def eps_columns(columns: Any, prefix: str) -> list[str]:
     """The eps keys of the ``{prefix}<eps_key>`` columns, in increasing eps."""
     keys = set()
     for column in columns:
-        rest = column[len(prefix):]
+        rest = column[len(prefix) :]
         if column.startswith(prefix) and not (prefix == "cra_" and rest.startswith("estimate_")):
             keys.add(rest)
     return sorted(keys, key=float)
@@ -130,8 +161,14 @@ def summary_columns(rows: list[dict]) -> list[str]:
     cra_estimate = eps_columns(present, "cra_estimate_")
     config = [f"cfg_{k}" for k in KEYS if f"cfg_{k}" in present]
     config += sorted(c for c in present if c.startswith("cfg_") and c not in config)
-    return (CELL_COLUMNS + ["clean_accuracy"] + [f"cra_{k}" for k in cra]
-            + [f"cra_estimate_{k}" for k in cra_estimate] + MODEL_COLUMNS + config)
+    return (
+        CELL_COLUMNS
+        + ["clean_accuracy"]
+        + [f"cra_{k}" for k in cra]
+        + [f"cra_estimate_{k}" for k in cra_estimate]
+        + MODEL_COLUMNS
+        + config
+    )
 
 
 def _encode(value: Any) -> str:
@@ -177,15 +214,13 @@ def read_summary(path: str | Path) -> list[dict]:
     """The rows of a summary.csv, numbers as numbers and empty fields as None."""
     path = Path(path)
     if not path.is_file():
-        raise SummaryError(f"summary file {str(path)!r} does not exist; "
-                           "run `cll aggregate --grid GRID.yaml` first")
+        raise SummaryError(f"summary file {str(path)!r} does not exist; run `cll aggregate --grid GRID.yaml` first")
     try:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             lacking = [c for c in CELL_COLUMNS if c not in (reader.fieldnames or [])]
             if lacking:
-                raise SummaryError(f"{str(path)!r} is not a cll summary (it lacks the columns "
-                                   f"{', '.join(lacking)})")
+                raise SummaryError(f"{str(path)!r} is not a cll summary (it lacks the columns {', '.join(lacking)})")
             return [{c: _decode(c, v or "") for c, v in row.items()} for row in reader]
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as err:
         raise SummaryError(f"{str(path)!r} cannot be read as a cll summary ({type(err).__name__}: {err})") from None
@@ -223,23 +258,23 @@ class TableRow:
     loss: str
     eps: float
     p: float
-    status: str                      # done | partial (some seeds run) | missing | pending
+    status: str  # done | partial (some seeds run) | missing | pending
     note: str | None
     n_done: int
     n_cells: int
     clean: Stat
-    cra: dict[str, Stat]             # by eps key
-    cra_estimate: dict[str, Stat]    # the same with the power-iteration estimate (not sound)
-    k_ratio: float | None            # mean sound bound / estimate of the model's constant
-    k: float | None                  # the K^(h∘f) column
-    k_source: str | None             # analytic (CLL) | measured (sound bound)
+    cra: dict[str, Stat]  # by eps key
+    cra_estimate: dict[str, Stat]  # the same with the power-iteration estimate (not sound)
+    k_ratio: float | None  # mean sound bound / estimate of the model's constant
+    k: float | None  # the K^(h∘f) column
+    k_source: str | None  # analytic (CLL) | measured (sound bound)
 
 
 @dataclass
 class Table:
     name: str
     title: str | None
-    eps_keys: list[str]              # the CRA columns, in increasing eps
+    eps_keys: list[str]  # the CRA columns, in increasing eps
     rows: list[TableRow] = field(default_factory=list)
 
 
@@ -268,8 +303,9 @@ def _table_eps(cells: list[dict]) -> list[str]:
     """The CRA columns of a table: the poster's radii 36/255, 72/255, 108/255 and the cells'
     training eps, among the radii the cells were certified at; if none of these, every radius
     the cells have (e.g. only 0.2 for a run trained at 0.15)."""
-    found = {k for row in cells if row["status"] == "done"
-             for k in eps_columns(row, "cra_") if row[f"cra_{k}"] is not None}
+    found = {
+        k for row in cells if row["status"] == "done" for k in eps_columns(row, "cra_") if row[f"cra_{k}"] is not None
+    }
     if not found:  # nothing has run yet: the radii the cells will be certified at
         found = {k for row in cells for k in _certify_eps(row)} or set(STANDARD_EPS)
     training = {results.fmt_number(row["eps"]) for row in cells}
@@ -296,14 +332,31 @@ def _summarise(cells: list[dict], eps_keys: list[str]) -> TableRow:
     else:
         k, source = _stat([c.get("lipschitz_constant") for c in done]).mean, "measured"
     return TableRow(
-        method=first["method"], label=[], baseline=first["baseline"], dataset=first["dataset"],
-        arch=first["arch"], loss=first["loss"], eps=first["eps"], p=first["p"], status=status, note=note,
-        n_done=len(done), n_cells=len(cells), clean=_stat([c.get("clean_accuracy") for c in done]),
+        method=first["method"],
+        label=[],
+        baseline=first["baseline"],
+        dataset=first["dataset"],
+        arch=first["arch"],
+        loss=first["loss"],
+        eps=first["eps"],
+        p=first["p"],
+        status=status,
+        note=note,
+        n_done=len(done),
+        n_cells=len(cells),
+        clean=_stat([c.get("clean_accuracy") for c in done]),
         cra={k_: _stat([c.get(f"cra_{k_}") for c in done]) for k_ in eps_keys},
         cra_estimate={k_: _stat([c.get(f"cra_estimate_{k_}") for c in done]) for k_ in eps_keys},
-        k_ratio=_stat([c["lipschitz_constant"] / c["lipschitz_estimate"] for c in done
-                       if c.get("lipschitz_constant") and c.get("lipschitz_estimate")]).mean,
-        k=k, k_source=source if k is not None else None)
+        k_ratio=_stat(
+            [
+                c["lipschitz_constant"] / c["lipschitz_estimate"]
+                for c in done
+                if c.get("lipschitz_constant") and c.get("lipschitz_estimate")
+            ]
+        ).mean,
+        k=k,
+        k_source=source if k is not None else None,
+    )
 
 
 def _add_baseline_differences(rows: list[TableRow]) -> None:
@@ -386,15 +439,24 @@ def _label_text(row: TableRow) -> str:
 
 def render_markdown(table: Table) -> str:
     """A GitHub-flavoured Markdown table with a caption and a legend."""
+
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
     has_note = any(r.note for r in table.rows)
-    header = (["Method", "Model", "Clean (%)"] + [f"CRA {eps_label(k)}" for k in table.eps_keys]
-              + ["K^(h∘f)"] + (["Note"] if has_note else []))
+    header = (
+        ["Method", "Model", "Clean (%)"]
+        + [f"CRA {eps_label(k)}" for k in table.eps_keys]
+        + ["K^(h∘f)"]
+        + (["Note"] if has_note else [])
+    )
     align = [":---", ":---"] + ["---:"] * (len(header) - 2 - has_note) + ([":---"] if has_note else [])
-    lines = [f"**{cell(table.title or table.name)}**", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines = [
+        f"**{cell(table.title or table.name)}**",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(align) + "|",
+    ]
     for row in table.rows:
         values = [_label_text(row), row.arch] + _cells(row) + ([row.note or ""] if has_note else [])
         lines.append("| " + " | ".join(cell(v) for v in values) + " |")
@@ -408,10 +470,13 @@ def _estimate_markdown(table: Table, cell) -> list[str]:
     rows = [r for r in table.rows if any(s.mean is not None for s in r.cra_estimate.values())]
     if not rows:
         return []
-    header = (["Method", "Model"] + [f"CRA {eps_label(k)} sound / est." for k in table.eps_keys]
-              + ["K bound / est."])
-    lines = [f"**{cell(table.title or table.name)}: sound certificate vs power-iteration estimate**", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join([":---", ":---"] + ["---:"] * (len(header) - 2)) + "|"]
+    header = ["Method", "Model"] + [f"CRA {eps_label(k)} sound / est." for k in table.eps_keys] + ["K bound / est."]
+    lines = [
+        f"**{cell(table.title or table.name)}: sound certificate vs power-iteration estimate**",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---", ":---"] + ["---:"] * (len(header) - 2)) + "|",
+    ]
     for row in rows:
         values = [_label_text(row), row.arch]
         for k in table.eps_keys:
@@ -422,21 +487,38 @@ def _estimate_markdown(table: Table, cell) -> list[str]:
     return lines + ["", _ESTIMATE_LEGEND, ""]
 
 
-_ESTIMATE_LEGEND = ("sound: the certified CRA of the table above (sound Lipschitz bound, float64 margins "
-                    "less their rounding bound). est.: the same test points with the converged "
-                    "power-iteration estimate of K and plain float32 margins; not a certificate, "
-                    "since power iteration approaches the norm from below. K bound / est.: the ratio "
-                    "of the two constants of the model (mean over seeds).")
+_ESTIMATE_LEGEND = (
+    "sound: the certified CRA of the table above (sound Lipschitz bound, float64 margins "
+    "less their rounding bound). est.: the same test points with the converged "
+    "power-iteration estimate of K and plain float32 margins; not a certificate, "
+    "since power iteration approaches the norm from below. K bound / est.: the ratio "
+    "of the two constants of the model (mean over seeds)."
+)
 
 
-_LEGEND = ("Percent of the test set; mean over seeds, ± sample standard deviation when there are "
-           "several; (±x.x): difference to the baseline method in percentage points. "
-           "CRA r: certified robust accuracy at L2 radius r. K^(h∘f): log((2-p)/p)/ε for CLL, "
-           "the certified Lipschitz bound of the model otherwise.")
+_LEGEND = (
+    "Percent of the test set; mean over seeds, ± sample standard deviation when there are "
+    "several; (±x.x): difference to the baseline method in percentage points. "
+    "CRA r: certified robust accuracy at L2 radius r. K^(h∘f): log((2-p)/p)/ε for CLL, "
+    "the certified Lipschitz bound of the model otherwise."
+)
 
-_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                "ε": r"$\varepsilon$", "±": r"$\pm$", "—": "---", "∘": r"$\circ$"}
+_TEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "ε": r"$\varepsilon$",
+    "±": r"$\pm$",
+    "—": "---",
+    "∘": r"$\circ$",
+}
 
 
 def _tex(text: str) -> str:
@@ -446,16 +528,30 @@ def _tex(text: str) -> str:
 def render_latex(table: Table) -> str:
     """A booktabs ``table`` environment, ready for ``\\input``."""
     has_note = any(r.note for r in table.rows)
-    header = (["Method", "Model", r"Clean (\%)"] + [f"CRA {eps_label(k)}" for k in table.eps_keys]
-              + [r"$K^{h\circ f}$"] + (["Note"] if has_note else []))
+    header = (
+        ["Method", "Model", r"Clean (\%)"]
+        + [f"CRA {eps_label(k)}" for k in table.eps_keys]
+        + [r"$K^{h\circ f}$"]
+        + (["Note"] if has_note else [])
+    )
     spec = "ll" + "r" * (len(header) - 2 - has_note) + ("l" if has_note else "")
-    lines = [f"% {table.name}: written by `cll tables` from summary.csv; needs \\usepackage{{booktabs}}",
-             r"\begin{table}[t]", r"\centering",
-             f"\\caption{{{_tex(table.title or table.name)}}}", f"\\label{{tab:{_tex(table.name)}}}",
-             f"\\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(header) + r" \\", r"\midrule"]
+    lines = [
+        f"% {table.name}: written by `cll tables` from summary.csv; needs \\usepackage{{booktabs}}",
+        r"\begin{table}[t]",
+        r"\centering",
+        f"\\caption{{{_tex(table.title or table.name)}}}",
+        f"\\label{{tab:{_tex(table.name)}}}",
+        f"\\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(header) + r" \\",
+        r"\midrule",
+    ]
     for row in table.rows:
-        values = ([_tex(_label_text(row)), _tex(row.arch)] + [_tex(v) for v in _cells(row)]
-                  + ([_tex(row.note or "")] if has_note else []))
+        values = (
+            [_tex(_label_text(row)), _tex(row.arch)]
+            + [_tex(v) for v in _cells(row)]
+            + ([_tex(row.note or "")] if has_note else [])
+        )
         lines.append(" & ".join(values) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(lines)
@@ -464,22 +560,58 @@ def render_latex(table: Table) -> str:
 def render_csv(table: Table) -> str:
     """The table for machines: one line per row, plain fractions (means, stds and differences
     to the baseline in separate columns), empty where there is no value."""
-    columns = ["method", "method_name", "baseline", "dataset", "arch", "loss", "eps", "p", "status",
-               "note", "n_seeds", "n_cells", "clean_mean", "clean_std", "clean_diff"]
+    columns = [
+        "method",
+        "method_name",
+        "baseline",
+        "dataset",
+        "arch",
+        "loss",
+        "eps",
+        "p",
+        "status",
+        "note",
+        "n_seeds",
+        "n_cells",
+        "clean_mean",
+        "clean_std",
+        "clean_diff",
+    ]
     for k in table.eps_keys:
         columns += [f"cra_{k}_mean", f"cra_{k}_std", f"cra_{k}_diff"]
     columns += ["k_hf", "k_source"]
     columns += [f"cra_{k}_estimate_mean" for k in table.eps_keys] + ["k_bound_over_estimate"]
     rows = []
     for r in table.rows:
-        values = {"method": _label_text(r), "method_name": r.method, "baseline": r.baseline,
-                  "dataset": r.dataset, "arch": r.arch, "loss": r.loss, "eps": r.eps, "p": r.p,
-                  "status": r.status, "note": r.note, "n_seeds": r.n_done, "n_cells": r.n_cells,
-                  "clean_mean": r.clean.mean, "clean_std": r.clean.std, "clean_diff": r.clean.diff,
-                  "k_hf": r.k, "k_source": r.k_source, "k_bound_over_estimate": r.k_ratio}
+        values = {
+            "method": _label_text(r),
+            "method_name": r.method,
+            "baseline": r.baseline,
+            "dataset": r.dataset,
+            "arch": r.arch,
+            "loss": r.loss,
+            "eps": r.eps,
+            "p": r.p,
+            "status": r.status,
+            "note": r.note,
+            "n_seeds": r.n_done,
+            "n_cells": r.n_cells,
+            "clean_mean": r.clean.mean,
+            "clean_std": r.clean.std,
+            "clean_diff": r.clean.diff,
+            "k_hf": r.k,
+            "k_source": r.k_source,
+            "k_bound_over_estimate": r.k_ratio,
+        }
         for k, s in r.cra.items():
-            values.update({f"cra_{k}_mean": s.mean, f"cra_{k}_std": s.std, f"cra_{k}_diff": s.diff,
-                           f"cra_{k}_estimate_mean": r.cra_estimate[k].mean})
+            values.update(
+                {
+                    f"cra_{k}_mean": s.mean,
+                    f"cra_{k}_std": s.std,
+                    f"cra_{k}_diff": s.diff,
+                    f"cra_{k}_estimate_mean": r.cra_estimate[k].mean,
+                }
+            )
         rows.append(values)
     return _csv_text(columns, rows)
 

@@ -1,6 +1,7 @@
 """PGD in l2 (Madry et al., ICLR 2018, arXiv 1706.06083) with random restarts, to test certificates:
 a certified point must never be misclassified inside its radius, so any success is a soundness bug.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,16 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return other - logits.gather(1, y[:, None]).squeeze(1)
 
 
-def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 50,
-           restarts: int = 5, step_size: float | None = None, clamp: tuple[float, float] | None = None,
-           ) -> torch.Tensor:
+def pgd_l2(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int = 50,
+    restarts: int = 5,
+    step_size: float | None = None,
+    clamp: tuple[float, float] | None = None,
+) -> torch.Tensor:
     """Per sample, the most damaging point found within the l2 ball of radius ``eps`` around x.
 
     Each restart starts uniformly at random in the ball and takes ``steps`` normalised-gradient
@@ -45,7 +53,7 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps
             delta.requires_grad_(True)
             logits = model(x + delta)
             objective = margin_loss(logits, y) if r % 2 == 0 else F.cross_entropy(logits, y, reduction="none")
-            grad, = torch.autograd.grad(objective.sum(), delta)
+            (grad,) = torch.autograd.grad(objective.sum(), delta)
             with torch.no_grad():
                 delta = _project(delta + step_size * _unit(grad), eps)
                 if clamp is not None:
@@ -77,9 +85,17 @@ def _checkpoints(steps: int) -> list[int]:
     return sorted({math.ceil(q * steps) for q in p[1:] if q < 1} - {0})
 
 
-def apgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 100,
-            loss: str = "dlr", momentum: float = 0.75, rho: float = 0.75,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+def apgd_l2(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int = 100,
+    loss: str = "dlr",
+    momentum: float = 0.75,
+    rho: float = 0.75,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Auto-PGD in l2 (Croce & Hein, "Reliable evaluation of adversarial robustness with an
     ensemble of diverse parameter-free attacks", ICML 2020, arXiv 2003.01690, Alg. 1), written
     from the paper: per-sample step size starting at 2 eps, halved at the checkpoints where fewer
@@ -92,7 +108,7 @@ def apgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step
     def value_and_grad(point):
         point = point.clone().requires_grad_(True)
         f = objective(model(point), y)
-        grad, = torch.autograd.grad(f.sum(), point)
+        (grad,) = torch.autograd.grad(f.sum(), point)
         return f.detach(), grad
 
     def step(point, direction, size):
@@ -100,7 +116,7 @@ def apgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step
 
     model.eval()
     noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
-    current = x + _project(_unit(noise) * eps * 0.5, eps)   # a random start inside the ball
+    current = x + _project(_unit(noise) * eps * 0.5, eps)  # a random start inside the ball
     size = torch.full((len(x),), 2.0 * eps, device=x.device)
     f, grad = value_and_grad(current)
     best, best_f = current.clone(), f.clone()
@@ -137,19 +153,31 @@ def apgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step
 
 def attack_names(steps: int, restarts: int) -> list[str]:
     """What ``strongest`` runs, as audit.json records it."""
-    return [f"pgd-l2 ({steps} steps x {restarts} restarts, CW margin / CE)",
-            f"apgd-l2-dlr ({steps} steps)", f"apgd-l2-ce ({steps} steps)"]
+    return [
+        f"pgd-l2 ({steps} steps x {restarts} restarts, CW margin / CE)",
+        f"apgd-l2-dlr ({steps} steps)",
+        f"apgd-l2-ce ({steps} steps)",
+    ]
 
 
-def strongest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 100,
-              restarts: int = 5, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[str]]:
+def strongest(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int = 100,
+    restarts: int = 5,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, list[str]]:
     """The audit's attack ensemble within the l2 ball of radius ``eps``: PGD-l2 (``steps`` steps,
     ``restarts`` restarts alternating CW margin and cross-entropy) and APGD-l2 with the DLR and the
     CE loss (``steps`` iterations each). Per sample, the point with the largest CW margin over all
     attacks. Returns it and the names of the attacks run."""
-    candidates = [pgd_l2(model, x, y, eps, steps=steps, restarts=restarts),
-                  apgd_l2(model, x, y, eps, steps=steps, loss="dlr", generator=generator),
-                  apgd_l2(model, x, y, eps, steps=steps, loss="ce", generator=generator)]
+    candidates = [
+        pgd_l2(model, x, y, eps, steps=steps, restarts=restarts),
+        apgd_l2(model, x, y, eps, steps=steps, loss="dlr", generator=generator),
+        apgd_l2(model, x, y, eps, steps=steps, loss="ce", generator=generator),
+    ]
     names = attack_names(steps, restarts)
     with torch.no_grad():
         margins = torch.stack([margin_loss(model(c), y) for c in candidates])
@@ -160,8 +188,16 @@ def strongest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, st
 
 # ------------------------------------------------------------------------------------ the audit
 @torch.no_grad()
-def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: list[float], steps: int = 100,
-          restarts: int = 5, seed: int = 0, batch_size: int = 500) -> dict:
+def audit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: list[float],
+    steps: int = 100,
+    restarts: int = 5,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> dict:
     """Attack every certified point of (x, y) at each radius in ``eps`` with ``strongest``.
 
     A point is certified by the certifier's own rule (``cll.certify.Certifier``: float32 or float64
@@ -179,10 +215,22 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: list[float], 
     generator = torch.Generator().manual_seed(seed)
     per_eps, names = {}, attack_names(steps, restarts)
     for e in eps:
-        counts = dict.fromkeys(["sampled", "correct", "certified", "attacked", "broken", "broken_float32",
-                                "broken_float64", "uncertified_attacked", "uncertified_broken"], 0)
+        counts = dict.fromkeys(
+            [
+                "sampled",
+                "correct",
+                "certified",
+                "attacked",
+                "broken",
+                "broken_float32",
+                "broken_float64",
+                "uncertified_attacked",
+                "uncertified_broken",
+            ],
+            0,
+        )
         for start in range(0, len(x), batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             logits, pred, radius = certifier(xb, yb)
             correct = logits.argmax(1) == yb
             certified = (pred == yb) & (radius > e)
@@ -195,8 +243,7 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: list[float], 
             xt, yt = xb[targets], yb[targets]
             with torch.enable_grad():
                 # a hair inside the ball, so float32 projection rounding never leaves it
-                adv, _ = strongest(model, xt, yt, e * (1 - 1e-5), steps=steps, restarts=restarts,
-                                       generator=generator)
+                adv, _ = strongest(model, xt, yt, e * (1 - 1e-5), steps=steps, restarts=restarts, generator=generator)
             distance = (adv.double() - xt.double()).flatten(1).norm(dim=1)
             if not (distance <= e).all():
                 raise RuntimeError(f"attack left the ball: distance {distance.max().item()} > eps {e}")
@@ -210,5 +257,9 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: list[float], 
             counts["uncertified_attacked"] += (~cert).sum().item()
             counts["uncertified_broken"] += (wrong32 & ~cert).sum().item()
         per_eps[eps_key(e)] = counts
-    return {"per_eps": per_eps, "broken": sum(c["broken"] for c in per_eps.values()),
-            "attacks": names, "lipschitz_body": certifier.lip_body}
+    return {
+        "per_eps": per_eps,
+        "broken": sum(c["broken"] for c in per_eps.values()),
+        "attacks": names,
+        "lipschitz_body": certifier.lip_body,
+    }

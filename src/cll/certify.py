@@ -68,12 +68,13 @@ power-iteration estimate of K_F, no rounding term. ``cra_unrounded`` (sound K_F,
 no rounding term; the certifier's rule before the rounding term existed) separates the cost of
 the sound bound from that of the rounding term.
 """
+
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,9 +109,13 @@ def gamma(n: int, dtype: torch.dtype = torch.float64) -> float:
     return nu / (1 - nu)
 
 
-def certified_radius(logits: torch.Tensor, head_weight: torch.Tensor, lip_body: float,
-                     logit_error: torch.Tensor | None = None, body_error: torch.Tensor | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def certified_radius(
+    logits: torch.Tensor,
+    head_weight: torch.Tensor,
+    lip_body: float,
+    logit_error: torch.Tensor | None = None,
+    body_error: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted class, certified l2 radius) per row of ``logits`` (N, C), computed in float64.
 
     ``logit_error`` (N, C) bounds |computed z_i - exact z_i| for the head's own rounding and
@@ -119,23 +124,27 @@ def certified_radius(logits: torch.Tensor, head_weight: torch.Tensor, lip_body: 
     z = logits.detach().double()
     w = head_weight.detach().double()
     pred = z.argmax(1)
-    margin = z.gather(1, pred[:, None]) - z                  # z_j - z_i >= 0
-    pair = torch.cdist(w[pred], w)                           # ||W_j - W_i||
+    margin = z.gather(1, pred[:, None]) - z  # z_j - z_i >= 0
+    pair = torch.cdist(w[pred], w)  # ||W_j - W_i||
     if logit_error is not None:
         err = logit_error.detach().double()
         margin = margin - (err.gather(1, pred[:, None]) + err)
     if body_error is not None:
         margin = margin - pair * body_error.detach().double()[:, None]
-    dist = pair * lip_body                                   # K_F ||W_j - W_i||
+    dist = pair * lip_body  # K_F ||W_j - W_i||
     # identical rows: z_j - z_i is a constant, so a positive gap can never close (radius inf)
-    radius = torch.where(dist > 0, margin / dist,
-                         torch.where(margin > 0, math.inf, 0.0))
+    radius = torch.where(dist > 0, margin / dist, torch.where(margin > 0, math.inf, 0.0))
     radius = radius.scatter(1, pred[:, None], math.inf).min(1).values.clamp_min(0.0)
     return pred, radius
 
 
-def radius_upper_bounds(logits: torch.Tensor, head_weight: torch.Tensor, lip_body: float,
-                        logit_error: torch.Tensor, body_error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def radius_upper_bounds(
+    logits: torch.Tensor,
+    head_weight: torch.Tensor,
+    lip_body: float,
+    logit_error: torch.Tensor,
+    body_error: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper bounds on the radius the *exact* margins would give, from computed logits and their
     error bounds (see ``certified_radius``): for the predicted class j, min_{i != j} (z_j - z_i +
     slack) / (K_F ||W_j - W_i||); for any other class c, max_{c != j} (z_c - z_j + slack) / (K_F
@@ -220,8 +229,15 @@ class Float32Bound:
                     bias = layer.bias.detach().double().norm().item() if layer.bias is not None else 0.0
                     outputs = positions * w.shape[0]
                     tiny = (2 * n + 2) * self.TINY * max(1.0, w.abs().max().item()) * math.sqrt(outputs)
-                    self.terms.append((bound, gamma(n + 1, torch.float32), nonnegative_norm_bound(absolute),
-                                       bias * math.sqrt(positions), tiny))
+                    self.terms.append(
+                        (
+                            bound,
+                            gamma(n + 1, torch.float32),
+                            nonnegative_norm_bound(absolute),
+                            bias * math.sqrt(positions),
+                            tiny,
+                        )
+                    )
                 elif isinstance(layer, EXACT_LAYERS):
                     self.terms.append(None)
                 else:
@@ -256,11 +272,13 @@ class Float32Bound:
             def hook(_module, inputs):
                 if self.terms[index] is not None:  # the input norm of an affine layer, per sample
                     norms[index] = self.norm_bound(inputs[0])
+
             return hook
 
         def remember(name):
             def hook(_module, inputs, output):
                 seen[name] = (inputs[0], output)
+
             return hook
 
         handles = [layer.register_forward_pre_hook(record(i)) for i, layer in enumerate(body)]
@@ -271,18 +289,27 @@ class Float32Bound:
         finally:
             for handle in handles:
                 handle.remove()
-        if not ("body" in seen and "head" in seen and seen["body"][0] is x and seen["head"][0] is seen["body"][1]
-                and logits is seen["head"][1] and len(norms) == sum(t is not None for t in self.terms)):
-            raise CllError(f"{type(self.model).__name__}(x) is not head(body(x)): the model does not follow the "
-                           "certifier's interface (model(x) == model.head(model.body(x)))")
+        if not (
+            "body" in seen
+            and "head" in seen
+            and seen["body"][0] is x
+            and seen["head"][0] is seen["body"][1]
+            and logits is seen["head"][1]
+            and len(norms) == sum(t is not None for t in self.terms)
+        ):
+            raise CllError(
+                f"{type(self.model).__name__}(x) is not head(body(x)): the model does not follow the "
+                "certifier's interface (model(x) == model.head(model.body(x)))"
+            )
         err = torch.zeros(len(x), dtype=torch.float64, device=x.device)
         for index, term in enumerate(self.terms):
             if term is not None:
                 lip, g, a, b, tiny = term
                 err = lip * err + TERM_SAFETY * (g * (a * norms[index] + b) + tiny)
         features = seen["head"][0].flatten(1).double()
-        logit_error = TERM_SAFETY * (self.head_gamma * F.linear(features.abs(), self.head_absw, self.head_absb)
-                                     + self.head_tiny)
+        logit_error = TERM_SAFETY * (
+            self.head_gamma * F.linear(features.abs(), self.head_absw, self.head_absb) + self.head_tiny
+        )
         return logits, logit_error, err * TERM_SAFETY
 
 
@@ -310,12 +337,22 @@ class Float64Forward:
                 n = w[0].numel()
                 # the size term |W||h| + |b| is a sum of n + 1 nonnegative terms: float32 suffices,
                 # at 1/4 of a float64 conv's cost, if its rounding down is undone (see __call__)
-                self.steps.append(("affine", layer, dict(
-                    w=w, b=b, absw=layer.weight.detach().abs(),
-                    absb=layer.bias.detach().abs() if layer.bias is not None else None,
-                    gamma=gamma(n + 1), lip=bound,
-                    size_scale=1 / ((1 - gamma(n + 1, torch.float32)) * (1 - UNIT_ROUNDOFF[torch.float32])),
-                    size_tiny=(2 * n + 2) * Float32Bound.TINY * max(1.0, w.abs().max().item()))))
+                self.steps.append(
+                    (
+                        "affine",
+                        layer,
+                        dict(
+                            w=w,
+                            b=b,
+                            absw=layer.weight.detach().abs(),
+                            absb=layer.bias.detach().abs() if layer.bias is not None else None,
+                            gamma=gamma(n + 1),
+                            lip=bound,
+                            size_scale=1 / ((1 - gamma(n + 1, torch.float32)) * (1 - UNIT_ROUNDOFF[torch.float32])),
+                            size_tiny=(2 * n + 2) * Float32Bound.TINY * max(1.0, w.abs().max().item()),
+                        ),
+                    )
+                )
             elif isinstance(layer, EXACT_LAYERS):
                 self.steps.append(("exact", layer, {}))
             else:
@@ -351,8 +388,9 @@ class Float64Forward:
                     # conversion, round down by at most a factor (1 - u): the computed value is at
                     # least (1 - gamma_{n+1})(1 - u) times the exact one, less underflows
                     size = self._affine(layer, h.abs().float(), p["absw"], p["absb"])
-                    size_norm = (Float32Bound.norm_bound(size) * p["size_scale"]
-                                 + p["size_tiny"] * math.sqrt(size[0].numel()))
+                    size_norm = Float32Bound.norm_bound(size) * p["size_scale"] + p["size_tiny"] * math.sqrt(
+                        size[0].numel()
+                    )
                     err = p["lip"] * err + TERM_SAFETY * p["gamma"] * size_norm
                 elif kind == "exact":
                     out = layer(h)
@@ -367,7 +405,7 @@ class Float64Forward:
 
     @property
     def rounding(self) -> str:
-        """"rigorous" if every body layer has the per-operation bound, else "estimated"."""
+        """ "rigorous" if every body layer has the per-operation bound, else "estimated"."""
         return "estimated" if self.generic else "rigorous"
 
 
@@ -424,8 +462,9 @@ class Certifier:
         """Samples whose float64 radius could be above an eps that the float32 radius is not."""
         if self.eps is None or not self.forward32.supported:
             return torch.ones(len(logits), dtype=torch.bool, device=logits.device)
-        reach_pred, reach_other = radius_upper_bounds(logits, self.model.head.weight, self.lip_body,
-                                                      logit_error, body_error)
+        reach_pred, reach_other = radius_upper_bounds(
+            logits, self.model.head.weight, self.lip_body, logit_error, body_error
+        )
         # the exact argmax is the predicted class (radius <= reach_pred) or another one (<= reach_other);
         # a sample predicted wrong can only be certified through another class
         reach = torch.maximum(reach_pred, reach_other)
@@ -437,7 +476,9 @@ class Certifier:
         return need
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(float32 logits, predicted class, sound certified radius) for a batch ``x``; ``y`` (the
         labels, optional) lets it skip the float64 pass for samples that cannot be certified."""
         logits32, logit_error, body_error = self.forward32(x)
@@ -450,12 +491,15 @@ class Certifier:
             scale = logits64.abs().amax(1, keepdim=True).clamp_min(1.0)
             gap = ((logits32[index].double() - logits64).abs() / scale).max().item()
             if not gap <= 1e-3:
-                raise CllError(f"the float64 forward pass head(body(x)) of {type(self.model).__name__} differs "
-                               f"from model(x) by {gap:.3g} of the logit scale: the model does not follow the "
-                               "certifier's interface (model(x) == model.head(model.body(x)))")
+                raise CllError(
+                    f"the float64 forward pass head(body(x)) of {type(self.model).__name__} differs "
+                    f"from model(x) by {gap:.3g} of the logit scale: the model does not follow the "
+                    "certifier's interface (model(x) == model.head(model.body(x)))"
+                )
             self.max_gap = max(self.max_gap, gap)
-            pred64, radius64 = certified_radius(logits64, self.model.head.weight, self.lip_body,
-                                                logit_error64, body_error64)
+            pred64, radius64 = certified_radius(
+                logits64, self.model.head.weight, self.lip_body, logit_error64, body_error64
+            )
             better = radius64 > radius[index]  # a positive radius fixes the class, so they agree
             pred[index] = torch.where(better, pred64, pred[index])
             radius[index] = torch.maximum(radius64, radius[index])
@@ -464,8 +508,12 @@ class Certifier:
 
 
 @torch.no_grad()
-def certify(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-            eps: Sequence[float] = DEFAULT_EPS, device: str | torch.device = "cpu") -> dict:
+def certify(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    eps: Sequence[float] = DEFAULT_EPS,
+    device: str | torch.device = "cpu",
+) -> dict:
     """Certify ``model`` on ``batches`` of (x, y). Returns fractions (not percents):
 
     ``clean_accuracy`` (float32 forward), ``cra`` {eps_key: fraction} (sound: float64 margins less
@@ -482,9 +530,9 @@ def certify(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     certifier = Certifier(model, eps=eps)
     body_bound = certifier.lip_body
     n = correct = 0
-    robust = {e: 0 for e in eps}
-    robust_est = {e: 0 for e in eps}
-    robust_unrounded = {e: 0 for e in eps}
+    robust = dict.fromkeys(eps, 0)
+    robust_est = dict.fromkeys(eps, 0)
+    robust_unrounded = dict.fromkeys(eps, 0)
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         logits, pred, radius = certifier(x, y)

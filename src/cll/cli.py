@@ -1,14 +1,15 @@
 """The ``cll`` command: parse arguments, call one function, turn user mistakes into one line.
 
-    cll train   --config run.yaml --out DIR [--set key=value ...]   -> DIR/model.pt, DIR/train.json
-    cll certify --run DIR [--eps 36/255 ...] [--device auto]        -> DIR/certify.json
-    cll audit   --run DIR [--eps ...] [--n 1000]                    -> DIR/audit.json (exit 1 if broken)
-    cll list                                                        registered names and config keys
-    cll track init --experiment NAME                                create the MLflow store + experiment
-    cll aggregate --grid GRID.yaml [--results DIR] [--track EXP]    -> DIR/summary.csv (+ MLflow back-fill)
-    cll tables  --summary DIR/summary.csv [--out DIR/tables]        -> {table}.csv, .md, .tex
-    cll figures --summary DIR/summary.csv [--out DIR/figures]       -> slack_vs_k, cra_vs_p, moons_boundaries
+cll train   --config run.yaml --out DIR [--set key=value ...]   -> DIR/model.pt, DIR/train.json
+cll certify --run DIR [--eps 36/255 ...] [--device auto]        -> DIR/certify.json
+cll audit   --run DIR [--eps ...] [--n 1000]                    -> DIR/audit.json (exit 1 if broken)
+cll list                                                        registered names and config keys
+cll track init --experiment NAME                                create the MLflow store + experiment
+cll aggregate --grid GRID.yaml [--results DIR] [--track EXP]    -> DIR/summary.csv (+ MLflow back-fill)
+cll tables  --summary DIR/summary.csv [--out DIR/tables]        -> {table}.csv, .md, .tex
+cll figures --summary DIR/summary.csv [--out DIR/figures]       -> slack_vs_k, cra_vs_p, moons_boundaries
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not distributed.is_main():  # under torchrun: rank 0 reports and tracks
         return
     last = summary["epochs"][-1] if summary["epochs"] else {}
-    print(f"trained {cfg.arch} on {cfg.dataset} ({cfg.loss}) into {args.out}: "
-          f"train accuracy {100 * last.get('accuracy', float('nan')):.1f}%, "
-          f"K estimate {summary['lipschitz_estimate']:.4g}, bound {summary['lipschitz_bound']:.4g}, "
-          f"{summary['wall_time']:.1f} s")
+    print(
+        f"trained {cfg.arch} on {cfg.dataset} ({cfg.loss}) into {args.out}: "
+        f"train accuracy {100 * last.get('accuracy', float('nan')):.1f}%, "
+        f"K estimate {summary['lipschitz_estimate']:.4g}, bound {summary['lipschitz_bound']:.4g}, "
+        f"{summary['wall_time']:.1f} s"
+    )
     if args.track:  # after the files are written; a tracking failure is one warning line
         from . import tracking
 
@@ -70,8 +73,9 @@ def cmd_certify(args: argparse.Namespace) -> None:
     eps = [parse_number("--eps", e) for e in args.eps] if args.eps else cfg.certify_eps
     if any(e <= 0 for e in eps):
         raise ConfigError(f"--eps: {args.eps} must all be > 0")
-    _, test_set, _ = data.load_dataset(cfg.dataset, root=cfg.data_root, augment=False, seed=cfg.seed,
-                                       max_test=cfg.max_test)
+    _, test_set, _ = data.load_dataset(
+        cfg.dataset, root=cfg.data_root, augment=False, seed=cfg.seed, max_test=cfg.max_test
+    )
     loader = DataLoader(test_set, batch_size=args.batch_size or cfg.eval_batch_size, num_workers=cfg.num_workers)
     t0 = time.time()
     with torch.no_grad():
@@ -81,8 +85,10 @@ def cmd_certify(args: argparse.Namespace) -> None:
     out["seconds"] = time.time() - t0
     results.write_json(Path(args.run) / results.CERTIFY, out)
     cra = "  ".join(f"CRA@{k} {100 * v:.1f}%" for k, v in out["cra"].items())
-    print(f"{args.run}: clean {100 * out['clean_accuracy']:.1f}%  {cra}  K {out['lipschitz_constant']:.4g}"
-          f" (n={out['n_samples']})")
+    print(
+        f"{args.run}: clean {100 * out['clean_accuracy']:.1f}%  {cra}  K {out['lipschitz_constant']:.4g}"
+        f" (n={out['n_samples']})"
+    )
     if args.track:
         from . import tracking
 
@@ -106,26 +112,30 @@ def cmd_audit(args: argparse.Namespace) -> None:
     eps = [parse_number("--eps", e) for e in args.eps] if args.eps else cfg.certify_eps
     if any(not e > 0 for e in eps):
         raise ConfigError(f"--eps: {args.eps} must all be > 0")
-    _, test_set, _ = data.load_dataset(cfg.dataset, root=cfg.data_root, augment=False, seed=cfg.seed,
-                                       max_test=cfg.max_test)
+    _, test_set, _ = data.load_dataset(
+        cfg.dataset, root=cfg.data_root, augment=False, seed=cfg.seed, max_test=cfg.max_test
+    )
     # a fixed random sample of the test set (seeded by the run's seed), in test-set order
     order = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(cfg.seed))
-    picked = sorted(order[:args.n].tolist())
+    picked = sorted(order[: args.n].tolist())
     x, y = map(torch.cat, zip(*DataLoader(Subset(test_set, picked), batch_size=1000)))
     t0 = time.time()
-    out = attack.audit(model, x.to(device), y.to(device), eps, steps=args.steps, restarts=args.restarts,
-                       seed=cfg.seed)
+    out = attack.audit(model, x.to(device), y.to(device), eps, steps=args.steps, restarts=args.restarts, seed=cfg.seed)
     out.update(n_samples=len(picked), eps=list(eps), seed=cfg.seed, seconds=time.time() - t0)
     results.write_json(Path(args.run) / results.AUDIT, out)
     for key, c in out["per_eps"].items():
-        print(f"{args.run}: eps {key}: {c['certified']} of {c['sampled']} certified, {c['attacked']} attacked, "
-              f"{c['broken']} broken (attack strength: {c['uncertified_broken']} of "
-              f"{c['uncertified_attacked']} uncertified broken)")
+        print(
+            f"{args.run}: eps {key}: {c['certified']} of {c['sampled']} certified, {c['attacked']} attacked, "
+            f"{c['broken']} broken (attack strength: {c['uncertified_broken']} of "
+            f"{c['uncertified_attacked']} uncertified broken)"
+        )
     if out["broken"]:
         bad = ", ".join(f"{c['broken']} at eps {k}" for k, c in out["per_eps"].items() if c["broken"])
-        raise CertificateBroken(f"BROKEN CERTIFICATE in {args.run}: an attack misclassified certified points "
-                                f"inside their radius ({bad}); the certifier is unsound for this model, see "
-                                f"{Path(args.run) / results.AUDIT}")
+        raise CertificateBroken(
+            f"BROKEN CERTIFICATE in {args.run}: an attack misclassified certified points "
+            f"inside their radius ({bad}); the certifier is unsound for this model, see "
+            f"{Path(args.run) / results.AUDIT}"
+        )
 
 
 def cmd_track_init(args: argparse.Namespace) -> None:
@@ -151,16 +161,17 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 
     path, rows = aggregate_grid(args.grid, args.results)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "missing", "pending")}
-    print(f"wrote {path}: {len(rows)} cells ({counts['done']} done, {counts['missing']} missing, "
-          f"{counts['pending']} pending)")
+    print(
+        f"wrote {path}: {len(rows)} cells ({counts['done']} done, {counts['missing']} missing, "
+        f"{counts['pending']} pending)"
+    )
     if args.track:  # log what jobs could not (tracker down or unreachable from the nodes)
         from . import tracking
 
         runs = [path.parent / r["run_dir"] for r in rows if r["status"] != "pending"]
         done = tracking.track_backfill(runs, args.track)
         if done is not None:
-            print(f"MLflow: {done[0]} runs logged now, {done[1]} already up to date "
-                  f"({tracking.tracking_uri()})")
+            print(f"MLflow: {done[0]} runs logged now, {done[1]} already up to date ({tracking.tracking_uri()})")
 
 
 def cmd_tables(args: argparse.Namespace) -> None:
@@ -189,8 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one run (resumes if DIR holds a checkpoint)")
     p.add_argument("--config", help="YAML run config (keys: cll list)")
     p.add_argument("--out", required=True, help="run directory for model.pt and train.json")
-    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set p=0.01 epochs=10")
+    p.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. --set p=0.01 epochs=10",
+    )
     p.add_argument("--track", metavar="EXPERIMENT", help="also log the run into this MLflow experiment")
     p.set_defaults(func=cmd_train)
 
@@ -223,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("aggregate", help="collect a grid's run directories into summary.csv")
     p.add_argument("--grid", required=True, help="grid YAML (e.g. config/config.yaml)")
     p.add_argument("--results", help="results root (default: the grid's results)")
-    p.add_argument("--track", metavar="EXPERIMENT",
-                   help="also log into this MLflow experiment every run the jobs could not log")
+    p.add_argument(
+        "--track", metavar="EXPERIMENT", help="also log into this MLflow experiment every run the jobs could not log"
+    )
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("tables", help="poster-style tables (csv, md, tex) from summary.csv")

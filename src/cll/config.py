@@ -8,6 +8,7 @@ be written as a fraction such as ``36/255``.
 A misspelt key, a value of the wrong type or out of range fails with one line naming the key and
 what is allowed, before anything is written.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,31 +36,31 @@ CHOICES = {
 @dataclass
 class RunConfig:
     # ---- what to train (required) ----
-    dataset: str              # moons | digits | mnist | cifar10 | cifar100 | tinyimagenet
-    arch: str                 # a registered architecture (cll list): 4C3F, 8C2F, LipConv-20, SLL-XL, ...
-    loss: str                 # cll | gloro | ce | soc_cr | cpl_hinge | sll_offset_ce
+    dataset: str  # moons | digits | mnist | cifar10 | cifar100 | tinyimagenet
+    arch: str  # a registered architecture (cll list): 4C3F, 8C2F, LipConv-20, SLL-XL, ...
+    loss: str  # cll | gloro | ce | soc_cr | cpl_hinge | sll_offset_ce
     # ---- the certificate and the loss ----
-    eps: float = 0.15         # training eps (l2, [0,1] pixels); CLL's sigma and GloRo's margin
-    p: float = 0.3            # CLL slack in (0,1): K^(h o f) = log((2-p)/p)/eps
+    eps: float = 0.15  # training eps (l2, [0,1] pixels); CLL's sigma and GloRo's margin
+    p: float = 0.3  # CLL slack in (0,1): K^(h o f) = log((2-p)/p)/eps
     delta: float | None = None  # CLL offset; null = eps (every reference recipe)
     cll_form: str = "pairwise"  # pairwise (CLL class) | per_logit (V2: 6C2F/8C2F/moons recipes)
     cll_offset: str = "two-sided"  # two-sided (target -delta, others +delta) | one-sided (moons)
-    k_scale_start: float = 1.0   # CLL K_scale schedule poly start -> 1 (8C2F recipe: 0.01)
+    k_scale_start: float = 1.0  # CLL K_scale schedule poly start -> 1 (8C2F recipe: 0.01)
     k_scale_power: float = 10.0  # power of that schedule
-    trades: float = 0.0       # GloRo: 0 = bottom-class CE, > 0 = TRADES weight
-    eps_warmup: float = 1.0   # GloRo: fraction of training over which eps ramps 0 -> eps (power 5)
-    cr_gamma: float = 0.0     # soc_cr: weight of SOC's certificate regulariser
+    trades: float = 0.0  # GloRo: 0 = bottom-class CE, > 0 = TRADES weight
+    eps_warmup: float = 1.0  # GloRo: fraction of training over which eps ramps 0 -> eps (power 5)
+    cr_gamma: float = 0.0  # soc_cr: weight of SOC's certificate regulariser
     hinge_margin: float = 0.7  # cpl_hinge: margin of CPL's multi-class hinge
     offset: float = 2.1213203435596424  # sll_offset_ce: logit offset u (3 sqrt2 / 2)
     temperature: float = 0.25  # sll_offset_ce: temperature tau
-    head: str = "auto"        # auto (lln for the peers' losses, else linear) | linear | lln
-    width: float = 1.0        # scales every layer width of the architecture (1 = the paper's)
+    head: str = "auto"  # auto (lln for the peers' losses, else linear) | linear | lln
+    width: float = 1.0  # scales every layer width of the architecture (1 = the paper's)
     # ---- Lipschitz control ----
     lip_penalty: float = 1e-4  # lambda of the penalty lambda * K^lip_pow (0 = off)
-    lip_pow: float = 2.0      # power of that penalty
+    lip_pow: float = 2.0  # power of that penalty
     lip_penalty_form: str = "global"  # global: K = K_F max_ij||W_i-W_j|| | batch: max over the batch's K_tj (peers)
-    pi_iters: int = 5         # power iterations per training step (with gradient)
-    pi_tol: float = 1e-7      # relative tolerance of the converged estimate (epoch end, certify)
+    pi_iters: int = 5  # power iterations per training step (with gradient)
+    pi_tol: float = 1e-7  # relative tolerance of the converged estimate (epoch end, certify)
     # ---- optimisation ----
     seed: int = 0
     epochs: int = 801
@@ -68,26 +69,26 @@ class RunConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
-    momentum: float = 0.9     # sgd
+    momentum: float = 0.9  # sgd
     schedule: str = "multistep"  # LR schedule, stepped per iteration
     milestones: list | None = None  # multistep epochs; null = 50%, 75%, 97.5% of epochs
-    gamma: float = 0.1        # multistep factor
+    gamma: float = 0.1  # multistep factor
     # ---- data ----
     data_root: str | None = None  # null = $CLL_DATA or ./data
-    augment: bool = True      # the spec's train augmentation (CIFAR, Tiny-ImageNet)
+    augment: bool = True  # the spec's train augmentation (CIFAR, Tiny-ImageNet)
     max_train: int | None = None  # first N training samples only (quick runs)
-    max_test: int | None = None   # first N test samples only
-    num_workers: int = 0      # DataLoader workers
+    max_test: int | None = None  # first N test samples only
+    num_workers: int = 0  # DataLoader workers
     eval_batch_size: int = 1000
     # ---- evaluation ----
     certify_eps: list = field(default_factory=lambda: [36 / 255, 72 / 255, 108 / 255])
     # ---- runtime ----
-    device: str = "auto"      # auto = cuda when visible, else cpu
+    device: str = "auto"  # auto = cuda when visible, else cpu
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always saves)
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    amp: bool = False         # GPU only: bf16 autocast of the network's forward; head, loss and K stay
-                              # fp32 (every reference recipe trains in fp32: spec cll.md pitfall 5)
-    compile: bool = False     # torch.compile the network's forward (the power iterations stay eager)
+    amp: bool = False  # GPU only: bf16 autocast of the network's forward; head, loss and K stay
+    # fp32 (every reference recipe trains in fp32: spec cll.md pitfall 5)
+    compile: bool = False  # torch.compile the network's forward (the power iterations stay eager)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,8 +119,12 @@ def parse_number(key: str, value: Any) -> float:
 
 
 def _integer(key: str, value: Any) -> int:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or (isinstance(value, float) and not math.isfinite(value)) or int(value) != value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not math.isfinite(value))
+        or int(value) != value
+    ):
         raise ConfigError(f"{key}: {value!r} is not an integer")
     return int(value)
 
@@ -151,8 +156,19 @@ def _normalise(key: str, value: Any) -> Any:
         v = parse_number(key, value)
         _check(v >= 0, key, value, "a number >= 0 or null (= eps)")
         return v
-    if key in ("lip_penalty", "weight_decay", "trades", "momentum", "eps_warmup", "k_scale_start",
-               "k_scale_power", "gamma", "cr_gamma", "hinge_margin", "offset"):
+    if key in (
+        "lip_penalty",
+        "weight_decay",
+        "trades",
+        "momentum",
+        "eps_warmup",
+        "k_scale_start",
+        "k_scale_power",
+        "gamma",
+        "cr_gamma",
+        "hinge_margin",
+        "offset",
+    ):
         v = parse_number(key, value)
         _check(v >= 0, key, value, "a number >= 0")
         return v
@@ -205,8 +221,9 @@ def build_config(values: dict[str, Any], check_names: bool = True) -> RunConfig:
         raise ConfigError(f"a run config must be a mapping of keys to values, got {type(values).__name__}")
     for key in values:
         if key not in KEYS:
-            close = (difflib.get_close_matches(str(key), KEYS, n=1)
-                     or [k for k in KEYS if k in str(key).split("_")][:1])  # lr_rate -> lr
+            close = (
+                difflib.get_close_matches(str(key), KEYS, n=1) or [k for k in KEYS if k in str(key).split("_")][:1]
+            )  # lr_rate -> lr
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown key {key!r}{hint}; allowed keys: {', '.join(KEYS)}")
     missing = [k for k in REQUIRED if k not in values]

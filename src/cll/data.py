@@ -22,6 +22,7 @@ Data sets (``root`` is ``$CLL_DATA`` if set, else ``./data``):
 Nothing is ever downloaded; a missing or malformed data set raises :class:`DataError` with one line
 that says what was expected where.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,13 +83,15 @@ def dataset_info(name: str) -> DatasetInfo:
 def _augmented(size: int, padding: int) -> T.Compose:
     """Train-time augmentation of the reference setup: zero-padded random crop, horizontal flip,
     mild colour jitter and a +-2 degree rotation, all on PIL images before ``ToTensor``."""
-    return T.Compose([
-        T.RandomCrop(size, padding=padding),  # fill=0: zero padding
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25),
-        T.RandomRotation(2),
-        T.ToTensor(),
-    ])
+    return T.Compose(
+        [
+            T.RandomCrop(size, padding=padding),  # fill=0: zero padding
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25),
+            T.RandomRotation(2),
+            T.ToTensor(),
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------- moons
@@ -135,13 +138,19 @@ def _check_idx(path: Path, magic: int, dims: tuple[int, ...]) -> int:
     returns the item count. Catches truncated or swapped files before torchvision asserts."""
     with open(path, "rb") as f:
         header = f.read(4 + 4 * (1 + len(dims)))
-    values = [int.from_bytes(header[i:i + 4], "big") for i in range(0, len(header), 4)]
+    values = [int.from_bytes(header[i : i + 4], "big") for i in range(0, len(header), 4)]
     # `and` short-circuits, so a header that is too short never reaches the indexing.
-    ok = (len(values) == 2 + len(dims) and values[0] == magic and tuple(values[2:]) == dims
-          and path.stat().st_size == len(header) + values[1] * math.prod(dims))
+    ok = (
+        len(values) == 2 + len(dims)
+        and values[0] == magic
+        and tuple(values[2:]) == dims
+        and path.stat().st_size == len(header) + values[1] * math.prod(dims)
+    )
     if not ok:
-        raise DataError(f"dataset 'mnist': {path} is not a valid IDX file of shape ({', '.join(['N', *map(str, dims)])}) "
-                        "(truncated or corrupt?); replace it with the original file")
+        raise DataError(
+            f"dataset 'mnist': {path} is not a valid IDX file of shape ({', '.join(['N', *map(str, dims)])}) "
+            "(truncated or corrupt?); replace it with the original file"
+        )
     return values[1]
 
 
@@ -150,9 +159,13 @@ def _load_mnist(root: Path) -> tuple[Dataset, Dataset]:
     names = [f"{split}-{kind}" for split in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
     missing = [n for n in names if not (raw / n).is_file()]
     if missing:
-        what = "no MNIST files" if len(missing) == len(names) else f"incomplete MNIST files (missing {', '.join(missing)})"
-        raise DataError(f"dataset 'mnist': {what} under {raw} (expected the four gunzipped files "
-                        f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte){_fix('MNIST')}")
+        what = (
+            "no MNIST files" if len(missing) == len(names) else f"incomplete MNIST files (missing {', '.join(missing)})"
+        )
+        raise DataError(
+            f"dataset 'mnist': {what} under {raw} (expected the four gunzipped files "
+            f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte){_fix('MNIST')}"
+        )
     for split in ("train", "t10k"):
         n_images = _check_idx(raw / f"{split}-images-idx3-ubyte", 2051, (28, 28))
         n_labels = _check_idx(raw / f"{split}-labels-idx1-ubyte", 2049, ())
@@ -203,8 +216,10 @@ def _load_cifar(name: str, root: Path, augment: bool) -> tuple[Dataset, Dataset]
         raise DataError(f"dataset {name!r}: {what} under {folder} (expected {expected}){_fix(folder.name)}")
     if len(train_files) < len(all_train):
         # Legitimate for subsets (e.g. test data), but a full run should know it trains on less.
-        warnings.warn(f"dataset {name!r}: only {', '.join(train_files)} found under {folder}; "
-                      "training on this subset", stacklevel=3)
+        warnings.warn(
+            f"dataset {name!r}: only {', '.join(train_files)} found under {folder}; training on this subset",
+            stacklevel=3,
+        )
 
     num_classes = _INFO[name].num_classes
     splits = []
@@ -213,13 +228,17 @@ def _load_cifar(name: str, root: Path, augment: bool) -> tuple[Dataset, Dataset]
             ds = cls(str(root), train, transform, train_files)
         except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, RuntimeError) as e:
             reason = " ".join(str(e).split())  # keep the message on one line
-            raise DataError(f"dataset {name!r}: could not read {folder} ({type(e).__name__}: {reason}); "
-                            "the files look corrupt, unpack the archive again") from None
+            raise DataError(
+                f"dataset {name!r}: could not read {folder} ({type(e).__name__}: {reason}); "
+                "the files look corrupt, unpack the archive again"
+            ) from None
         # Cheap sanity checks that a wrong file (e.g. CIFAR-100 in the CIFAR-10 folder) cannot pass.
         labels = np.asarray(ds.targets)
         if len(labels) != len(ds.data) or labels.size == 0 or labels.min() < 0 or labels.max() >= num_classes:
-            raise DataError(f"dataset {name!r}: labels in {folder} do not match {num_classes} classes "
-                            f"and {len(ds.data)} images; is this the right archive?")
+            raise DataError(
+                f"dataset {name!r}: labels in {folder} do not match {num_classes} classes "
+                f"and {len(ds.data)} images; is this the right archive?"
+            )
         splits.append(ds)
     return splits[0], splits[1]
 
@@ -237,8 +256,10 @@ class TinyImageNet(Dataset):
         self.transform = transform
         wnids = [w.strip() for w in (folder / "wnids.txt").read_text().splitlines() if w.strip()]
         if len(wnids) != 200 or len(set(wnids)) != 200:
-            raise DataError(f"dataset 'tinyimagenet': {folder / 'wnids.txt'} lists {len(set(wnids))} distinct "
-                            "class ids, expected 200")
+            raise DataError(
+                f"dataset 'tinyimagenet': {folder / 'wnids.txt'} lists {len(set(wnids))} distinct "
+                "class ids, expected 200"
+            )
         self.classes = wnids
         index = {w: i for i, w in enumerate(wnids)}
         self.samples: list[tuple[Path, int]] = []
@@ -247,8 +268,11 @@ class TinyImageNet(Dataset):
                 images = folder / "train" / wnid / "images"
                 if not images.is_dir():
                     raise DataError(f"dataset 'tinyimagenet': missing class folder {images}{_fix(folder.name)}")
-                self.samples += [(images / f, index[wnid]) for f in sorted(os.listdir(images))
-                                 if f.lower().endswith((".jpeg", ".jpg"))]
+                self.samples += [
+                    (images / f, index[wnid])
+                    for f in sorted(os.listdir(images))
+                    if f.lower().endswith((".jpeg", ".jpg"))
+                ]
         else:
             images = folder / "val" / "images"
             present = set(os.listdir(images))  # one listdir instead of 10000 stat calls
@@ -257,8 +281,10 @@ class TinyImageNet(Dataset):
                     continue
                 fields = line.split("\t")
                 if len(fields) < 2 or fields[1] not in index or fields[0] not in present:
-                    raise DataError(f"dataset 'tinyimagenet': line {line_no} of {folder / 'val' / 'val_annotations.txt'}"
-                                    f" names an unknown class or a missing image: {line.strip()!r}")
+                    raise DataError(
+                        f"dataset 'tinyimagenet': line {line_no} of {folder / 'val' / 'val_annotations.txt'}"
+                        f" names an unknown class or a missing image: {line.strip()!r}"
+                    )
                 self.samples.append((images / fields[0], index[fields[1]]))
         if not self.samples:
             raise DataError(f"dataset 'tinyimagenet': no {'train' if train else 'val'} images under {folder}")
@@ -281,10 +307,15 @@ def _load_tinyimagenet(root: Path, augment: bool) -> tuple[Dataset, Dataset]:
     needed = ["wnids.txt", "train", "val/images", "val/val_annotations.txt"]
     missing = [n for n in needed if not (folder / n).exists()]
     if missing:
-        what = "no Tiny-ImageNet files" if len(missing) == len(needed) else f"incomplete Tiny-ImageNet files " \
-            f"(missing {', '.join(missing)})"
-        raise DataError(f"dataset 'tinyimagenet': {what} under {folder} (expected wnids.txt, train/<wnid>/images/"
-                        f"*.JPEG, val/images/*.JPEG and val/val_annotations.txt from tiny-imagenet-200.zip){_fix(folder.name)}")
+        what = (
+            "no Tiny-ImageNet files"
+            if len(missing) == len(needed)
+            else f"incomplete Tiny-ImageNet files (missing {', '.join(missing)})"
+        )
+        raise DataError(
+            f"dataset 'tinyimagenet': {what} under {folder} (expected wnids.txt, train/<wnid>/images/"
+            f"*.JPEG, val/images/*.JPEG and val/val_annotations.txt from tiny-imagenet-200.zip){_fix(folder.name)}"
+        )
     train = TinyImageNet(folder, True, _augmented(64, 8) if augment else T.ToTensor())
     return train, TinyImageNet(folder, False, T.ToTensor())
 
@@ -303,9 +334,14 @@ def _first(ds: Dataset, n: int | None, what: str) -> Dataset:
     return Subset(ds, range(min(n, len(ds))))
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None, augment: bool = True, seed: int = 0,
-                 max_train: int | None = None, max_test: int | None = None
-                 ) -> tuple[Dataset, Dataset, DatasetInfo]:
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    augment: bool = True,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Return ``(train, test, info)`` for a data set from :func:`dataset_names`.
 
     ``augment`` only affects the train split of cifar10/cifar100/tinyimagenet; ``seed`` only the
@@ -342,8 +378,9 @@ class TensorBatches:
     def epoch(self, batch_size: int, generator: torch.Generator, drop_last: bool):
         from torch.utils.data import DataLoader
 
-        order = DataLoader(range(len(self)), batch_size=batch_size, shuffle=True, generator=generator,
-                           drop_last=drop_last)
+        order = DataLoader(
+            range(len(self)), batch_size=batch_size, shuffle=True, generator=generator, drop_last=drop_last
+        )
         device = self.tensors[0].device
         for idx in order:
             idx = idx.to(device)

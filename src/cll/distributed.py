@@ -29,11 +29,12 @@ match one process). We all-reduce one flat gradient buffer per step instead of w
 model in DistributedDataParallel: the trainer calls body, head and the power iterations
 separately, and the penalty's gradient reaches the weights outside the model's forward.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -45,8 +46,8 @@ from .errors import CllError
 class _State:
     rank: int = 0
     world: int = 1
-    active: bool = False            # a process group is up
-    weight: float = 1.0             # this rank's share n_r / N of the current global batch
+    active: bool = False  # a process group is up
+    weight: float = 1.0  # this rank's share n_r / N of the current global batch
     labels: torch.Tensor | None = None  # the current global batch's labels
 
 
@@ -71,8 +72,10 @@ def setup(device: torch.device) -> torch.device:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
-            raise CllError(f"process {rank} of {world} wants GPU {local}, but only "
-                           f"{torch.cuda.device_count()} are visible; start one process per GPU")
+            raise CllError(
+                f"process {rank} of {world} wants GPU {local}, but only "
+                f"{torch.cuda.device_count()} are visible; start one process per GPU"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
@@ -103,12 +106,11 @@ def _flat_broadcast(tensors: list[torch.Tensor]) -> None:
             dist.broadcast(flat, src=0)
             offset = 0
             for t in group:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
 
-def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           log: Callable[[str], None] | None = None) -> None:
+def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, log: Callable[[str], None] | None = None) -> None:
     """Make ``optimizer`` step with the global batch's gradient: before every step, all-reduce
     the weighted gradients (one flat buffer), then give every rank rank 0's power-iteration
     iterates (the model's buffers). Also starts all ranks from rank 0's weights and buffers."""
@@ -116,8 +118,10 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         return
     _flat_broadcast(list(model.parameters()) + list(model.buffers()))
     if log is not None:
-        log(f"data-parallel over {_STATE.world} processes ({dist.get_backend()}): "
-            f"each takes 1/{_STATE.world} of every batch")
+        log(
+            f"data-parallel over {_STATE.world} processes ({dist.get_backend()}): "
+            f"each takes 1/{_STATE.world} of every batch"
+        )
 
     def before_step(opt, args, kwargs):
         params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
@@ -126,7 +130,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             dist.all_reduce(flat)
             offset = 0
             for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
                 offset += p.numel()
         # backward is done, so the iterates this step used are no longer needed: copy in place
         _flat_broadcast(list(model.buffers()))
@@ -141,8 +145,10 @@ def shard(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         return x, y
     n, world, rank = len(y), _STATE.world, _STATE.rank
     if n < world:
-        raise CllError(f"a batch of {n} samples cannot be split over {world} processes; "
-                       f"use a batch_size (and a training set) of at least {world}")
+        raise CllError(
+            f"a batch of {n} samples cannot be split over {world} processes; "
+            f"use a batch_size (and a training set) of at least {world}"
+        )
     start, stop = rank * n // world, (rank + 1) * n // world
     _STATE.weight, _STATE.labels = (stop - start) / n, y
     return x[start:stop], y[start:stop]

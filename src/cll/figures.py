@@ -8,19 +8,20 @@
 
 Matplotlib is imported inside the functions, so ``cll train`` never pays for it.
 """
+
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from . import results
 from .aggregate import NO_VALUE, eps_columns, eps_label, read_summary
 from .errors import CllError
 
-MOONS_POINTS = 3000   # test points drawn per moons panel
-MESH = 250            # mesh resolution of a decision-boundary panel
+MOONS_POINTS = 3000  # test points drawn per moons panel
+MESH = 250  # mesh resolution of a decision-boundary panel
 
 
 def _unique_runs(rows: list[dict]) -> list[dict]:
@@ -70,10 +71,18 @@ def figure_slack_vs_k(rows: list[dict]):
     for i, ((dataset, arch, eps), cells) in enumerate(sweeps.items()):
         name = f"{dataset} {arch}, ε={results.fmt_number(eps)}"
         colour = colours[i % len(colours)]
-        ax.plot(*_mean_by(cells, "p", "k_hf"), "o--", color=colour,
-                label=rf"{name}: $K^{{h\circ f}}=\log((2-p)/p)/\varepsilon$")
-        ax.plot(*_mean_by(cells, "p", "lipschitz_constant"), "s-", color=colour,
-                label=f"{name}: measured K (certified bound)")
+        ax.plot(
+            *_mean_by(cells, "p", "k_hf"),
+            "o--",
+            color=colour,
+            label=rf"{name}: $K^{{h\circ f}}=\log((2-p)/p)/\varepsilon$",
+        )
+        ax.plot(
+            *_mean_by(cells, "p", "lipschitz_constant"),
+            "s-",
+            color=colour,
+            label=f"{name}: measured K (certified bound)",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("slack p")
@@ -147,8 +156,13 @@ def _draw_boundary(ax, row: dict, run_dir: Path, show_eps: bool) -> None:
     for cls, colour in ((0, "C0"), (1, "C1")):
         keep = (y == cls) & ~bad
         ax.scatter(x[keep, 0], x[keep, 1], s=3, color=colour, label=f"class {cls}")
-    ax.scatter(x[bad, 0], x[bad, 1], s=6, color="red",
-               label=f"misclassified or not certified at ε={results.fmt_number(cfg.eps)}")
+    ax.scatter(
+        x[bad, 0],
+        x[bad, 1],
+        s=6,
+        color="red",
+        label=f"misclassified or not certified at ε={results.fmt_number(cfg.eps)}",
+    )
     k = row["k_hf"] if row.get("k_hf") is not None else row.get("lipschitz_constant")
     cra = row.get(f"cra_{results.fmt_number(row['eps'])}")
     cra = cra if cra is not None else float((~bad).mean())  # not certified at that eps: these points
@@ -197,8 +211,9 @@ _SKIP_REASONS = {
 }
 
 
-def make_figures(summary: str | Path, out_dir: str | Path | None = None,
-                 log: Callable[[str], None] = print) -> list[Path]:
+def make_figures(
+    summary: str | Path, out_dir: str | Path | None = None, log: Callable[[str], None] = print
+) -> list[Path]:
     """``cll figures``: every figure of a summary.csv into ``out_dir`` (default: ``figures/``
     beside it). A figure without cells is skipped with one line to ``log``."""
     summary = Path(summary)
@@ -209,9 +224,11 @@ def make_figures(summary: str | Path, out_dir: str | Path | None = None,
         raise CllError("cll figures needs matplotlib: pip install matplotlib==3.11.2") from None
     out_dir = Path(out_dir if out_dir is not None else summary.parent / "figures")
     root = summary.parent  # run_dir in the summary is relative to it
-    builders = {"slack_vs_k": lambda: figure_slack_vs_k(rows),
-                "cra_vs_p": lambda: figure_cra_vs_p(rows),
-                "moons_boundaries": lambda: figure_moons_boundaries(rows, root)}
+    builders = {
+        "slack_vs_k": lambda: figure_slack_vs_k(rows),
+        "cra_vs_p": lambda: figure_cra_vs_p(rows),
+        "moons_boundaries": lambda: figure_moons_boundaries(rows, root),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)  # the workflow's output even when all are skipped
     written = []
     for name in FIGURES:

@@ -28,6 +28,7 @@ Every cell's run config is ``defaults`` + the row's ``set`` + its dataset/arch/l
 validated by ``cll.config`` exactly as ``cll train`` would, so a bad grid fails in one line before
 any job starts. A cell's directory is ``cll.results.run_dir`` of its keys.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -68,8 +69,15 @@ class Cell:
 
     def config_values(self) -> dict:
         """The cell's run-config keys as the grid gives them (not validated)."""
-        return {**self.overrides, "dataset": self.dataset, "arch": self.arch, "loss": self.loss,
-                "eps": self.eps, "p": self.p, "seed": self.seed}
+        return {
+            **self.overrides,
+            "dataset": self.dataset,
+            "arch": self.arch,
+            "loss": self.loss,
+            "eps": self.eps,
+            "p": self.p,
+            "seed": self.seed,
+        }
 
     def run_config(self, check_names: bool = True) -> RunConfig:
         return build_config(self.config_values(), check_names)
@@ -134,8 +142,7 @@ def parse_grid(values: Any, check_names: bool = True) -> Grid:
                 if key not in row:
                     raise ConfigError(f"{rwhere}: missing key {key!r}")
             if row.get("baseline") is not None and row["baseline"] not in methods:
-                raise ConfigError(f"{rwhere}.baseline: {row['baseline']!r} is not a method of table "
-                                  f"{table['name']!r}")
+                raise ConfigError(f"{rwhere}.baseline: {row['baseline']!r} is not a method of table {table['name']!r}")
             resources = row.get("resources") or {}
             if not isinstance(resources, dict):
                 raise ConfigError(f"{rwhere}.resources: must be a mapping")
@@ -149,10 +156,20 @@ def parse_grid(values: Any, check_names: bool = True) -> Grid:
                         # eps/p may be fractions (36/255); a runnable cell is validated exactly as
                         # `cll train` would (a pending row's arch may not exist yet)
                         try:
-                            cell = Cell(table["name"], str(row["method"]), row["dataset"], row["arch"],
-                                        row["loss"], parse_number("eps", eps), parse_number("p", p), seed,
-                                        row.get("baseline"), pending, resources,
-                                        {k: v for k, v in overrides.items() if k != "p"})
+                            cell = Cell(
+                                table["name"],
+                                str(row["method"]),
+                                row["dataset"],
+                                row["arch"],
+                                row["loss"],
+                                parse_number("eps", eps),
+                                parse_number("p", p),
+                                seed,
+                                row.get("baseline"),
+                                pending,
+                                resources,
+                                {k: v for k, v in overrides.items() if k != "p"},
+                            )
                             cfg = cell.run_config(check_names) if pending is None else None
                         except ConfigError as err:
                             raise ConfigError(f"{rwhere}: {err}") from None

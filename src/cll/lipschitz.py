@@ -35,10 +35,11 @@ The whole-model constant used by the certifier is the product of the body's per-
 normalisation factor, times the head's largest pairwise row distance max_ij ||W_i - W_j||_2,
 which is the Lipschitz constant of every logit difference z_i - z_j.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,12 +60,12 @@ Operator = Callable[[torch.Tensor], torch.Tensor]
 # ---------------------------------------------------------------- the true operators of the layers
 def conv_output_hw(layer: nn.Conv2d, in_shape: tuple[int, ...]) -> list[int]:
     """(height, width) of a zero-padded conv2d's output at input shape ``in_shape`` (no batch axis)."""
-    return [(in_shape[d + 1] + 2 * layer.padding[d] - layer.kernel_size[d]) // layer.stride[d] + 1
-            for d in range(2)]
+    return [(in_shape[d + 1] + 2 * layer.padding[d] - layer.kernel_size[d]) // layer.stride[d] + 1 for d in range(2)]
 
 
-def linear_operator(layer: nn.Module, in_shape: tuple[int, ...],
-                    weight: torch.Tensor | None = None) -> tuple[Operator, Operator]:
+def linear_operator(
+    layer: nn.Module, in_shape: tuple[int, ...], weight: torch.Tensor | None = None
+) -> tuple[Operator, Operator]:
     """The bias-free map of a conv/linear layer at input shape ``in_shape`` (no batch axis), and its
     exact adjoint. Both take and return batched tensors. ``weight``: use this tensor in place of
     ``layer.weight`` (same shape)."""
@@ -87,8 +88,9 @@ def linear_operator(layer: nn.Module, in_shape: tuple[int, ...],
             return F.conv2d(u, layer.weight if weight is None else weight, None, stride, padding)
 
         def adjoint(v: torch.Tensor) -> torch.Tensor:
-            return F.conv_transpose2d(v, layer.weight if weight is None else weight, None, stride, padding,
-                                      output_padding=extra)
+            return F.conv_transpose2d(
+                v, layer.weight if weight is None else weight, None, stride, padding, output_padding=extra
+            )
 
         return forward, adjoint
     raise TypeError(f"no linear operator for layer type {type(layer).__name__}")
@@ -110,7 +112,9 @@ def power_iterate(forward: Operator, adjoint: Operator, u: torch.Tensor, n_iter:
     return u
 
 
-def power_norm(layer: nn.Module, shape: tuple[int, ...], u: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+def power_norm(
+    layer: nn.Module, shape: tuple[int, ...], u: torch.Tensor, n_iter: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma, u_n): ``n_iter`` power-iteration steps from ``u``, then sigma = ||A u_n|| / ||u_n||.
 
     Where autograd needs the weight's gradient, through every step (the K penalty of the recipe),
@@ -154,7 +158,7 @@ class _PowerNorm(torch.autograd.Function):
     def backward(ctx, grad_sigma, _grad_u):
         n = ctx.n_iter
         weight, *saved = ctx.saved_tensors
-        us, ys, vs = saved[:n + 1], saved[n + 1:2 * n + 2], saved[2 * n + 2:]
+        us, ys, vs = saved[: n + 1], saved[n + 1 : 2 * n + 2], saved[2 * n + 2 :]
         forward, adjoint = linear_operator(ctx.layer, ctx.shape, weight)
         inputs, grads = [], []  # (x, g) of every application of A, written as applications of A
         # sigma = ||y_n|| / (||u_n|| + c), y_n = A u_n
@@ -167,7 +171,8 @@ class _PowerNorm(torch.autograd.Function):
             # u_{k+1} = v_k / (||v_k|| + c)
             norm_v = vs[k].norm()
             grad_v = grad_u / (norm_v + 1e-12) - vs[k] * (vs[k] * grad_u).sum() / (
-                norm_v.clamp_min(1e-30) * (norm_v + 1e-12) ** 2)
+                norm_v.clamp_min(1e-30) * (norm_v + 1e-12) ** 2
+            )
             # v_k = A^T y_k: counts as A applied to grad_v with output gradient y_k
             inputs.append(grad_v), grads.append(ys[k])
             grad_y = forward(grad_v)
@@ -310,8 +315,9 @@ def conv_matrix(weight: torch.Tensor, in_shape: tuple[int, ...], stride=(1, 1), 
     return torch.cat(columns).t()
 
 
-def conv_norm_bound(weight: torch.Tensor, in_shape: tuple[int, ...], stride=(1, 1), padding=(0, 0),
-                    method: str = "auto") -> float:
+def conv_norm_bound(
+    weight: torch.Tensor, in_shape: tuple[int, ...], stride=(1, 1), padding=(0, 0), method: str = "auto"
+) -> float:
     """Guaranteed upper bound on the norm of a zero-padded conv2d with ``weight`` at ``in_shape``:
     exact from the explicit matrix where it is small ("auto"/"explicit"), else the circular bound
     by FFT ("auto"/"fft")."""
@@ -326,10 +332,10 @@ def conv_norm_bound(weight: torch.Tensor, in_shape: tuple[int, ...], stride=(1, 
 
 # conv_fft_bound: float64 eigvalsh runs only at frequencies that may hold the maximum (see
 # _max_top_eigenvalue); the others are ruled out by guaranteed upper bounds.
-FFT_PRUNE_SLACK = 1e-6    # relative margin on those bounds, >> their rounding error (< 1e-9)
-FFT_GRAM_STEPS = 8        # Gram-iteration squarings at most
-FFT_SEEDS = 8             # frequencies solved first, to have a maximum to compare with
-FFT_DIRECT_SIZE = 8       # Gram matrices up to this size: eigvalsh everywhere (cheap enough)
+FFT_PRUNE_SLACK = 1e-6  # relative margin on those bounds, >> their rounding error (< 1e-9)
+FFT_GRAM_STEPS = 8  # Gram-iteration squarings at most
+FFT_SEEDS = 8  # frequencies solved first, to have a maximum to compare with
+FFT_DIRECT_SIZE = 8  # Gram matrices up to this size: eigvalsh everywhere (cheap enough)
 # devices where pruning pays: on the CPU (1-2 threads) batched complex128 matmuls cost more than
 # the LAPACK eigvalsh calls they save (measured, bench/README.md); on a GPU the eigvalsh calls are
 # the slow part and the Gram-iteration matmuls cheap (not measured here: no GPU was available)
@@ -362,8 +368,7 @@ def _max_top_eigenvalue(spectrum: torch.Tensor) -> float:
     chunk = max(1, FFT_CHUNK_ENTRIES // (r * max(m, n)))
 
     def top(idx: torch.Tensor) -> float:  # exact: the largest eigvalsh value over frequencies idx
-        return max(torch.linalg.eigvalsh(_gram(spectrum[i])).amax().item()
-                   for i in idx.split(chunk))
+        return max(torch.linalg.eigvalsh(_gram(spectrum[i])).amax().item() for i in idx.split(chunk))
 
     every = torch.arange(n_freq, device=spectrum.device)
     if r <= FFT_DIRECT_SIZE or spectrum.device.type not in FFT_PRUNE_DEVICES:
@@ -405,14 +410,15 @@ def _max_top_eigenvalue(spectrum: torch.Tensor) -> float:
         for start in range(0, len(idx), FFT_SEEDS):  # most promising first, until none can win
             if bound[start] + slack <= log_best:
                 break
-            value = top(idx[start:start + FFT_SEEDS])
+            value = top(idx[start : start + FFT_SEEDS])
             if value > best:
                 best, log_best = value, math.log(value)
     return max(best, 0.0)
 
 
-def conv_fft_bound(weight: torch.Tensor, in_shape: tuple[int, ...], stride: tuple[int, int],
-                   padding: tuple[int, int]) -> float:
+def conv_fft_bound(
+    weight: torch.Tensor, in_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int]
+) -> float:
     """Upper bound on the norm of a zero-padded, strided 2-D convolution at input ``in_shape``.
 
     The exact norm of the circular convolution on the padded canvas (Sedghi et al. 2019), with the
@@ -479,7 +485,7 @@ def avg_pool_bound(layer: nn.AvgPool2d) -> float:
 def residual_bound(step: float, norm_ub: float) -> float:
     """Bound on ||I - step * M^T D M|| over diagonal 0 <= D <= I (the Jacobians of CPL and SLL
     layers, M the inner linear map): its eigenvalues lie in [1 - step ||M||^2, 1]."""
-    return max(1.0, step * norm_ub ** 2 - 1.0) * (1 + ROUNDING_SLACK)
+    return max(1.0, step * norm_ub**2 - 1.0) * (1 + ROUNDING_SLACK)
 
 
 def schur_bound(weight: torch.Tensor) -> float:
@@ -515,7 +521,7 @@ def soc_bound(layer: L.SOC, in_shape: tuple[int, ...]) -> float:
             s, p = layer.stride, layer.kernel_size // 2
             shape = (layer.channels, in_shape[1] // s, in_shape[2] // s)
             rho = min(rho, conv_norm_bound(kernel, shape, (1, 1), (p, p), method="fft"))
-    series = sum(rho ** i / math.factorial(i) for i in range(t + 1))
+    series = sum(rho**i / math.factorial(i) for i in range(t + 1))
     return min(series, 1.0 + _taylor_remainder(rho, t)) * (1 + ROUNDING_SLACK)
 
 
@@ -535,7 +541,7 @@ def sll_bound(layer, in_shape: tuple[int, ...]) -> float:
     upper bound on every row of the zero-padded operator's Gram matrix. No eigendecomposition."""
     with torch.no_grad():
         t_inv = layer.inverse_t().double()
-        live = t_inv > 0                      # dead units (t = 0) have zero rows in M
+        live = t_inv > 0  # dead units (t = 0) have zero rows in M
         q = torch.exp(layer.q.double())
         w = layer.weight.double()
         if isinstance(layer, L.SLLConv):
@@ -566,9 +572,15 @@ def sandwich_bound(layer, in_shape: tuple[int, ...]) -> float:
     return math.sqrt(1.0 + 4.0 * e * (1.0 + e)) * (1 + ROUNDING_SLACK)
 
 
-PEER_BOUNDS = {L.SOC: soc_bound, L.CPLConv: cpl_bound, L.CPLLinear: cpl_bound,
-               L.SLLConv: sll_bound, L.SLLLinear: sll_bound,
-               L.SandwichConv: sandwich_bound, L.SandwichLinear: sandwich_bound}
+PEER_BOUNDS = {
+    L.SOC: soc_bound,
+    L.CPLConv: cpl_bound,
+    L.CPLLinear: cpl_bound,
+    L.SLLConv: sll_bound,
+    L.SLLLinear: sll_bound,
+    L.SandwichConv: sandwich_bound,
+    L.SandwichLinear: sandwich_bound,
+}
 
 
 # ---------------------------------------------------------------- whole-model constants

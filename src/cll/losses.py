@@ -11,6 +11,7 @@ The K penalty ``lambda * K^pow`` is a separate term (``lipschitz_penalty``), add
 for any loss, as in the CLL reference (``GlobalLipschitzDecay``, shared/spec/cll.md section 1.2),
 or in the SOC/CPL/SLL code bases' form lambda * (max over the batch of K_F ||W_t - W_j||)^2.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,9 +48,18 @@ def cll_sigma(eps: float, p: float) -> float:
     return 1.0 / k_hf(eps, p)
 
 
-def cll_loss(logits: torch.Tensor, target: torch.Tensor, head_weight: torch.Tensor,
-             lip_body: torch.Tensor | float, eps: float, p: float, delta: float | None = None,
-             form: str = "pairwise", offset: str = "two-sided", k_scale: float = 1.0) -> torch.Tensor:
+def cll_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    head_weight: torch.Tensor,
+    lip_body: torch.Tensor | float,
+    eps: float,
+    p: float,
+    delta: float | None = None,
+    form: str = "pairwise",
+    offset: str = "two-sided",
+    k_scale: float = 1.0,
+) -> torch.Tensor:
     """Calibrated Lipschitz-margin loss (Losch et al. 2023), batch mean.
 
     pairwise (the ``CLL`` class of the reference; default):
@@ -95,21 +105,31 @@ class CLL(nn.Module):
 
     needs_lipschitz = True
 
-    def __init__(self, eps: float, p: float, delta: float | None = None, form: str = "pairwise",
-                 offset: str = "two-sided", k_scale_start: float = 1.0, k_scale_power: float = 10.0):
+    def __init__(
+        self,
+        eps: float,
+        p: float,
+        delta: float | None = None,
+        form: str = "pairwise",
+        offset: str = "two-sided",
+        k_scale_start: float = 1.0,
+        k_scale_power: float = 10.0,
+    ):
         super().__init__()
         self.eps, self.p, self.delta, self.form, self.offset = eps, p, delta, form, offset
         self.k_scale_start, self.k_scale_power = k_scale_start, k_scale_power
 
     def forward(self, logits, target, head_weight, lip_body, progress: float = 1.0):
         k_scale = polynomial(self.k_scale_start, 1.0, self.k_scale_power, progress)
-        return cll_loss(logits, target, head_weight, lip_body, self.eps, self.p, self.delta,
-                        self.form, self.offset, k_scale)
+        return cll_loss(
+            logits, target, head_weight, lip_body, self.eps, self.p, self.delta, self.form, self.offset, k_scale
+        )
 
 
 # ---------------------------------------------------------------- GloRo
-def gloro_logits(logits: torch.Tensor, head_weight: torch.Tensor, lip_body: torch.Tensor | float,
-                 eps: float) -> torch.Tensor:
+def gloro_logits(
+    logits: torch.Tensor, head_weight: torch.Tensor, lip_body: torch.Tensor | float, eps: float
+) -> torch.Tensor:
     """The C+1 logits [z, y_bot] of GloRo (Leino et al., ICML 2021, arXiv 2102.08452, eq. 5):
     y_bot = max_{i != j} (z_i + eps * K_F * ||W_j - W_i||) with j = argmax z (no gradient through
     the argmax). The bound keeps its gradient: GloRo trains through K."""
@@ -159,8 +179,9 @@ class CrossEntropy(nn.Module):
 
 
 # ---------------------------------------------------------------- the peers' own losses
-def label_radius(logits: torch.Tensor, target: torch.Tensor, head_weight: torch.Tensor,
-                 lip_body: torch.Tensor | float) -> torch.Tensor:
+def label_radius(
+    logits: torch.Tensor, target: torch.Tensor, head_weight: torch.Tensor, lip_body: torch.Tensor | float
+) -> torch.Tensor:
     """min_{j != t} (z_t - z_j) / (K_F ||W_t - W_j||) for the LABEL t (negative when misclassified):
     the certified radius of SOC's certificate regulariser (pairwise, as for its LLN head)."""
     k_tj = torch.cdist(head_weight[target], head_weight) * lip_body
@@ -224,9 +245,14 @@ def default_head(loss: str) -> str:
 
 
 # ---------------------------------------------------------------- the K penalty
-def lipschitz_penalty(lip_body: torch.Tensor, head_weight: torch.Tensor, lam: float,
-                      power: float = 2.0, target: torch.Tensor | None = None,
-                      form: str = "global") -> torch.Tensor:
+def lipschitz_penalty(
+    lip_body: torch.Tensor,
+    head_weight: torch.Tensor,
+    lam: float,
+    power: float = 2.0,
+    target: torch.Tensor | None = None,
+    form: str = "global",
+) -> torch.Tensor:
     """The K penalty, with gradient through K_F (and its power iterations) and through W.
 
     ``global`` (the reference's GlobalLipschitzDecay): lambda * (K_F * max_ij ||W_i - W_j||)^power.

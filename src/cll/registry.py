@@ -3,9 +3,11 @@
 Names are what tables print (``4C3F``, ``8C2F``) or what configs say (``cll``), so they are passed
 explicitly rather than taken from function names.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import ConfigError
 

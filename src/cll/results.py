@@ -6,13 +6,15 @@ A run directory holds ``model.pt`` (weights, optimizer, schedule, RNG state, his
 tree, the directory of one cell is ``run_dir(root, dataset, arch, loss, eps, p, seed)``:
 ``<root>/runs/{dataset}/{arch}/{loss}/eps{eps}_p{p}/seed{seed}``.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import CllError
 
@@ -78,8 +80,7 @@ def read_json(path: Path) -> dict | None:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CllError(f"{str(path)!r} cannot be read ({type(err).__name__}); "
-                       "delete it and rerun that step") from None
+        raise CllError(f"{str(path)!r} cannot be read ({type(err).__name__}); delete it and rerun that step") from None
     if not isinstance(value, dict):
         raise CllError(f"{str(path)!r} does not hold a JSON object")
     return value

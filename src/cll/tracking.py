@@ -39,6 +39,7 @@ Parallel jobs against a fresh sqlite file race in MLflow's schema migration and 
 creation (shared/spec/ecosystem.md section 3.2); ``init`` (``cll track init``) creates both once,
 before the jobs start. This is the only module that imports mlflow, and only inside functions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,8 +75,11 @@ def tracking_uri() -> str:
 def warn(err: BaseException) -> None:
     """The one line a tracking failure prints."""
     text = (str(err).strip().splitlines() or [""])[0][:300]
-    print(f"cll: warning: MLflow tracking skipped ({type(err).__name__}: {text}); "
-          f"the files in the run directory are unaffected", file=sys.stderr)
+    print(
+        f"cll: warning: MLflow tracking skipped ({type(err).__name__}: {text}); "
+        f"the files in the run directory are unaffected",
+        file=sys.stderr,
+    )
 
 
 def _client():
@@ -117,8 +121,9 @@ def _param_text(value: Any) -> str:
 
 def _run_name(config: dict) -> str:
     """The cell part of the run directory: ``digits/4C3F/cll/eps0.15_p0.3/seed0``."""
-    rel = results.run_dir("", config["dataset"], config["arch"], config["loss"], config["eps"],
-                          config["p"], config["seed"])
+    rel = results.run_dir(
+        "", config["dataset"], config["arch"], config["loss"], config["eps"], config["p"], config["seed"]
+    )
     return rel.relative_to("runs").as_posix()
 
 
@@ -129,8 +134,14 @@ def _final_metrics(train: dict | None, cert: dict | None) -> dict[str, float]:
         out["train_wall_time"] = train.get("wall_time")
         out["k_hf"] = train.get("k_hf")
     if cert:
-        for key in ("clean_accuracy", "lipschitz_constant", "lipschitz_estimate", "lipschitz_body",
-                    "n_samples", "k_hf"):
+        for key in (
+            "clean_accuracy",
+            "lipschitz_constant",
+            "lipschitz_estimate",
+            "lipschitz_body",
+            "n_samples",
+            "k_hf",
+        ):
             out[key] = cert.get(key)
         out["certify_seconds"] = cert.get("seconds")
         for eps, value in (cert.get("cra") or {}).items():
@@ -176,8 +187,11 @@ def log_run_dir(run_dir: str | Path, experiment: str) -> str:
     if found:
         run = found[0]
     else:
-        tags = {KEY_TAG: key, DIR_TAG: str(run_dir),
-                **{f"cll.{k}": str(config[k]) for k in ("dataset", "arch", "loss", "eps", "p", "seed")}}
+        tags = {
+            KEY_TAG: key,
+            DIR_TAG: str(run_dir),
+            **{f"cll.{k}": str(config[k]) for k in ("dataset", "arch", "loss", "eps", "p", "seed")},
+        }
         run = client.create_run(exp_id, run_name=_run_name(config), tags=tags)
     run_id = run.info.run_id
 
@@ -189,13 +203,16 @@ def log_run_dir(run_dir: str | Path, experiment: str) -> str:
     for row in train.get("epochs", []):
         if row["epoch"] in logged:
             continue
-        metrics += [Metric(name, float(row[field]), now, row["epoch"])
-                    for field, name in EPOCH_METRICS.items() if isinstance(row.get(field), (int, float))]
-    metrics += [Metric(k, v, now, 0) for k, v in _final_metrics(train, cert).items()
-                if run.data.metrics.get(k) != v]
+        metrics += [
+            Metric(name, float(row[field]), now, row["epoch"])
+            for field, name in EPOCH_METRICS.items()
+            if isinstance(row.get(field), (int, float))
+        ]
+    metrics += [Metric(k, v, now, 0) for k, v in _final_metrics(train, cert).items() if run.data.metrics.get(k) != v]
     for i in range(0, max(len(metrics), 1), _BATCH):
-        client.log_batch(run_id, metrics=metrics[i:i + _BATCH], params=params if i == 0 else [],
-                         tags=tags if i == 0 else [])
+        client.log_batch(
+            run_id, metrics=metrics[i : i + _BATCH], params=params if i == 0 else [], tags=tags if i == 0 else []
+        )
     for name in (results.TRAIN, results.CERTIFY):
         if (run_dir / name).is_file():
             client.log_artifact(run_id, str(run_dir / name))
@@ -256,8 +273,11 @@ def log_figures(paths: list[Path], experiment: str) -> str:
     client = _client()
     exp_id = _experiment_id(client, experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = 'figures'", max_results=1)
-    run_id = found[0].info.run_id if found else client.create_run(
-        exp_id, run_name="figures", tags={KEY_TAG: "figures"}).info.run_id
+    run_id = (
+        found[0].info.run_id
+        if found
+        else client.create_run(exp_id, run_name="figures", tags={KEY_TAG: "figures"}).info.run_id
+    )
     for path in paths:
         client.log_artifact(run_id, str(path), artifact_path="figures")
     client.set_terminated(run_id, "FINISHED")

@@ -9,14 +9,15 @@ At each epoch end the iterates are converged and the estimate is logged. The run
 every ``checkpoint_every`` epochs with model, optimizer, schedule and RNG states, so rerunning the
 same command resumes where it stopped. The sound bound is computed once at the end.
 """
+
 from __future__ import annotations
 
 import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -64,13 +65,13 @@ def make_schedule(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_ep
     if cfg.schedule == "multistep":
         epochs = cfg.milestones or [round(f * cfg.epochs) for f in (0.5, 0.75, 0.975)]
         steps = [e * steps_per_epoch for e in epochs]
-        factor = lambda it: cfg.gamma ** sum(it >= s for s in steps)  # noqa: E731
+        factor = lambda it: cfg.gamma ** sum(it >= s for s in steps)
     elif cfg.schedule == "cosine":
-        factor = lambda it: 0.5 * (1 + math.cos(math.pi * min(it / total, 1.0)))  # noqa: E731
+        factor = lambda it: 0.5 * (1 + math.cos(math.pi * min(it / total, 1.0)))
     elif cfg.schedule == "triangular":  # CPL's: 0 -> lr at 40%, -> lr/20 at 80%, -> 0 at the end
-        factor = lambda it: float(np.interp(it / total, [0, 0.4, 0.8, 1.0], [0, 1, 0.05, 0]))  # noqa: E731
+        factor = lambda it: float(np.interp(it / total, [0, 0.4, 0.8, 1.0], [0, 1, 0.05, 0]))
     else:
-        factor = lambda it: 1.0  # noqa: E731
+        factor = lambda it: 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -90,7 +91,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _fmt_time(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
@@ -102,11 +103,14 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise CllError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}); "
-                       "delete it to start the run afresh") from None
+        raise CllError(
+            f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}); delete it to start the run afresh"
+        ) from None
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
-        raise CllError(f"{str(path)!r} is not a cll checkpoint (it lacks "
-                       f"{', '.join(k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state)})")
+        raise CllError(
+            f"{str(path)!r} is not a cll checkpoint (it lacks "
+            f"{', '.join(k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state)})"
+        )
     return state
 
 
@@ -135,8 +139,10 @@ def _load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError, AttributeError) as err:
         first = " ".join(str(err).split())[:300]
-        raise CllError(f"checkpoint {str(path)!r} does not hold weights of its own config's model "
-                       f"({type(err).__name__}: {first}); delete it to start the run afresh") from None
+        raise CllError(
+            f"checkpoint {str(path)!r} does not hold weights of its own config's model "
+            f"({type(err).__name__}: {first}); delete it to start the run afresh"
+        ) from None
 
 
 def prepare_model(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
@@ -158,8 +164,13 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[t
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def make_step(cfg: RunConfig, model: torch.nn.Module, criterion: torch.nn.Module,
-              optimizer: torch.optim.Optimizer, device: torch.device):
+def make_step(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+):
     """One training step (steps 1-3 of the module docstring, without the LR schedule) as
     ``step(x, y, progress) -> (loss, logits)``, both detached and left on the device: nothing in
     the step waits for the GPU.
@@ -180,8 +191,14 @@ def make_step(cfg: RunConfig, model: torch.nn.Module, criterion: torch.nn.Module
         logits = model.head(features.float())
         loss = criterion(logits, y, model.head.weight, lip_body, progress)
         if cfg.lip_penalty > 0:
-            loss = loss + losses.lipschitz_penalty(lip_body, model.head.weight, cfg.lip_penalty, cfg.lip_pow,
-                                                   distributed.batch_labels(y), cfg.lip_penalty_form)
+            loss = loss + losses.lipschitz_penalty(
+                lip_body,
+                model.head.weight,
+                cfg.lip_penalty,
+                cfg.lip_pow,
+                distributed.batch_labels(y),
+                cfg.lip_penalty_form,
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -202,9 +219,14 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed)
 
-    train_set, test_set, info = data.load_dataset(cfg.dataset, root=cfg.data_root, augment=cfg.augment,
-                                                  seed=cfg.seed, max_train=cfg.max_train,
-                                                  max_test=cfg.max_test)
+    train_set, _test_set, info = data.load_dataset(
+        cfg.dataset,
+        root=cfg.data_root,
+        augment=cfg.augment,
+        seed=cfg.seed,
+        max_train=cfg.max_train,
+        max_test=cfg.max_test,
+    )
     model = prepare_model(build_model(cfg), cfg, device)
     criterion = losses.create(cfg)
     optimizer = make_optimizer(cfg, model)
@@ -219,8 +241,10 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
         if state.get("config") != cfg.to_dict():
             old = state.get("config") or {}
             diff = [k for k in cfg.to_dict() if old.get(k) != getattr(cfg, k)]
-            raise ConfigError(f"{out_dir} holds a run with another config (differs in "
-                              f"{', '.join(diff) or 'format'}); use a new --out directory")
+            raise ConfigError(
+                f"{out_dir} holds a run with another config (differs in "
+                f"{', '.join(diff) or 'format'}); use a new --out directory"
+            )
         _load_weights(model, state, ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -238,9 +262,18 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
         model.train()
         # the shuffle order depends only on (seed, epoch), so a resumed run sees the same batches
         order = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        loader = (in_memory.epoch(cfg.batch_size, order, drop_last) if in_memory is not None else
-                  DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=order,
-                             drop_last=drop_last, num_workers=cfg.num_workers))
+        loader = (
+            in_memory.epoch(cfg.batch_size, order, drop_last)
+            if in_memory is not None
+            else DataLoader(
+                train_set,
+                batch_size=cfg.batch_size,
+                shuffle=True,
+                generator=order,
+                drop_last=drop_last,
+                num_workers=cfg.num_workers,
+            )
+        )
         t_epoch = t_note = time.time()
         total_loss = total_correct = total_n = 0.0
         for i, (x, y) in enumerate(loader):
@@ -254,33 +287,55 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
             if time.time() - t_note > 30:  # long epochs: a line every 30 s
                 t_note = time.time()
                 rate = total_n / (t_note - t_epoch)
-                log(f"  epoch {epoch + 1} batch {i + 1}/{steps_per_epoch}  {rate:.0f} img/s  "
-                    f"epoch ETA {_fmt_time((steps_per_epoch - i - 1) * cfg.batch_size / rate)}")
+                log(
+                    f"  epoch {epoch + 1} batch {i + 1}/{steps_per_epoch}  {rate:.0f} img/s  "
+                    f"epoch ETA {_fmt_time((steps_per_epoch - i - 1) * cfg.batch_size / rate)}"
+                )
 
         total_loss, total_correct, total_n = distributed.all_sum(total_loss, total_correct, total_n)
         mean_loss = float(total_loss) / total_n
         k_est = lipschitz.estimate_constant(model, lipschitz.converged_body(model, cfg.pi_tol))
         if not (math.isfinite(mean_loss) and math.isfinite(k_est)):
-            kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists()
-                    else "no checkpoint was written")
-            raise TrainingDiverged(f"training diverged at epoch {epoch + 1}: loss {mean_loss}, K {k_est}; "
-                                   f"{kept} (try a smaller lr or a larger lip_penalty)")
+            kept = (
+                f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint was written"
+            )
+            raise TrainingDiverged(
+                f"training diverged at epoch {epoch + 1}: loss {mean_loss}, K {k_est}; "
+                f"{kept} (try a smaller lr or a larger lip_penalty)"
+            )
         now = time.time()
-        history.append({"epoch": epoch + 1, "loss": mean_loss, "accuracy": float(total_correct) / total_n,
-                        "lipschitz_estimate": k_est, "lr": schedule.get_last_lr()[0],
-                        "seconds": now - t_epoch})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": mean_loss,
+                "accuracy": float(total_correct) / total_n,
+                "lipschitz_estimate": k_est,
+                "lr": schedule.get_last_lr()[0],
+                "seconds": now - t_epoch,
+            }
+        )
         per_epoch = (now - t_start - elapsed) / (epoch + 1 - start_epoch)
         eta = per_epoch * (cfg.epochs - epoch - 1)
         h = history[-1]
-        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {h['loss']:.4f}  acc {100 * h['accuracy']:.1f}%  "
-            f"K {k_est:.4g}  lr {h['lr']:.2e}  {per_epoch:.1f} s/epoch  ETA {_fmt_time(eta)}")
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {h['loss']:.4f}  acc {100 * h['accuracy']:.1f}%  "
+            f"K {k_est:.4g}  lr {h['lr']:.2e}  {per_epoch:.1f} s/epoch  ETA {_fmt_time(eta)}"
+        )
         last = epoch + 1 == cfg.epochs
         if distributed.is_main() and (last or (epoch + 1) % cfg.checkpoint_every == 0):
-            results.save_torch(ckpt_path, {
-                "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "rng": _rng_state(), "history": history,
-                "epoch": epoch + 1, "elapsed": now - t_start,
-            })
+            results.save_torch(
+                ckpt_path,
+                {
+                    "config": cfg.to_dict(),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "rng": _rng_state(),
+                    "history": history,
+                    "epoch": epoch + 1,
+                    "elapsed": now - t_start,
+                },
+            )
 
     if start_epoch >= cfg.epochs:
         log(f"{out_dir} is already trained ({cfg.epochs} epochs)")

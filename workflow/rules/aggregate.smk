@@ -11,16 +11,15 @@ rule aggregate:
         f"{RESULTS}/summary.csv",
     log:
         "logs/aggregate/aggregate.log",
-    params:
-        results=output_dir,
-        experiment=EXPERIMENT,
     localrule: True
     conda:
         "../../envs/report.yaml"
+    params:
+        results=output_dir,
+        experiment=EXPERIMENT,
     shell:
         # --track: runs whose jobs could not reach the tracker are logged now (cll.tracking.backfill)
-        "cll aggregate --grid {input.grid:q} --results {params.results:q} --track {params.experiment:q}"
-        " > {log} 2>&1"
+        "cll aggregate --grid {input.grid:q} --results {params.results:q} --track {params.experiment:q}" " > {log} 2>&1"
 
 
 rule tables:
@@ -30,11 +29,11 @@ rule tables:
         table_files(),
     log:
         "logs/tables/tables.log",
-    params:
-        out=output_dir,
     localrule: True
     conda:
         "../../envs/report.yaml"
+    params:
+        out=output_dir,
     shell:
         "cll tables --summary {input:q} --out {params.out:q} > {log} 2>&1"
 
@@ -51,10 +50,10 @@ rule figures:
         ),
     log:
         "logs/figures/figures.log",
-    params:
-        experiment=EXPERIMENT,
     localrule: True
     conda:
         "../../envs/report.yaml"
+    params:
+        experiment=EXPERIMENT,
     shell:
         "cll figures --summary {input:q} --out {output:q} --track {params.experiment:q} > {log} 2>&1"

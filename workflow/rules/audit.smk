@@ -17,20 +17,20 @@ rule audit:
         f"{RUN_DIR}/audit.json",
     log:
         f"logs/audit/{CELL_PATH}.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: resource("cpus", 1)
+    resources:
+        **SITE_RESOURCES,
+        gpu=resource("gpus", 0, most=1),
+        runtime=resource("runtime", 60),
+        mem_mb=resource("mem_mb", 4000),
+        cpus_per_task=resource("cpus", 1),
     params:
         run=run_dir_of,
         n=AUDIT_SAMPLES,
         steps=AUDIT_STEPS,
         restarts=AUDIT_RESTARTS,
-    threads: resource("cpus", 1)
-    resources:
-        gpu=resource("gpus", 0, most=1),
-        runtime=resource("runtime", 60),
-        mem_mb=resource("mem_mb", 4000),
-        cpus_per_task=resource("cpus", 1),
-        **SITE_RESOURCES,
-    conda:
-        "../../envs/train.yaml"
     shell:
         "cll audit --run {params.run:q} --n {params.n} --steps {params.steps} --restarts {params.restarts}"
         " > {log} 2>&1"

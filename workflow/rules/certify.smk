@@ -8,17 +8,17 @@ rule certify:
         f"{RUN_DIR}/certify.json",
     log:
         f"logs/certify/{CELL_PATH}.log",
-    params:
-        run=run_dir_of,
-        experiment=EXPERIMENT,
+    conda:
+        "../../envs/train.yaml"
     threads: resource("cpus", 1)
     resources:
+        **SITE_RESOURCES,
         gpu=resource("gpus", 0, most=1),
         runtime=resource("runtime", 60),
         mem_mb=resource("mem_mb", 4000),
         cpus_per_task=resource("cpus", 1),
-        **SITE_RESOURCES,
-    conda:
-        "../../envs/train.yaml"
+    params:
+        run=run_dir_of,
+        experiment=EXPERIMENT,
     shell:
         "cll certify --run {params.run:q} --track {params.experiment:q} > {log} 2>&1"

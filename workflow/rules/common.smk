@@ -66,9 +66,7 @@ def grid_file():
     with open(path, encoding="utf-8") as f:
         on_disk = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}  # libyaml: 10x faster
     free = ("results", "experiment")
-    if {k: v for k, v in config.items() if k not in free} != {
-        k: v for k, v in on_disk.items() if k not in free
-    }:
+    if {k: v for k, v in config.items() if k not in free} != {k: v for k, v in on_disk.items() if k not in free}:
         stop(
             f"the grid is not the content of {path}: give the whole grid in one file "
             f"(snakemake all_tables --configfile GRID.yaml); --config may only set results or experiment"
@@ -94,14 +92,16 @@ class _Placeholder:
 
 def run_pattern(root):
     return str(
-        cll_results.run_dir(root, "{dataset}", "{arch}", "{loss}",
-                            _Placeholder("eps"), _Placeholder("p"), _Placeholder("seed"))
+        cll_results.run_dir(
+            root, "{dataset}", "{arch}", "{loss}", _Placeholder("eps"), _Placeholder("p"), _Placeholder("seed")
+        )
     )
 
 
 # results/runs/{dataset}/{arch}/{loss}/eps{eps}_p{p}/seed{seed} and its cell part (for logs)
 RUN_DIR = run_pattern(RESULTS)
 CELL_PATH = os.path.relpath(run_pattern("."), "runs")
+
 
 wildcard_constraints:
     dataset="[^/]+",
@@ -115,8 +115,14 @@ wildcard_constraints:
 # every runnable cell by its run directory (a cell listed in two tables runs once)
 CELLS = {str(cell.path(RESULTS)): cell for cell in GRID.runnable()}
 for _path, _cell in CELLS.items():
-    _keys = dict(dataset=_cell.dataset, arch=_cell.arch, loss=_cell.loss, seed=_cell.seed,
-                 eps=cll_results.fmt_number(_cell.eps), p=cll_results.fmt_number(_cell.p))
+    _keys = dict(
+        dataset=_cell.dataset,
+        arch=_cell.arch,
+        loss=_cell.loss,
+        seed=_cell.seed,
+        eps=cll_results.fmt_number(_cell.eps),
+        p=cll_results.fmt_number(_cell.p),
+    )
     assert RUN_DIR.format(**_keys) == _path, (RUN_DIR, _path)  # the pattern matches run_dir
 
 # Jobs call the `cll` of the Python that runs Snakemake, so `.venv/bin/snakemake` works without an
@@ -156,8 +162,9 @@ def set_args(wildcards):
     """`key=value ...` of a cell for `cll train --set`, each shell-quoted: the cell's keys, then
     its run-config overrides (grid defaults + the row's set)."""
     cell = cell_of(wildcards)
-    values = dict(dataset=cell.dataset, arch=cell.arch, loss=cell.loss, eps=cell.eps, p=cell.p,
-                  seed=cell.seed, **cell.overrides)
+    values = dict(
+        dataset=cell.dataset, arch=cell.arch, loss=cell.loss, eps=cell.eps, p=cell.p, seed=cell.seed, **cell.overrides
+    )
     return " ".join(shlex.quote(f"{key}={yaml_value(value)}") for key, value in values.items())
 
 
@@ -187,8 +194,7 @@ def resource(name, default, most=None):
 # the account. Local runs ignore them.
 SITE_RESOURCES = {
     resource_name: os.environ[variable]
-    for resource_name, variable in (("slurm_partition", "CLL_SLURM_PARTITION"),
-                                    ("slurm_account", "CLL_SLURM_ACCOUNT"))
+    for resource_name, variable in (("slurm_partition", "CLL_SLURM_PARTITION"), ("slurm_account", "CLL_SLURM_ACCOUNT"))
     if os.environ.get(variable)
 }
 

@@ -12,20 +12,20 @@ rule train:
         f"{RUN_DIR}/train.json",
     log:
         f"logs/train/{CELL_PATH}.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: resource("cpus", 1)
+    resources:
+        **SITE_RESOURCES,
+        gpu=resource("gpus", 0),
+        runtime=resource("runtime", 60),
+        mem_mb=resource("mem_mb", 4000),
+        cpus_per_task=resource("cpus", 1),
     params:
         launch=train_launcher,
         run=run_dir_of,
         set=set_args,
         experiment=EXPERIMENT,
-    threads: resource("cpus", 1)
-    resources:
-        gpu=resource("gpus", 0),
-        runtime=resource("runtime", 60),
-        mem_mb=resource("mem_mb", 4000),
-        cpus_per_task=resource("cpus", 1),
-        **SITE_RESOURCES,
-    conda:
-        "../../envs/train.yaml"
     shell:
         # {params.launch}: `cll train`, or torchrun for a multi-GPU cell (common.smk: train_launcher)
         "{params.launch} --out {params.run:q} --track {params.experiment:q} --set {params.set} > {log} 2>&1"

@@ -10,6 +10,7 @@
 No layer here computes a certifying bound: ``cll.lipschitz`` bounds every layer type from its
 parameters (and refuses an unknown one), so "1-Lipschitz by construction" is always measured.
 """
+
 from .activations import HouseHolder, MaxMin
 from .basic import Normalize, PaddingChannels, unit_row_head
 from .cpl import CPLConv, CPLLinear
@@ -17,5 +18,17 @@ from .sandwich import SandwichConv, SandwichLinear
 from .sll import SLLConv, SLLLinear
 from .soc import SOC
 
-__all__ = ["MaxMin", "HouseHolder", "Normalize", "PaddingChannels", "unit_row_head", "SOC", "CPLConv",
-           "CPLLinear", "SLLConv", "SLLLinear", "SandwichConv", "SandwichLinear"]
+__all__ = [
+    "SOC",
+    "CPLConv",
+    "CPLLinear",
+    "HouseHolder",
+    "MaxMin",
+    "Normalize",
+    "PaddingChannels",
+    "SLLConv",
+    "SLLLinear",
+    "SandwichConv",
+    "SandwichLinear",
+    "unit_row_head",
+]

@@ -8,6 +8,7 @@
   deterministic l2 robustness on CIFAR-10 and CIFAR-100", ICLR 2022, arXiv 2108.04062), used by
   the SOC LipConvNets. Channel c of the first half is paired with channel c of the second half.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,5 +55,4 @@ class HouseHolder(nn.Module):
         theta = self.theta.view(shape)
         keep = a * torch.sin(theta / 2) - b * torch.cos(theta / 2) > 0
         cos, sin = torch.cos(theta), torch.sin(theta)
-        return torch.cat([torch.where(keep, a, a * cos + b * sin),
-                          torch.where(keep, b, a * sin - b * cos)], dim=1)
+        return torch.cat([torch.where(keep, a, a * cos + b * sin), torch.where(keep, b, a * sin - b * cos)], dim=1)

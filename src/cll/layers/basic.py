@@ -8,6 +8,7 @@
   everywhere (the loss, the certifier, the K penalty) and nothing else needs to know. An LLN head
   is not globally 1-Lipschitz; the certifier's pairwise rule ||W_j - W_i|| is what makes it sound.
 """
+
 from __future__ import annotations
 
 import torch

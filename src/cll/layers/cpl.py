@@ -20,6 +20,7 @@ parameters rather than assuming the construction.
 The conv form uses a 3x3 "same" convolution W (inner channels x channels) and its exact adjoint
 ``conv_transpose2d``; the linear form ``W`` (inner features x features).
 """
+
 from __future__ import annotations
 
 import math
@@ -73,7 +74,7 @@ class _CPL(EvalCache):
             sigma = self._train_sigma()
         else:
             sigma = self.cached(self._eval_sigma)
-        return 2.0 / (sigma ** 2 + EPSILON)
+        return 2.0 / (sigma**2 + EPSILON)
 
     @torch.no_grad()
     def eval_step_size(self) -> float:
@@ -96,8 +97,10 @@ class CPLConv(_CPL):
         return lipschitz.conv_norm_bound(self.weight, shape, (1, 1), (self.padding,) * 2, method="fft")
 
     def operator(self):
-        return (lambda u: F.conv2d(u, self.weight, padding=self.padding),
-                lambda v: F.conv_transpose2d(v, self.weight, padding=self.padding))
+        return (
+            lambda u: F.conv2d(u, self.weight, padding=self.padding),
+            lambda v: F.conv_transpose2d(v, self.weight, padding=self.padding),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         res = F.relu(F.conv2d(x, self.weight, self.bias, padding=self.padding))

@@ -21,6 +21,7 @@ Rounding makes [A B] only nearly orthonormal. With E = A A^H + B B^H - I the sam
 ||dh_out||^2 <= (1 + 4 ||E|| ||B||^2) ||dx||^2, which is the bound the certifier uses
 (``cll.lipschitz``).
 """
+
 from __future__ import annotations
 
 import math
@@ -55,13 +56,13 @@ def _one_cpu_thread(device: torch.device):
 def cayley_rows(w: torch.Tensor) -> torch.Tensor:
     """(..., m, m + k) -> a matrix of the same shape with orthonormal rows (real or complex)."""
     m = w.shape[-2]
-    y = w.transpose(-2, -1)                   # tall: (m + k, m)
+    y = w.transpose(-2, -1)  # tall: (m + k, m)
     u, v = y[..., :m, :], y[..., m:, :]
     z = u - u.mH + v.mH @ v
     eye = torch.eye(m, dtype=w.dtype, device=w.device)
     with _one_cpu_thread(w.device):
-        top = torch.linalg.solve(eye + z, eye - z)                    # (I+Z)^{-1} (I-Z)
-        bottom = -2 * torch.linalg.solve((eye + z).mT, v.mT).mT       # -2 V (I+Z)^{-1}
+        top = torch.linalg.solve(eye + z, eye - z)  # (I+Z)^{-1} (I-Z)
+        bottom = -2 * torch.linalg.solve((eye + z).mT, v.mT).mT  # -2 V (I+Z)^{-1}
     return torch.cat([top, bottom], dim=-2).transpose(-2, -1)
 
 
@@ -109,12 +110,13 @@ class SandwichLinear(EvalCache):
 class SandwichConv(EvalCache):
     """Sandwich convolution (circular, per frequency), (N, in, n, n) -> (N, out, n/stride, n/stride)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, in_hw: tuple[int, int],
-                 stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, in_hw: tuple[int, int], stride: int = 1):
         super().__init__()
         if stride not in (1, 2) or in_hw[0] != in_hw[1] or in_hw[0] % stride:
-            raise ValueError(f"SandwichConv needs stride 1 or 2 and square inputs divisible by it, "
-                             f"got stride {stride}, input {in_hw}")
+            raise ValueError(
+                f"SandwichConv needs stride 1 or 2 and square inputs divisible by it, "
+                f"got stride {stride}, input {in_hw}"
+            )
         self.stride = stride
         if stride == 2:  # space-to-depth and a halved kernel
             in_channels, kernel_size = 4 * in_channels, max(1, kernel_size // 2)
@@ -136,12 +138,13 @@ class SandwichConv(EvalCache):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) per frequency, [A B] with orthonormal rows and the spectrum of a real operator."""
+
         def make():
             w = self.spectrum()
             return hermitian_columns(cayley_rows(self.alpha * w / w.norm()))
 
         p = self.cached(make)
-        return p[..., :self.out_channels], p[..., self.out_channels:]
+        return p[..., : self.out_channels], p[..., self.out_channels :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 2:

@@ -15,6 +15,7 @@ convolution of the kernel with itself over all (2k-1)^2 offsets; the absolute va
 over offsets and channels. Unlike the reference's conv layer, whose q weights cancel (q_i / q_i),
 q_j / q_i weights here as in the paper; both are 1-Lipschitz.
 """
+
 from __future__ import annotations
 
 import math

@@ -21,6 +21,7 @@ as the ICLR 2022 follow-up recommends measuring rather than assuming.
 Stride 2 folds 2x2 pixel blocks into channels first (an orthogonal re-indexing); channel-count
 changes zero-pad the input channels or keep the first ``out_channels`` (both 1-Lipschitz).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,17 +41,26 @@ def transpose_kernel(kernel: torch.Tensor) -> torch.Tensor:
 def four_reshapes(kernel: torch.Tensor) -> list[torch.Tensor]:
     """The four matrices of Fantastic four: (o h, i w), (o w, i h), (o, i h w), (o h w, i)."""
     o, i, h, w = kernel.shape
-    return [kernel.permute(0, 2, 1, 3).reshape(o * h, i * w),
-            kernel.permute(0, 3, 1, 2).reshape(o * w, i * h),
-            kernel.reshape(o, i * h * w),
-            kernel.permute(0, 2, 3, 1).reshape(o * h * w, i)]
+    return [
+        kernel.permute(0, 2, 1, 3).reshape(o * h, i * w),
+        kernel.permute(0, 3, 1, 2).reshape(o * w, i * h),
+        kernel.reshape(o, i * h * w),
+        kernel.permute(0, 2, 3, 1).reshape(o * h * w, i),
+    ]
 
 
 class SOC(nn.Module):
     """Skew-orthogonal convolution, in_channels -> out_channels, stride 1 or 2, odd kernel."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 train_terms: int = TRAIN_TERMS, eval_terms: int = EVAL_TERMS):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        train_terms: int = TRAIN_TERMS,
+        eval_terms: int = EVAL_TERMS,
+    ):
         super().__init__()
         if stride not in (1, 2) or kernel_size % 2 == 0:
             raise ValueError(f"SOC needs stride 1 or 2 and an odd kernel, got {stride}, {kernel_size}")
@@ -60,8 +70,8 @@ class SOC(nn.Module):
         self.train_terms, self.eval_terms = train_terms, eval_terms
         self.correction = 0.7 if kernel_size > 1 else 1.0
         c = self.channels
-        self.weight = nn.Parameter(torch.randn(c, c, kernel_size, kernel_size) / c ** 0.5)
-        self.bias = nn.Parameter(torch.empty(out_channels).uniform_(-out_channels ** -0.5, out_channels ** -0.5))
+        self.weight = nn.Parameter(torch.randn(c, c, kernel_size, kernel_size) / c**0.5)
+        self.bias = nn.Parameter(torch.empty(out_channels).uniform_(-(out_channels**-0.5), out_channels**-0.5))
         # persistent left/right singular vectors of the four reshapes (buffers: saved, resumed)
         with torch.no_grad():
             for n, m in enumerate(four_reshapes(self.skew())):
@@ -104,4 +114,4 @@ class SOC(nn.Module):
         for i in range(1, self.terms + 1):
             term = F.conv2d(term, kernel, padding=self.kernel_size // 2) / i
             z = z + term
-        return z[:, :self.out_channels] + self.bias.view(1, -1, 1, 1)
+        return z[:, : self.out_channels] + self.bias.view(1, -1, 1, 1)

@@ -24,10 +24,11 @@ moons-mlp  F(10) F(20) F(40) F(40) F(20) F(10)  on 2-d inputs
 
 Initialisation: Kaiming-normal weights, zero biases (the reference's ``init_weights``).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -42,8 +43,14 @@ ARCHS = Registry("architecture")
 class LipschitzNet(nn.Module):
     """body -> head; the body's Lipschitz constant is bounded layer by layer in ``cll.lipschitz``."""
 
-    def __init__(self, body: nn.Sequential, head: nn.Linear, in_shape: Sequence[int],
-                 mean: Sequence[float] | None = None, std: float = 1.0):
+    def __init__(
+        self,
+        body: nn.Sequential,
+        head: nn.Linear,
+        in_shape: Sequence[int],
+        mean: Sequence[float] | None = None,
+        std: float = 1.0,
+    ):
         super().__init__()
         self.in_shape = tuple(in_shape)
         self.num_classes = head.out_features
@@ -84,9 +91,15 @@ def _init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def gloro_net(convs: Sequence[tuple[int, int, int, int]], dense: Sequence[int], num_classes: int,
-              in_shape: Sequence[int], head: str = "linear", mean: Sequence[float] | None = None,
-              width: float = 1.0) -> LipschitzNet:
+def gloro_net(
+    convs: Sequence[tuple[int, int, int, int]],
+    dense: Sequence[int],
+    num_classes: int,
+    in_shape: Sequence[int],
+    head: str = "linear",
+    mean: Sequence[float] | None = None,
+    width: float = 1.0,
+) -> LipschitzNet:
     """Conv layers ``(out_channels, kernel, stride, padding)``, then dense widths, then the head;
     MaxMin after every layer but the head; ``width`` scales the channel and dense sizes. ``mean``
     is accepted and not used: the GloRo family is trained on raw [0,1] inputs, as in the reference."""
@@ -116,21 +129,40 @@ def gloro_2c2f(num_classes: int, in_shape: Sequence[int], **kw) -> LipschitzNet:
 
 @ARCHS.register("4C3F")
 def gloro_4c3f(num_classes: int, in_shape: Sequence[int], **kw) -> LipschitzNet:
-    return gloro_net([(32, 3, 1, 1), (32, 3, 2, 1), (64, 3, 1, 1), (64, 3, 2, 1)], [512, 512],
-                     num_classes, in_shape, **kw)
+    return gloro_net(
+        [(32, 3, 1, 1), (32, 3, 2, 1), (64, 3, 1, 1), (64, 3, 2, 1)], [512, 512], num_classes, in_shape, **kw
+    )
 
 
 @ARCHS.register("6C2F")
 def gloro_6c2f(num_classes: int, in_shape: Sequence[int], **kw) -> LipschitzNet:
-    return gloro_net([(32, 3, 1, 1), (32, 3, 1, 1), (32, 4, 2, 1),
-                      (64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 1)], [512], num_classes, in_shape, **kw)
+    return gloro_net(
+        [(32, 3, 1, 1), (32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 1)],
+        [512],
+        num_classes,
+        in_shape,
+        **kw,
+    )
 
 
 @ARCHS.register("8C2F")
 def gloro_8c2f(num_classes: int, in_shape: Sequence[int], **kw) -> LipschitzNet:
-    return gloro_net([(64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 0),
-                      (128, 3, 1, 1), (128, 3, 1, 1), (128, 4, 2, 0),
-                      (256, 3, 1, 1), (256, 4, 2, 0)], [256], num_classes, in_shape, **kw)
+    return gloro_net(
+        [
+            (64, 3, 1, 1),
+            (64, 3, 1, 1),
+            (64, 4, 2, 0),
+            (128, 3, 1, 1),
+            (128, 3, 1, 1),
+            (128, 4, 2, 0),
+            (256, 3, 1, 1),
+            (256, 4, 2, 0),
+        ],
+        [256],
+        num_classes,
+        in_shape,
+        **kw,
+    )
 
 
 @ARCHS.register("moons-mlp")
@@ -138,15 +170,20 @@ def moons_mlp(num_classes: int, in_shape: Sequence[int], **kw) -> LipschitzNet:
     return gloro_net([], [10, 20, 40, 40, 20, 10], num_classes, in_shape, **kw)
 
 
-def create(arch: str, num_classes: int, in_shape: Sequence[int], head: str = "linear",
-           mean: Sequence[float] | None = None, width: float = 1.0) -> LipschitzNet:
+def create(
+    arch: str,
+    num_classes: int,
+    in_shape: Sequence[int],
+    head: str = "linear",
+    mean: Sequence[float] | None = None,
+    width: float = 1.0,
+) -> LipschitzNet:
     """Build a registered architecture; an unknown name fails with the list of known ones.
 
     ``head``: ``linear`` or ``lln``; ``mean``: the data set's channel mean, which the peers'
     families subtract (GloRo-family nets ignore it: raw [0,1] inputs, as in the reference);
     ``width``: a factor on every layer width (tests and CPU runs use small ones)."""
-    return ARCHS.create(arch, num_classes=num_classes, in_shape=tuple(in_shape), head=head, mean=mean,
-                        width=width)
+    return ARCHS.create(arch, num_classes=num_classes, in_shape=tuple(in_shape), head=head, mean=mean, width=width)
 
 
 def names() -> list[str]:

@@ -18,9 +18,10 @@ The head is chosen by the run (``head``: the peers' own losses use LLN, CLL an u
 linear layer, as the CLL reference does). ``width`` scales every channel/feature count but the
 5 inner channels of CPL/SLL convs (tests and CPU runs use small versions of the same skeletons).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -29,12 +30,19 @@ from . import ARCHS, LipschitzNet, make_head, scaled
 
 SOC_STD = 0.2507  # SOC's input standard deviation, the same for every channel
 FAMILY_SIZES = {"S": (20, 7, 45), "M": (30, 10, 60), "L": (50, 10, 90), "XL": (70, 15, 120)}
-INNER_CONV = 5      # CPL's conv_size / SLL's conv_inner_dim
+INNER_CONV = 5  # CPL's conv_size / SLL's conv_inner_dim
 INNER_DENSE = 2048  # CPL's and SLL's n_features / dense_inner_dim
 
 
-def lipconv(blocks: int, num_classes: int, in_shape: Sequence[int], head: str = "linear",
-            mean: Sequence[float] | None = None, init_channels: int = 32, width: float = 1.0) -> LipschitzNet:
+def lipconv(
+    blocks: int,
+    num_classes: int,
+    in_shape: Sequence[int],
+    head: str = "linear",
+    mean: Sequence[float] | None = None,
+    init_channels: int = 32,
+    width: float = 1.0,
+) -> LipschitzNet:
     """SOC LipConvNet with ``blocks`` convs per stage (LipConv-N has N = 5 * blocks)."""
     init_channels = scaled(init_channels, width)
     if in_shape[1] % 32 or in_shape[2] % 32:
@@ -51,13 +59,28 @@ def lipconv(blocks: int, num_classes: int, in_shape: Sequence[int], head: str = 
         planes = channels
     layers.append(nn.Flatten())
     features = channels * (in_shape[1] // 32) * (in_shape[2] // 32)
-    return LipschitzNet(nn.Sequential(*layers), make_head(head, features, num_classes), in_shape,
-                        mean=mean or [0.0] * in_shape[0], std=SOC_STD)
+    return LipschitzNet(
+        nn.Sequential(*layers),
+        make_head(head, features, num_classes),
+        in_shape,
+        mean=mean or [0.0] * in_shape[0],
+        std=SOC_STD,
+    )
 
 
-def residual_net(conv, dense, depth: int, depth_linear: int, channels: int, num_classes: int,
-                 in_shape: Sequence[int], head: str = "linear", mean: Sequence[float] | None = None,
-                 inner_conv: int = INNER_CONV, inner_dense: int = INNER_DENSE) -> LipschitzNet:
+def residual_net(
+    conv,
+    dense,
+    depth: int,
+    depth_linear: int,
+    channels: int,
+    num_classes: int,
+    in_shape: Sequence[int],
+    head: str = "linear",
+    mean: Sequence[float] | None = None,
+    inner_conv: int = INNER_CONV,
+    inner_dense: int = INNER_DENSE,
+) -> LipschitzNet:
     """The CPL/SLL skeleton: pad channels, ``depth`` conv layers ``conv(channels, inner, hw)``,
     4x4 sum/4 pooling, ``depth_linear`` dense layers ``dense(features, inner)``, the head."""
     hw = tuple(in_shape[1:])
@@ -68,26 +91,48 @@ def residual_net(conv, dense, depth: int, depth_linear: int, channels: int, num_
     layers += [nn.AvgPool2d(4, divisor_override=4), nn.Flatten()]
     features = channels * (hw[0] // 4) * (hw[1] // 4)
     layers += [dense(features, inner_dense) for _ in range(depth_linear)]
-    return LipschitzNet(nn.Sequential(*layers), make_head(head, features, num_classes), in_shape,
-                        mean=mean or [0.0] * in_shape[0])
+    return LipschitzNet(
+        nn.Sequential(*layers), make_head(head, features, num_classes), in_shape, mean=mean or [0.0] * in_shape[0]
+    )
 
 
 def cpl_net(size: str, num_classes: int, in_shape: Sequence[int], width: float = 1.0, **kw) -> LipschitzNet:
     depth, depth_linear, channels = FAMILY_SIZES[size]
-    return residual_net(lambda c, inner, hw: L.CPLConv(c, inner, hw), L.CPLLinear, depth, depth_linear,
-                        scaled(channels, width), num_classes, in_shape,
-                        inner_dense=scaled(INNER_DENSE, width), **kw)
+    return residual_net(
+        lambda c, inner, hw: L.CPLConv(c, inner, hw),
+        L.CPLLinear,
+        depth,
+        depth_linear,
+        scaled(channels, width),
+        num_classes,
+        in_shape,
+        inner_dense=scaled(INNER_DENSE, width),
+        **kw,
+    )
 
 
 def sll_net(size: str, num_classes: int, in_shape: Sequence[int], width: float = 1.0, **kw) -> LipschitzNet:
     depth, depth_linear, channels = FAMILY_SIZES[size]
-    return residual_net(lambda c, inner, hw: L.SLLConv(c, inner), L.SLLLinear, depth, depth_linear,
-                        scaled(channels, width), num_classes, in_shape,
-                        inner_dense=scaled(INNER_DENSE, width), **kw)
+    return residual_net(
+        lambda c, inner, hw: L.SLLConv(c, inner),
+        L.SLLLinear,
+        depth,
+        depth_linear,
+        scaled(channels, width),
+        num_classes,
+        in_shape,
+        inner_dense=scaled(INNER_DENSE, width),
+        **kw,
+    )
 
 
-def sandwich_net(num_classes: int, in_shape: Sequence[int], head: str = "linear",
-                 mean: Sequence[float] | None = None, width: float = 1.0) -> LipschitzNet:
+def sandwich_net(
+    num_classes: int,
+    in_shape: Sequence[int],
+    head: str = "linear",
+    mean: Sequence[float] | None = None,
+    width: float = 1.0,
+) -> LipschitzNet:
     """LBDN's DNN: 3 stages of Sandwich convs (w, w/s2) for 32x32 inputs, 4 for 64x64, then dense
     2048, 2048, 1024 (all scaled by ``width``)."""
     side = in_shape[1]
@@ -97,7 +142,7 @@ def sandwich_net(num_classes: int, in_shape: Sequence[int], head: str = "linear"
     layers: list[nn.Module] = []
     channels, hw = in_shape[0], side
     for stage in range(stages):
-        out = scaled(64 * 2 ** stage, width)
+        out = scaled(64 * 2**stage, width)
         layers += [L.SandwichConv(channels, out, 3, (hw, hw)), L.SandwichConv(out, out, 3, (hw, hw), stride=2)]
         channels, hw = out, hw // 2
     layers.append(nn.Flatten())
@@ -106,8 +151,9 @@ def sandwich_net(num_classes: int, in_shape: Sequence[int], head: str = "linear"
         n = scaled(n, width)
         layers.append(L.SandwichLinear(features, n))
         features = n
-    return LipschitzNet(nn.Sequential(*layers), make_head(head, features, num_classes), in_shape,
-                        mean=mean or [0.0] * in_shape[0])
+    return LipschitzNet(
+        nn.Sequential(*layers), make_head(head, features, num_classes), in_shape, mean=mean or [0.0] * in_shape[0]
+    )
 
 
 def _register_lipconv(n: int) -> None:
