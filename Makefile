@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format clean-demo
+.PHONY: demo test lint format schema clean-demo
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/snakefmt Snakefile workflow/
+
+## schema: rewrite what the run-config declarations (src/cll/config.py) and the grid format
+## (src/cll/grid.py) generate: workflow/schemas/config.schema.yaml and the README's key table
+schema: $(STAMP)
+	$(VENV)/bin/python -m cll.workflow
 
 clean-demo:
 	rm -rf results/runs results/summary.csv results/tables results/figures results/demo logs

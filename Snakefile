@@ -25,10 +25,10 @@ include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/audit.smk"
 
 
-# MLflow: create the store and the experiment once, before parallel jobs race to do it
-# (shared/spec/ecosystem.md section 3.2). Runs in the main process only, not in dry runs.
+# MLflow: create the store and the experiment once, before parallel jobs race to do it (sqlite
+# store creation is not safe under concurrency). Runs in the main process only, not in dry runs.
 onstart:
-    shell(track_init_command())
+    shell(cll_workflow.track_init_command(EXPERIMENT))
 
 
 rule all_tables:

@@ -8,8 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from cll.config import KEYS, RunConfig, build_config, load_config, parse_number, parse_overrides
+from cll.config import (
+    KEYS,
+    REQUIRED,
+    SETTINGS,
+    RunConfig,
+    build_config,
+    default,
+    describe,
+    load_config,
+    markdown_table,
+    parse_number,
+    parse_overrides,
+)
 from cll.errors import ConfigError
+from cll.values import NUMBER_TEXT
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "moons.yaml"
 BASE = {"dataset": "moons", "arch": "moons-mlp", "loss": "cll"}
@@ -179,6 +192,46 @@ def test_malformed_config_is_one_line_naming_the_key(changes, removed, start, ex
 
 def test_malformed_table_is_large():
     assert len(MALFORMED) >= 20
+
+
+# The grid schema (JSON schema, from the same declarations) rejects each of these too, except what
+# JSON schema cannot say: a fraction's value, an order, non-finite or out-of-float-range numbers
+# (cll.grid then builds each cell's run config, which catches them). Names of dataset, arch and
+# loss are the registries' enums there.
+SCHEMA_CANNOT = {"eps='1/0'", "eps=nan", "eps=inf", f"eps={10**400!r}", "certify_eps=['1/0']", "milestones=[30, 10]"}
+
+
+@pytest.mark.parametrize(
+    "changes", [c for c, _, _, _ in MALFORMED if len(c) == 1 and next(iter(c)) in set(KEYS) - set(REQUIRED)]
+)
+def test_the_schema_of_a_key_is_no_weaker_than_its_rule(changes):
+    import jsonschema
+
+    ((key, value),) = changes.items()
+    schema = {**SETTINGS[key].metadata["rule"].schema(), "$defs": {"number_text": NUMBER_TEXT}}
+    valid = jsonschema.Draft202012Validator(schema).is_valid(value)
+    assert valid == (f"{key}={value!r}" in SCHEMA_CANNOT), (key, value)
+
+
+def test_the_schema_of_every_key_accepts_its_default():
+    import jsonschema
+
+    for key in set(KEYS) - set(REQUIRED):
+        schema = {**SETTINGS[key].metadata["rule"].schema(), "$defs": {"number_text": NUMBER_TEXT}}
+        jsonschema.validate(default(key), schema)
+        assert SETTINGS[key].metadata["rule"].check(key, default(key)) == default(key), key
+
+
+def test_every_key_is_documented_in_the_table():
+    rows = describe()
+    assert [r[0] for r in rows] == KEYS
+    assert all(all(cell for cell in r) for r in rows)
+    table = markdown_table().splitlines()
+    assert len(table) == 2 + len(KEYS) and all(line.count(" | ") == 3 for line in table[2:])
+    assert "| `p` | 0.3 | a number in (0, 1) |" in markdown_table()
+    assert "`lip_penalty_form` | global | one of global, batch | K of the penalty: global = K_F max_ij \\|\\|" in (
+        markdown_table()
+    )
 
 
 @pytest.mark.parametrize("values", [["dataset", "moons"], "dataset: moons", None, 3])

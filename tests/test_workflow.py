@@ -22,9 +22,11 @@ import pytest
 import yaml
 from helpers import check_pipeline_outputs
 
-from cll import data, losses, models
-from cll.config import CHOICES, KEYS, load_config
-from cll.grid import load_grid
+from cll import data, losses, models, workflow
+from cll.config import KEYS, SETTINGS, load_config
+from cll.errors import ConfigError
+from cll.grid import load_grid, parse_grid
+from cll.values import Choice
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -209,6 +211,12 @@ def _walk(schema, where="schema"):
             yield from _walk(sub, f"{where}.{key}[{i}]")
 
 
+def test_generated_files_are_current():
+    """The schema and the README's key table are what `make schema` writes from the declarations."""
+    for path, text in workflow.generated_files(ROOT).items():
+        assert path.read_text() == text, f"{path.relative_to(ROOT)} is stale: run `make schema`"
+
+
 def test_schema_agrees_with_the_package():
     schema = yaml.safe_load(SCHEMA.read_text())
     row = schema["$defs"]["row"]
@@ -221,8 +229,10 @@ def test_schema_agrees_with_the_package():
     # run-config keys: all of cll.config's but those a row sets itself
     run_config = schema["$defs"]["run_config"]["properties"]
     assert set(run_config) == set(KEYS) - {"dataset", "arch", "loss", "eps", "seed"}
-    for key, choices in CHOICES.items():
-        assert run_config[key]["enum"] == list(choices), key
+    choices = {key: f.metadata["rule"].choices for key, f in SETTINGS.items() if isinstance(f.metadata["rule"], Choice)}
+    assert choices
+    for key, allowed in choices.items():
+        assert run_config[key]["enum"] == list(allowed), key
     for where, sub in _walk(schema):
         if sub.get("type") == "object":
             assert sub.get("additionalProperties") is False, where
@@ -274,14 +284,67 @@ def test_workflow_parse_path_imports_no_torch_and_expands_the_same_cells():
     # snakemake -n stays fast: common.smk's imports (cll.grid) pull in no torch, and skipping the
     # registry look-up (the schema checked the names) changes no cell
     code = (
-        "import sys, cll.grid, cll.results, cll.config; "
+        f"import sys, yaml, cll.workflow; grid = yaml.safe_load(open({str(PAPER_GRID)!r})); "
+        f"cll.workflow.load(grid, [{str(PAPER_GRID)!r}], {str(SCHEMA)!r}); "
         "sys.exit(1 if any(m == 'torch' or m.startswith('torch.') for m in sys.modules) else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
-    from cll.grid import parse_grid
 
-    grid = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
-    fast, full = parse_grid(grid, check_names=False), parse_grid(grid)
+    grid = yaml.safe_load(PAPER_GRID.read_text())
+    fast, full = parse_grid(grid, schema=yaml.safe_load(SCHEMA.read_text())), parse_grid(grid)
     assert fast.cells == full.cells and [c.run_config(False) for c in fast.runnable()] == [
         c.run_config() for c in full.runnable()
     ]
+
+
+# ------------------------------------------------------------------ cll.workflow, without Snakemake
+def test_grid_file_is_the_last_configfile_and_must_hold_the_whole_grid(tmp_path):
+    grid = yaml.safe_load(CI_GRID.read_text())
+    assert workflow.grid_file(grid, [PAPER_GRID, CI_GRID]) == str(CI_GRID)
+    assert workflow.grid_file({**grid, "results": "elsewhere", "experiment": "x"}, [CI_GRID]) == str(CI_GRID)
+    for blend in ({**grid, "defaults": {"epochs": 3}}, {k: v for k, v in grid.items() if k != "tables"}):
+        with pytest.raises(ConfigError, match=f"the grid is not the content of {CI_GRID}: give the whole grid"):
+            workflow.grid_file(blend, [CI_GRID])
+
+
+def test_load_checks_the_grid_against_the_schema_file(tmp_path):
+    grid = yaml.safe_load(CI_GRID.read_text())
+    loaded, path = workflow.load(grid, [CI_GRID], SCHEMA)
+    assert path == str(CI_GRID) and loaded.cells == load_grid(CI_GRID).cells
+    schema = yaml.safe_load(SCHEMA.read_text())
+    schema["$defs"]["row"]["else"]["properties"]["arch"]["enum"].remove("4C3F")  # the file, not the registry
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema))
+    with pytest.raises(ConfigError, match=r"^tables\[1\]\.rows\[[01]\]\.arch: '4C3F' is not one of"):
+        workflow.load(grid, [CI_GRID], tmp_path / "schema.yaml")
+
+
+def test_train_launcher_runs_torchrun_for_more_than_one_gpu():
+    grid = yaml.safe_load(CI_GRID.read_text())
+    grid["tables"][1]["rows"][1]["resources"] = {"gpus": 4}
+    one, four = (c for c in parse_grid(grid).runnable() if c.table == "digits")
+    assert workflow.train_launcher(one) == "cll train"
+    assert workflow.train_launcher(four) == "torchrun --standalone --nproc-per-node 4 -m cll.cli train"
+
+
+def test_site_resources_come_from_the_environment_only():
+    assert workflow.site_resources({}) == {}
+    env = {"CLL_SLURM_PARTITION": "gpu", "CLL_SLURM_ACCOUNT": "", "HOME": "/x"}
+    assert workflow.site_resources(env) == {"slurm_partition": "gpu"}
+
+
+def test_put_python_on_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", "/usr/bin")
+    workflow.put_python_on_path(str(tmp_path / "venv" / "bin" / "python"))
+    workflow.put_python_on_path(str(tmp_path / "venv" / "bin" / "python"))  # once only
+    assert os.environ["PATH"] == f"{tmp_path / 'venv' / 'bin'}{os.pathsep}/usr/bin"
+
+
+def test_track_init_command_quotes_the_experiment():
+    assert shlex.split(workflow.track_init_command("my exp; rm -rf x")) == [
+        "cll", "track", "init", "--experiment", "my exp; rm -rf x"
+    ]  # fmt: skip
+
+
+def test_readme_without_the_table_markers_is_one_line():
+    with pytest.raises(ConfigError, match=r"README\.md lacks the lines"):
+        workflow.readme_text("# a README\n")

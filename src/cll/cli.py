@@ -75,8 +75,8 @@ def cmd_certify(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
     from . import certify, data, losses, results
-    from .config import parse_number
     from .train import load_run, resolve_device
+    from .values import parse_number
 
     device = resolve_device(args.device)
     cfg, model = load_run(args.run, device)
@@ -114,8 +114,8 @@ def cmd_audit(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader, Subset
 
     from . import attack, data, results
-    from .config import parse_number
     from .train import load_run, resolve_device
+    from .values import parse_number
 
     device = resolve_device(args.device)
     cfg, model = load_run(args.run, device)
@@ -171,12 +171,14 @@ def cmd_track_init(args: argparse.Namespace) -> None:
 
 def cmd_list(args: argparse.Namespace) -> None:
     from . import data, losses, models
-    from .config import KEYS
+    from .config import KEYS, describe
 
     print("architectures:", ", ".join(models.names()))
     print("losses:       ", ", ".join(losses.names()))
     print("datasets:     ", ", ".join(data.dataset_names()))
     print("config keys:  ", ", ".join(KEYS))
+    for key, default, allowed, meaning in describe():  # key: default | allowed values | meaning
+        print(f"  {key + ':':<17} {default} | {allowed} | {meaning}")
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
@@ -257,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True, help="MLflow experiment name (a grid's experiment)")
     p.set_defaults(func=cmd_track_init)
 
-    p = sub.add_parser("list", help="registered architectures, losses, data sets and config keys")
+    p = sub.add_parser("list", help="registered architectures, losses, data sets; config keys, defaults, values")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("aggregate", help="collect a grid's run directories into summary.csv")

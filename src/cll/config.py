@@ -1,215 +1,164 @@
-"""The run config: every key of one training run, its default, and one-line validation errors.
+"""The run config: every key of one training run, declared once, with its default, its allowed
+values and what it means.
 
 A run config is a flat YAML mapping. Only ``dataset``, ``arch`` and ``loss`` are required; every
-other key has the default below (the CIFAR-10 4C3F recipe of the CLL reference, shared/spec/cll.md
-section 6). ``cll train --set key=value`` overrides a key; values are parsed as YAML, and an eps may
-be written as a fraction such as ``36/255``.
+other key has the default declared in ``RunConfig`` below (the CIFAR-10 4C3F recipe of the CLL
+reference, docs/recipes.md). ``cll train --set key=value`` overrides a key; values are parsed as
+YAML, and a number may be written as a fraction such as ``36/255``.
 
-A misspelt key, a value of the wrong type or out of range fails with one line naming the key and
-what is allowed, before anything is written.
+Each field of ``RunConfig`` is the one declaration of its key: ``setting(default, rule, doc)``.
+Everything else is derived from it: validation here (a misspelt key, a value of the wrong type or
+out of range fails with one line naming the key and what is allowed, before anything is written),
+the grid schema's ``run_config`` section (``run_config_schema``, written into
+workflow/schemas/config.schema.yaml by ``make schema``), ``cll list`` and the README's table
+(``markdown_table``). Adding a key is adding one field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-from dataclasses import dataclass, field, fields
+import functools
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .values import Choice, Flag, Number, Numbers, Rule, Text
+from .values import parse_number as parse_number  # re-exported: cll.config.parse_number is public
 
-CHOICES = {
-    "cll_form": ("pairwise", "per_logit"),
-    "cll_offset": ("two-sided", "one-sided"),
-    "optimizer": ("adamw", "adam", "sgd"),
-    "schedule": ("multistep", "constant", "cosine", "triangular"),
-    "device": ("auto", "cpu", "cuda"),
-    "head": ("auto", "linear", "lln"),
-    "lip_penalty_form": ("global", "batch"),
-}
+REQUIRED_VALUE = object()  # setting() default of a key every run config must give
 
 
+def setting(default: Any, rule: Rule, doc: str) -> Any:
+    """The declaration of one run-config key: its default, the rule its values follow and what it
+    means (the README table and the grid schema print ``doc``)."""
+    meta = {"rule": rule, "doc": doc}
+    if default is REQUIRED_VALUE:
+        return dataclasses.field(metadata=meta)
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+POSITIVE = Number(low=0, open_low=True)
+NON_NEGATIVE = Number(low=0)
+COUNT = Number(low=0, integer=True)
+AT_LEAST_ONE = Number(low=1, integer=True)
+NAME = Text("a name (cll list shows them)")
+
+
+# ------------------------------------------------------------------------------ the keys
 @dataclass
 class RunConfig:
     # ---- what to train (required) ----
-    dataset: str  # moons | digits | mnist | cifar10 | cifar100 | tinyimagenet
-    arch: str  # a registered architecture (cll list): 4C3F, 8C2F, LipConv-20, SLL-XL, ...
-    loss: str  # cll | gloro | ce | soc_cr | cpl_hinge | sll_offset_ce
+    dataset: str = setting(
+        REQUIRED_VALUE, NAME, "data set: moons, digits (scikit-learn's 8x8), mnist, cifar10, cifar100, tinyimagenet"
+    )
+    arch: str = setting(
+        REQUIRED_VALUE,
+        NAME,
+        "architecture: GloRo family 2C2F, 4C3F, 6C2F, 8C2F, moons-mlp; peers LipConv-N, CPL-*, SLL-*, Sandwich",
+    )
+    loss: str = setting(REQUIRED_VALUE, NAME, "loss: cll, gloro, ce; the peers' own soc_cr, cpl_hinge, sll_offset_ce")
     # ---- the certificate and the loss ----
-    eps: float = 0.15  # training eps (l2, [0,1] pixels); CLL's sigma and GloRo's margin
-    p: float = 0.3  # CLL slack in (0,1): K^(h o f) = log((2-p)/p)/eps
-    delta: float | None = None  # CLL offset; null = eps (every reference recipe)
-    cll_form: str = "pairwise"  # pairwise (CLL class) | per_logit (V2: 6C2F/8C2F/moons recipes)
-    cll_offset: str = "two-sided"  # two-sided (target -delta, others +delta) | one-sided (moons)
-    k_scale_start: float = 1.0  # CLL K_scale schedule poly start -> 1 (8C2F recipe: 0.01)
-    k_scale_power: float = 10.0  # power of that schedule
-    trades: float = 0.0  # GloRo: 0 = bottom-class CE, > 0 = TRADES weight
-    eps_warmup: float = 1.0  # GloRo: fraction of training over which eps ramps 0 -> eps (power 5)
-    cr_gamma: float = 0.0  # soc_cr: weight of SOC's certificate regulariser
-    hinge_margin: float = 0.7  # cpl_hinge: margin of CPL's multi-class hinge
-    offset: float = 2.1213203435596424  # sll_offset_ce: logit offset u (3 sqrt2 / 2)
-    temperature: float = 0.25  # sll_offset_ce: temperature tau
-    head: str = "auto"  # auto (lln for the peers' losses, else linear) | linear | lln
-    width: float = 1.0  # scales every layer width of the architecture (1 = the paper's)
+    eps: float = setting(0.15, POSITIVE, "training eps (L2 radius, [0,1] pixels): CLL's sigma and GloRo's margin")
+    p: float = setting(0.3, Number(0, 1, open_low=True, open_high=True), "CLL slack: K^(h o f) = log((2-p)/p)/eps")
+    delta: float | None = setting(None, Number(low=0, null="eps"), "CLL offset (every reference recipe: eps)")
+    cll_form: str = setting(
+        "pairwise", Choice(("pairwise", "per_logit")), "CLL normalisation: pairwise, or per_logit (6C2F/8C2F/moons)"
+    )
+    cll_offset: str = setting(
+        "two-sided",
+        Choice(("two-sided", "one-sided")),
+        "CLL offset: two-sided (target -delta, others +delta) or one-sided (moons)",
+    )
+    k_scale_start: float = setting(1.0, NON_NEGATIVE, "CLL K_scale schedule, polynomial from this to 1 (8C2F: 0.01)")
+    k_scale_power: float = setting(10.0, NON_NEGATIVE, "power of that schedule")
+    trades: float = setting(0.0, NON_NEGATIVE, "GloRo: 0 = bottom-class cross-entropy, > 0 = TRADES weight")
+    eps_warmup: float = setting(
+        1.0, NON_NEGATIVE, "GloRo: fraction of training over which eps ramps 0 -> eps (power 5)"
+    )
+    cr_gamma: float = setting(0.0, NON_NEGATIVE, "soc_cr: weight of SOC's certificate regulariser")
+    hinge_margin: float = setting(0.7, NON_NEGATIVE, "cpl_hinge: margin of CPL's multi-class hinge")
+    offset: float = setting(2.1213203435596424, NON_NEGATIVE, "sll_offset_ce: logit offset u (3 sqrt2 / 2)")
+    temperature: float = setting(0.25, POSITIVE, "sll_offset_ce: temperature tau")
+    head: str = setting(
+        "auto", Choice(("auto", "linear", "lln")), "classifier head; auto = lln for the peers' losses, else linear"
+    )
+    width: float = setting(1.0, POSITIVE, "factor on every layer width of the architecture (1 = the paper's)")
     # ---- Lipschitz control ----
-    lip_penalty: float = 1e-4  # lambda of the penalty lambda * K^lip_pow (0 = off)
-    lip_pow: float = 2.0  # power of that penalty
-    lip_penalty_form: str = "global"  # global: K = K_F max_ij||W_i-W_j|| | batch: max over the batch's K_tj (peers)
-    pi_iters: int = 5  # power iterations per training step (with gradient)
-    pi_tol: float = 1e-7  # relative tolerance of the converged estimate (epoch end, certify)
+    lip_penalty: float = setting(1e-4, NON_NEGATIVE, "lambda of the penalty lambda * K^lip_pow (0 = off)")
+    lip_pow: float = setting(2.0, POSITIVE, "power of that penalty")
+    lip_penalty_form: str = setting(
+        "global",
+        Choice(("global", "batch")),
+        "K of the penalty: global = K_F max_ij ||W_i - W_j||; batch = max over the batch's labels t of "
+        "K_F ||W_t - W_j|| (CLL inside SOC, CPL, SLL)",
+    )
+    pi_iters: int = setting(5, COUNT, "power iterations per training step (with gradient)")
+    pi_tol: float = setting(1e-7, POSITIVE, "relative tolerance of the converged estimate (epoch end, certify)")
     # ---- optimisation ----
-    seed: int = 0
-    epochs: int = 801
-    batch_size: int = 128
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
-    momentum: float = 0.9  # sgd
-    schedule: str = "multistep"  # LR schedule, stepped per iteration
-    milestones: list | None = None  # multistep epochs; null = 50%, 75%, 97.5% of epochs
-    gamma: float = 0.1  # multistep factor
+    seed: int = setting(0, COUNT, "random seed")
+    epochs: int = setting(801, AT_LEAST_ONE, "training epochs")
+    batch_size: int = setting(128, AT_LEAST_ONE, "training batch size")
+    optimizer: str = setting("adamw", Choice(("adamw", "adam", "sgd")), "optimizer")
+    lr: float = setting(1e-3, POSITIVE, "learning rate")
+    weight_decay: float = setting(0.0, NON_NEGATIVE, "weight decay")
+    betas: list = setting([0.9, 0.999], Numbers(Number(0, 1, open_high=True), size=2), "adam/adamw betas")
+    momentum: float = setting(0.9, NON_NEGATIVE, "sgd momentum")
+    schedule: str = setting(
+        "multistep",
+        Choice(("multistep", "constant", "cosine", "triangular")),
+        "learning-rate schedule, stepped per iteration",
+    )
+    milestones: list | None = setting(
+        None,
+        Numbers(AT_LEAST_ONE, increasing=True, null="50%, 75%, 97.5% of epochs"),
+        "multistep: epochs at which the learning rate drops",
+    )
+    gamma: float = setting(0.1, NON_NEGATIVE, "multistep: factor of each drop")
     # ---- data ----
-    data_root: str | None = None  # null = $CLL_DATA or ./data
-    augment: bool = True  # the spec's train augmentation (CIFAR, Tiny-ImageNet)
-    max_train: int | None = None  # first N training samples only (quick runs)
-    max_test: int | None = None  # first N test samples only
-    num_workers: int = 0  # DataLoader workers
-    eval_batch_size: int = 1000
+    data_root: str | None = setting(
+        None, Text("a directory path", null="$CLL_DATA, else ./data"), "folder holding the data sets"
+    )
+    augment: bool = setting(True, Flag(), "the recipe's training augmentation (CIFAR, Tiny-ImageNet)")
+    max_train: int | None = setting(None, Number(low=1, integer=True, null="all"), "first N training samples only")
+    max_test: int | None = setting(None, Number(low=1, integer=True, null="all"), "first N test samples only")
+    num_workers: int = setting(0, COUNT, "DataLoader worker processes")
+    eval_batch_size: int = setting(1000, AT_LEAST_ONE, "batch size of evaluation and certification")
     # ---- evaluation ----
-    certify_eps: list = field(default_factory=lambda: [36 / 255, 72 / 255, 108 / 255])
+    certify_eps: list = setting(
+        [36 / 255, 72 / 255, 108 / 255],
+        Numbers(POSITIVE, least=1),
+        "radii at which cll certify reports CRA (default 36/255, 72/255, 108/255)",
+    )
     # ---- runtime ----
-    device: str = "auto"  # auto = cuda when visible, else cpu
-    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always saves)
-    deterministic: bool = False  # torch.use_deterministic_algorithms
-    amp: bool = False  # GPU only: bf16 autocast of the network's forward; head, loss and K stay
-    # fp32 (every reference recipe trains in fp32: spec cll.md pitfall 5)
-    compile: bool = False  # torch.compile the network's forward (the power iterations stay eager)
+    device: str = setting("auto", Choice(("auto", "cpu", "cuda")), "auto = CUDA when visible, else CPU")
+    checkpoint_every: int = setting(1, AT_LEAST_ONE, "epochs between checkpoints (the last epoch always saves)")
+    deterministic: bool = setting(False, Flag(), "torch.use_deterministic_algorithms")
+    amp: bool = setting(
+        False,
+        Flag(),
+        "GPU only: bf16 autocast of the network's forward; head, loss and K stay fp32 "
+        "(every reference recipe trains in fp32)",
+    )
+    compile: bool = setting(False, Flag(), "torch.compile the network's forward (the power iterations stay eager)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-REQUIRED = ("dataset", "arch", "loss")
-KEYS = [f.name for f in fields(RunConfig)]
+SETTINGS = {f.name: f for f in fields(RunConfig)}
+KEYS = list(SETTINGS)
+REQUIRED = tuple(k for k, f in SETTINGS.items() if f.default is MISSING and f.default_factory is MISSING)
 
 
-def parse_number(key: str, value: Any) -> float:
-    """A float, also from a fraction string such as '36/255'."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: {value!r} is not a number")
-    if isinstance(value, str) and "/" in value:
-        num, _, den = value.partition("/")
-        try:
-            result = float(num) / float(den)
-        except (ValueError, ZeroDivisionError, OverflowError):
-            raise ConfigError(f"{key}: {value!r} is not a number or fraction like 36/255") from None
-    else:
-        try:
-            result = float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{key}: {value!r} is not a number") from None
-    if not math.isfinite(result):
-        raise ConfigError(f"{key}: {value!r} is not a finite number")
-    return result
-
-
-def _integer(key: str, value: Any) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (isinstance(value, float) and not math.isfinite(value))
-        or int(value) != value
-    ):
-        raise ConfigError(f"{key}: {value!r} is not an integer")
-    return int(value)
-
-
-def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")
-
-
-def _normalise(key: str, value: Any) -> Any:
-    """Type-convert one value and check its range."""
-    if key in REQUIRED:
-        _check(isinstance(value, str), key, value, "a name (cll list shows them)")
-        return value
-    if key in CHOICES:
-        _check(value in CHOICES[key], key, value, "one of " + ", ".join(CHOICES[key]))
-        return value
-    if key in ("eps", "lr", "pi_tol", "lip_pow", "temperature", "width"):
-        v = parse_number(key, value)
-        _check(v > 0, key, value, "a number > 0")
-        return v
-    if key == "p":
-        v = parse_number(key, value)
-        _check(0 < v < 1, key, value, "a number in (0, 1)")
-        return v
-    if key == "delta":
-        if value is None:
-            return None
-        v = parse_number(key, value)
-        _check(v >= 0, key, value, "a number >= 0 or null (= eps)")
-        return v
-    if key in (
-        "lip_penalty",
-        "weight_decay",
-        "trades",
-        "momentum",
-        "eps_warmup",
-        "k_scale_start",
-        "k_scale_power",
-        "gamma",
-        "cr_gamma",
-        "hinge_margin",
-        "offset",
-    ):
-        v = parse_number(key, value)
-        _check(v >= 0, key, value, "a number >= 0")
-        return v
-    if key in ("pi_iters", "num_workers", "seed"):
-        v = _integer(key, value)
-        _check(v >= 0, key, value, "an integer >= 0")
-        return v
-    if key in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every"):
-        v = _integer(key, value)
-        _check(v >= 1, key, value, "an integer >= 1")
-        return v
-    if key in ("max_train", "max_test"):
-        if value is None:
-            return None
-        v = _integer(key, value)
-        _check(v >= 1, key, value, "an integer >= 1 or null")
-        return v
-    if key in ("augment", "deterministic", "amp", "compile"):
-        _check(isinstance(value, bool), key, value, "true or false")
-        return value
-    if key == "data_root":
-        _check(value is None or isinstance(value, str), key, value, "a directory path or null")
-        return value
-    if key == "betas":
-        _check(isinstance(value, list) and len(value) == 2, key, value, "a list of two numbers in [0, 1)")
-        v = [parse_number(key, b) for b in value]
-        _check(all(0 <= b < 1 for b in v), key, value, "a list of two numbers in [0, 1)")
-        return v
-    if key == "milestones":
-        if value is None:
-            return None
-        _check(isinstance(value, list), key, value, "a list of epochs or null")
-        v = [_integer(key, m) for m in value]
-        _check(all(m >= 1 for m in v) and v == sorted(v), key, value, "increasing epochs >= 1")
-        return v
-    if key == "certify_eps":
-        _check(isinstance(value, list) and len(value) > 0, key, value, "a non-empty list of numbers > 0")
-        v = [parse_number(key, e) for e in value]
-        _check(all(e > 0 for e in v), key, value, "a non-empty list of numbers > 0")
-        return v
-    raise AssertionError(f"no validation rule for {key}")  # every RunConfig field has one
+def default(key: str) -> Any:
+    f = SETTINGS[key]
+    return f.default_factory() if f.default is MISSING else f.default
 
 
 def build_config(values: dict[str, Any], check_names: bool = True) -> RunConfig:
@@ -220,7 +169,7 @@ def build_config(values: dict[str, Any], check_names: bool = True) -> RunConfig:
     if not isinstance(values, dict):
         raise ConfigError(f"a run config must be a mapping of keys to values, got {type(values).__name__}")
     for key in values:
-        if key not in KEYS:
+        if key not in SETTINGS:
             close = (
                 difflib.get_close_matches(str(key), KEYS, n=1) or [k for k in KEYS if k in str(key).split("_")][:1]
             )  # lr_rate -> lr
@@ -229,7 +178,7 @@ def build_config(values: dict[str, Any], check_names: bool = True) -> RunConfig:
     missing = [k for k in REQUIRED if k not in values]
     if missing:
         raise ConfigError(f"missing required key {missing[0]!r} (a run config needs {', '.join(REQUIRED)})")
-    cfg = RunConfig(**{k: _normalise(k, v) for k, v in values.items()})
+    cfg = RunConfig(**{k: SETTINGS[k].metadata["rule"].check(k, v) for k, v in values.items()})
     if check_names:
         _check_names(cfg)
     return cfg
@@ -241,9 +190,10 @@ def _check_names(cfg: RunConfig) -> None:
 
     for key, allowed in (("dataset", data.dataset_names()), ("arch", models.names()), ("loss", losses.names())):
         value = getattr(cfg, key)
-        _check(value in allowed, key, value, "one of " + ", ".join(allowed))
+        Choice(tuple(allowed)).check(key, value)
 
 
+# ------------------------------------------------------------------------------ --set
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``["eps=0.5", "certify_eps=[0.1, 0.2]"]`` -> a dict, values parsed as YAML."""
     out = {}
@@ -256,6 +206,28 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             raise ConfigError(f"--set {pair!r}: the value is not valid YAML") from None
     return out
+
+
+def format_override(key: str, value: Any) -> str:
+    """``key=value`` as ``parse_overrides`` reads it back (the value in YAML flow style: 1.0e-06,
+    [400, 600], per_logit), the inverse of ``parse_overrides``."""
+    return f"{key}={_yaml_value(value)}"
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return _yaml_scalar(value)  # a grid repeats few values over ~1000 cells: dump each once
+    return _yaml_dump(value)
+
+
+@functools.lru_cache(maxsize=None, typed=True)  # typed: 1, 1.0 and True are three values
+def _yaml_scalar(value: Any) -> str:
+    return _yaml_dump(value)
+
+
+def _yaml_dump(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
+    return text[: -len("...")].strip() if text.endswith("\n...") else text
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -277,3 +249,46 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
     values.update(parse_overrides(overrides or []))
     return build_config(values)
+
+
+# ------------------------------------------------------------------------------ derived views
+def _shown(value: Any) -> str:
+    """A default as the README and ``cll list`` print it (4 significant digits)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(key, default, allowed values, meaning) of every key, in declaration order."""
+    return [
+        (
+            key,
+            "required" if key in REQUIRED else _shown(default(key)),
+            f.metadata["rule"].allowed,
+            f.metadata["doc"],
+        )
+        for key, f in SETTINGS.items()
+    ]
+
+
+def markdown_table() -> str:
+    """The README's table of run-config keys (``make schema`` writes it there; a test keeps it current)."""
+    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for row in describe():
+        key, *cells = (text.replace("|", "\\|") for text in row)  # a | inside a cell would end it
+        lines.append(f"| `{key}` | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_config_schema(exclude: set[str]) -> dict:
+    """The JSON schema of a mapping of run-config keys, ``exclude`` left out (the grid schema's
+    ``run_config``: keys a grid row sets itself are not allowed in its ``set``)."""
+    properties = {}
+    for key, f in SETTINGS.items():
+        if key not in exclude:
+            value = {} if key in REQUIRED else {"default": default(key)}
+            properties[key] = {**f.metadata["rule"].schema(), **value, "description": f.metadata["doc"]}
+    return {"type": "object", "additionalProperties": False, "properties": properties}

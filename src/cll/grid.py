@@ -24,9 +24,12 @@ A grid (``config/config.yaml``, ``config/paper.yaml``) is a YAML mapping::
             resources: {gpus: 1, runtime: 600, mem_mb: 16000}   # optional, per job (Slurm);
                                   # gpus > 1: data-parallel training under torchrun (cll.distributed)
 
-Every cell's run config is ``defaults`` + the row's ``set`` + its dataset/arch/loss/eps/p/seed,
-validated by ``cll.config`` exactly as ``cll train`` would, so a bad grid fails in one line before
-any job starts. A cell's directory is ``cll.results.run_dir`` of its keys.
+One JSON schema (``grid_schema``) checks a grid's structure, names and ranges; its run-config part
+comes from the declarations in ``cll.config``. Then every runnable cell's run config (``defaults``
++ the row's ``set`` + its dataset/arch/loss/eps/p/seed) is built by ``cll.config`` exactly as
+``cll train`` would, for what a schema cannot say (increasing milestones, a fraction's range).
+Either way a bad grid fails in one line naming the field, e.g. ``tables[1].rows[0].p: ...``,
+before any job starts. A cell's directory is ``cll.results.run_dir`` of its keys.
 """
 
 from __future__ import annotations
@@ -37,14 +40,25 @@ from typing import Any
 
 import yaml
 
-from .config import RunConfig, build_config, parse_number
+from .config import SETTINGS, RunConfig, build_config, default, format_override, run_config_schema
 from .errors import ConfigError
 from .results import run_dir
+from .values import NUMBER_TEXT, parse_number
 
-GRID_KEYS = {"experiment", "results", "defaults", "tables"}
-TABLE_KEYS = {"name", "title", "rows"}
-ROW_KEYS = {"method", "dataset", "arch", "loss", "eps", "p", "seeds", "set", "baseline", "pending", "resources"}
-RESOURCE_KEYS = {"gpus", "runtime", "mem_mb", "cpus"}
+# Per-job resources a row may ask for: name -> (default, meaning). cll.workflow maps them onto
+# Snakemake's resources.
+RESOURCES = {
+    "gpus": (
+        0,
+        "GPUs per train job (Slurm --gpus; certify and audit use at most one). More than 1: the train job "
+        "runs data-parallel, one torchrun process per GPU (cll.distributed).",
+    ),
+    "runtime": (60, "Wall-time limit per job in minutes."),
+    "mem_mb": (4000, "Memory per job in MB."),
+    "cpus": (1, "CPU cores per job (threads, Slurm --cpus-per-task)."),
+}
+# run-config keys a row gives itself, so not in its `set` (nor in the grid's `defaults`)
+ROW_KEYS = ("dataset", "arch", "loss", "eps", "seed")
 
 
 @dataclass(frozen=True)
@@ -68,19 +82,25 @@ class Cell:
         return run_dir(results, self.dataset, self.arch, self.loss, self.eps, self.p, self.seed)
 
     def config_values(self) -> dict:
-        """The cell's run-config keys as the grid gives them (not validated)."""
-        return {
-            **self.overrides,
-            "dataset": self.dataset,
-            "arch": self.arch,
-            "loss": self.loss,
-            "eps": self.eps,
-            "p": self.p,
-            "seed": self.seed,
-        }
+        """The cell's run-config keys as the grid gives them (not validated): its own keys, then
+        its overrides (grid defaults + the row's set)."""
+        keys = dict(dataset=self.dataset, arch=self.arch, loss=self.loss, eps=self.eps, p=self.p, seed=self.seed)
+        return {**keys, **self.overrides}
 
     def run_config(self, check_names: bool = True) -> RunConfig:
         return build_config(self.config_values(), check_names)
+
+    def set_args(self) -> list[str]:
+        """``key=value`` arguments of ``cll train --set`` that give this cell's run config
+        (``cll.config.parse_overrides`` reads them back)."""
+        return [format_override(key, value) for key, value in self.config_values().items()]
+
+    def job_resources(self, rule: str) -> dict[str, int]:
+        """Resources of the cell's ``rule`` job under Snakemake's (and its Slurm plugin's) names:
+        the row's resources, else the defaults; only a train job takes more than one GPU."""
+        given = {name: self.resources.get(name, value) for name, (value, _) in RESOURCES.items()}
+        gpus = given["gpus"] if rule == "train" else min(given["gpus"], 1)
+        return {"gpu": gpus, "runtime": given["runtime"], "mem_mb": given["mem_mb"], "cpus_per_task": given["cpus"]}
 
 
 @dataclass
@@ -94,95 +114,234 @@ class Grid:
         return [c for c in self.cells if c.pending is None]
 
 
-def _unknown(where: str, keys: Any, allowed: set[str]) -> None:
-    for key in keys:
-        if key not in allowed:
-            raise ConfigError(f"{where}: unknown key {key!r}; allowed: {', '.join(sorted(allowed))}")
+# ------------------------------------------------------------------------------ the schema
+def _one_or_more(schema: dict, description: str) -> dict:
+    return {"description": description, "anyOf": [schema, {"type": "array", "minItems": 1, "items": schema}]}
 
 
+def registered_names() -> dict[str, list[str]]:
+    """dataset, arch and loss -> the registered names (imports torch: the registries live in
+    torch-heavy modules)."""
+    from . import data, losses, models
+
+    return {"dataset": data.dataset_names(), "arch": models.names(), "loss": losses.names()}
+
+
+def grid_schema(names: dict[str, list[str]] | None = None) -> dict:
+    """The JSON schema of a grid; ``names``: those of ``registered_names()`` (the default). The
+    workflow reads the copy ``make schema`` writes to workflow/schemas/config.schema.yaml, which a
+    test keeps equal to this, so that ``snakemake -n`` imports no torch."""
+    names = names or registered_names()
+    rule = lambda key: SETTINGS[key].metadata["rule"].schema()
+    run_config = {
+        **run_config_schema(exclude=set(ROW_KEYS)),
+        "description": f"Run-config keys (cll list), except {', '.join(ROW_KEYS)}, which a row sets.",
+    }
+    row = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["method", "dataset", "arch", "loss", "eps"],
+        "properties": {
+            "method": {
+                "type": "string",
+                "minLength": 1,
+                "description": "What the Method column prints (e.g. GloRo, CLL); a baseline refers to it.",
+            },
+            "dataset": {"enum": names["dataset"], "description": "A registered data set (cll list)."},
+            "arch": {
+                "type": "string",
+                "minLength": 1,
+                "description": "A registered architecture (cll list); a pending row may name one that does not "
+                "exist yet.",
+            },
+            "loss": {
+                "type": "string",
+                "minLength": 1,
+                "description": "A registered loss (cll list); a pending row may name a future one.",
+            },
+            "eps": _one_or_more(rule("eps"), "Training eps; a list expands into one row per value."),
+            "p": _one_or_more(
+                rule("p"),
+                f"CLL slack (default {default('p')}, or that of set/defaults); a list expands into one row per value.",
+            ),
+            "seeds": _one_or_more(rule("seed"), "Seeds of the row (default [0]); tables show mean +- std over them."),
+            "set": {"$ref": "#/$defs/run_config", "description": "Further run-config keys of this row."},
+            "baseline": {
+                "type": "string",
+                "description": "A method of the same table; this row's cells also show the difference to it.",
+            },
+            "pending": {
+                "type": "string",
+                "minLength": 1,
+                "description": "Why the row is listed but not run (e.g. its architecture does not exist yet).",
+            },
+            "resources": {
+                "type": "object",
+                "additionalProperties": False,
+                "description": "Per-job resources of this row's jobs (site-neutral; profiles map them).",
+                "properties": {
+                    name: {
+                        "type": "integer",
+                        "minimum": 0 if name == "gpus" else 1,
+                        "default": value,
+                        "description": doc,
+                    }
+                    for name, (value, doc) in RESOURCES.items()
+                },
+            },
+        },
+        # arch and loss: registered names, except in a pending row
+        "if": {"required": ["pending"]},
+        "else": {
+            "properties": {
+                "arch": {"enum": names["arch"], "description": "Architectures that exist (cll list)."},
+                "loss": {"enum": names["loss"], "description": "Losses that exist (cll list)."},
+            }
+        },
+    }
+    table = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "rows"],
+        "properties": {
+            "name": {
+                "type": "string",
+                "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                "description": "File name of the table (results/tables/<name>.csv, .md, .tex); letters, digits, _ . -",
+            },
+            "title": {"type": "string", "description": "Caption of the table (Markdown heading, LaTeX caption)."},
+            "rows": {
+                "type": "array",
+                "minItems": 1,
+                "description": "The table's rows, in print order.",
+                "items": {"$ref": "#/$defs/row"},
+            },
+        },
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "cll grid",
+        "description": "A grid: tables of rows, each row expanding into cells (dataset, arch, loss, eps, p, seed), "
+        "one train, certify and audit job per runnable cell. Generated from src/cll/grid.py and src/cll/config.py "
+        "by `make schema`; do not edit.",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["experiment", "tables"],
+        "properties": {
+            "experiment": {
+                "type": "string",
+                "minLength": 1,
+                "description": "MLflow experiment the jobs log into (the workflow creates it once at the start).",
+            },
+            "results": {
+                "type": "string",
+                "minLength": 1,
+                "default": "results",
+                "description": "Results root: runs/<cell>/, summary.csv, tables/, figures/ (relative to the "
+                "working directory).",
+            },
+            "defaults": {"$ref": "#/$defs/run_config", "description": "Run-config keys of every cell (set wins)."},
+            "tables": {
+                "type": "array",
+                "minItems": 1,
+                "description": "The tables of the experiment; each becomes results/tables/<name>.{csv,md,tex}.",
+                "items": {"$ref": "#/$defs/table"},
+            },
+        },
+        "$defs": {"number_text": NUMBER_TEXT, "table": table, "row": row, "run_config": run_config},
+    }
+
+
+def field_name(path) -> str:
+    """['tables', 1, 'rows', 0, 'p'] -> 'tables[1].rows[0].p'."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text.lstrip(".") or "grid"
+
+
+def validate(values: Any, schema: dict) -> None:
+    """Check a grid against its schema: the first problem as a one-line ConfigError naming the
+    field, e.g. ``tables[1].rows[0].p: 1.5 is greater than or equal to the maximum of 1``."""
+    import jsonschema  # late: only grids need it
+
+    errors = jsonschema.Draft202012Validator(schema).iter_errors(values)
+    # best_match descends into anyOf branches to the error that names the field
+    error = jsonschema.exceptions.best_match(errors)
+    if error is None:
+        return
+    path = list(error.absolute_path)
+    # a bad run-config key in `set` or `defaults`: cll.config's message says what is allowed
+    at = next((i for i, part in enumerate(path[:-1]) if part in ("set", "defaults")), None)
+    if at is not None and path[at + 1] in SETTINGS:
+        key, value = path[at + 1], values
+        for part in path[: at + 2]:
+            value = value[part]
+        try:
+            SETTINGS[key].metadata["rule"].check(key, value)
+        except ConfigError as err:
+            raise ConfigError(f"{field_name(path[: at + 1])}: {err}") from None
+    raise ConfigError(f"{field_name(path)}: {' '.join(error.message.split())}")
+
+
+# ------------------------------------------------------------------------------ cells
 def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def parse_grid(values: Any, check_names: bool = True) -> Grid:
+def parse_grid(values: Any, schema: dict | None = None) -> Grid:
     """Validate a grid mapping and expand it into cells (one-line ConfigError on any problem).
-    ``check_names=False``: dataset/arch/loss are not looked up in the registries (which import
-    torch); the workflow passes it after its schema has checked those names (snakemake -n stays
-    fast)."""
-    if not isinstance(values, dict):
-        raise ConfigError("a grid must be a mapping with experiment, results and tables")
-    _unknown("grid", values, GRID_KEYS)
-    for key in ("experiment", "tables"):
-        if key not in values:
-            raise ConfigError(f"grid: missing key {key!r}")
+    ``schema``: the grid schema to check against; None builds it from the registries (which
+    imports torch). The workflow passes workflow/schemas/config.schema.yaml, whose names a test
+    keeps equal to the registries', so that ``snakemake -n`` stays fast."""
+    validate(values, grid_schema() if schema is None else schema)
     defaults = values.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        raise ConfigError("grid.defaults: must be a mapping of run-config keys")
-    tables = values["tables"]
-    if not isinstance(tables, list) or not tables:
-        raise ConfigError("grid.tables: must be a non-empty list of tables")
     cells: list[Cell] = []
     seen: dict[tuple, str] = {}
-    for t, table in enumerate(tables):
-        where = f"tables[{t}]"
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where}: must be a mapping with name and rows")
-        _unknown(where, table, TABLE_KEYS)
-        if not isinstance(table.get("name"), str) or not table["name"]:
-            raise ConfigError(f"{where}.name: missing or not a string")
-        if not isinstance(table.get("rows"), list) or not table["rows"]:
-            raise ConfigError(f"{where}.rows: must be a non-empty list")
-        methods = {r.get("method") for r in table["rows"] if isinstance(r, dict)}
+    for t, table in enumerate(values["tables"]):
+        methods = {r["method"] for r in table["rows"]}
         for r, row in enumerate(table["rows"]):
-            rwhere = f"{where}.rows[{r}]"
-            if not isinstance(row, dict):
-                raise ConfigError(f"{rwhere}: must be a mapping")
-            _unknown(rwhere, row, ROW_KEYS)
-            for key in ("method", "dataset", "arch", "loss", "eps"):
-                if key not in row:
-                    raise ConfigError(f"{rwhere}: missing key {key!r}")
+            where = f"tables[{t}].rows[{r}]"
             if row.get("baseline") is not None and row["baseline"] not in methods:
-                raise ConfigError(f"{rwhere}.baseline: {row['baseline']!r} is not a method of table {table['name']!r}")
-            resources = row.get("resources") or {}
-            if not isinstance(resources, dict):
-                raise ConfigError(f"{rwhere}.resources: must be a mapping")
-            _unknown(f"{rwhere}.resources", resources, RESOURCE_KEYS)
+                raise ConfigError(f"{where}.baseline: {row['baseline']!r} is not a method of table {table['name']!r}")
             overrides = {**defaults, **(row.get("set") or {})}
-            seeds = _as_list(row.get("seeds", [0]))
-            pending = row.get("pending")
             for eps in _as_list(row["eps"]):
-                for p in _as_list(row.get("p", overrides.get("p", RunConfig.p))):
-                    for seed in seeds:
-                        # eps/p may be fractions (36/255); a runnable cell is validated exactly as
-                        # `cll train` would (a pending row's arch may not exist yet)
-                        try:
-                            cell = Cell(
-                                table["name"],
-                                str(row["method"]),
-                                row["dataset"],
-                                row["arch"],
-                                row["loss"],
-                                parse_number("eps", eps),
-                                parse_number("p", p),
-                                seed,
-                                row.get("baseline"),
-                                pending,
-                                resources,
-                                {k: v for k, v in overrides.items() if k != "p"},
-                            )
-                            cfg = cell.run_config(check_names) if pending is None else None
-                        except ConfigError as err:
-                            raise ConfigError(f"{rwhere}: {err}") from None
-                        cell = replace(cell, seed=cfg.seed if cfg else int(seed))
+                for p in _as_list(row.get("p", overrides.get("p", default("p")))):
+                    for seed in _as_list(row.get("seeds", [0])):
+                        cell = _cell(table["name"], row, eps, p, seed, overrides, where)
                         key = (cell.dataset, cell.arch, cell.loss, cell.eps, cell.p, cell.seed)
                         if key in seen and seen[key] != repr(sorted(overrides.items())):
-                            raise ConfigError(f"{rwhere}: cell {key} appears twice with different settings")
+                            raise ConfigError(f"{where}: cell {key} appears twice with different settings")
                         seen[key] = repr(sorted(overrides.items()))
                         cells.append(cell)
-    return Grid(str(values["experiment"]), str(values.get("results", "results")), tables, cells)
+    return Grid(str(values["experiment"]), str(values.get("results", "results")), values["tables"], cells)
 
 
-def load_grid(path: str | Path) -> Grid:
+def _cell(table: str, row: dict, eps: Any, p: Any, seed: Any, overrides: dict, where: str) -> Cell:
+    """One cell of a row; a runnable one's run config is built exactly as `cll train` would (the
+    schema has checked its names; a pending row's arch may not exist yet)."""
+    try:
+        cell = Cell(
+            table,
+            str(row["method"]),
+            row["dataset"],
+            row["arch"],
+            row["loss"],
+            parse_number("eps", eps),  # eps and p may be fractions (36/255)
+            parse_number("p", p),
+            seed,
+            row.get("baseline"),
+            row.get("pending"),
+            row.get("resources") or {},
+            {k: v for k, v in overrides.items() if k != "p"},
+        )
+        cfg = cell.run_config(check_names=False) if cell.pending is None else None
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return replace(cell, seed=cfg.seed if cfg else int(seed))
+
+
+def load_grid(path: str | Path, schema: dict | None = None) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"grid file {str(path)!r} does not exist")
@@ -190,4 +349,4 @@ def load_grid(path: str | Path) -> Grid:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
         raise ConfigError(f"grid file {str(path)!r} is not valid YAML") from None
-    return parse_grid(values)
+    return parse_grid(values, schema)

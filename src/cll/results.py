@@ -29,9 +29,21 @@ def fmt_number(value: float) -> str:
     return f"{value:.4g}"
 
 
+# The directory of a cell below <root>/runs: the one place that knows the results layout. run_dir
+# fills it in; the workflow uses it as its wildcard pattern (run_pattern).
+CELL_PATTERN = "{dataset}/{arch}/{loss}/eps{eps}_p{p}/seed{seed}"
+
+
 def run_dir(root: str | Path, dataset: str, arch: str, loss: str, eps: float, p: float, seed: int) -> Path:
-    """The directory of one cell of a grid: the one place that knows the results layout."""
-    return Path(root) / "runs" / dataset / arch / loss / f"eps{fmt_number(eps)}_p{fmt_number(p)}" / f"seed{seed}"
+    """The directory of one cell of a grid."""
+    keys = dict(dataset=dataset, arch=arch, loss=loss, eps=fmt_number(eps), p=fmt_number(p), seed=seed)
+    return Path(root) / "runs" / CELL_PATTERN.format(**keys)
+
+
+def run_pattern(root: str | Path) -> str:
+    """``<root>/runs/{dataset}/{arch}/{loss}/eps{eps}_p{p}/seed{seed}``: any cell's directory, with
+    wildcards."""
+    return str(Path(root) / "runs" / CELL_PATTERN)
 
 
 def _umask() -> int:

@@ -19,13 +19,9 @@ rule audit:
         f"logs/audit/{CELL_PATH}.log",
     conda:
         "../../envs/train.yaml"
-    threads: resource("cpus", 1)
+    threads: threads_of
     resources:
-        **SITE_RESOURCES,
-        gpu=resource("gpus", 0, most=1),
-        runtime=resource("runtime", 60),
-        mem_mb=resource("mem_mb", 4000),
-        cpus_per_task=resource("cpus", 1),
+        **resources_of("audit"),
     params:
         run=run_dir_of,
         n=AUDIT_SAMPLES,

@@ -10,13 +10,9 @@ rule certify:
         f"logs/certify/{CELL_PATH}.log",
     conda:
         "../../envs/train.yaml"
-    threads: resource("cpus", 1)
+    threads: threads_of
     resources:
-        **SITE_RESOURCES,
-        gpu=resource("gpus", 0, most=1),
-        runtime=resource("runtime", 60),
-        mem_mb=resource("mem_mb", 4000),
-        cpus_per_task=resource("cpus", 1),
+        **resources_of("certify"),
     params:
         run=run_dir_of,
         experiment=EXPERIMENT,

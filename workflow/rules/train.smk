@@ -14,13 +14,9 @@ rule train:
         f"logs/train/{CELL_PATH}.log",
     conda:
         "../../envs/train.yaml"
-    threads: resource("cpus", 1)
+    threads: threads_of
     resources:
-        **SITE_RESOURCES,
-        gpu=resource("gpus", 0),
-        runtime=resource("runtime", 60),
-        mem_mb=resource("mem_mb", 4000),
-        cpus_per_task=resource("cpus", 1),
+        **resources_of("train"),
     params:
         launch=train_launcher,
         run=run_dir_of,
