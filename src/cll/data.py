@@ -25,6 +25,7 @@ that says what was expected where.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import pickle
@@ -36,10 +37,16 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
-from torchvision import datasets as tv_datasets
-from torchvision import transforms as T
 
 from .errors import ConfigError, DataError
+
+
+def _transforms():
+    """torchvision.transforms, imported on first use: only the file-based image data sets need
+    torchvision, and importing it (it pulls in torch._dynamo) costs every process about 2 s."""
+    from torchvision import transforms
+
+    return transforms
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,10 @@ def dataset_info(name: str) -> DatasetInfo:
     return _INFO[name]
 
 
-def _augmented(size: int, padding: int) -> T.Compose:
+def _augmented(size: int, padding: int):
     """Train-time augmentation of the reference setup: zero-padded random crop, horizontal flip,
     mild colour jitter and a +-2 degree rotation, all on PIL images before ``ToTensor``."""
+    T = _transforms()
     return T.Compose(
         [
             T.RandomCrop(size, padding=padding),  # fill=0: zero padding
@@ -172,8 +180,11 @@ def _load_mnist(root: Path) -> tuple[Dataset, Dataset]:
         if n_images != n_labels:
             raise DataError(f"dataset 'mnist': {split} has {n_images} images but {n_labels} labels in {raw}")
     # MNIST has no augmentation in the reference setup; download=False: we never fetch anything.
-    train = tv_datasets.MNIST(str(root), train=True, transform=T.ToTensor(), download=False)
-    test = tv_datasets.MNIST(str(root), train=False, transform=T.ToTensor(), download=False)
+    from torchvision.datasets import MNIST
+
+    to_tensor = _transforms().ToTensor()
+    train = MNIST(str(root), train=True, transform=to_tensor, download=False)
+    test = MNIST(str(root), train=False, transform=to_tensor, download=False)
     return train, test
 
 
@@ -190,21 +201,22 @@ class _FilesExistMixin:
         super().__init__(root, train=train, transform=transform, download=False)
 
 
-class _CIFAR10(_FilesExistMixin, tv_datasets.CIFAR10):
-    pass
+@functools.cache
+def _cifar_class(name: str) -> type:
+    """torchvision's CIFAR10 or CIFAR100 with the mixin above (built on first use, see _transforms)."""
+    from torchvision import datasets
 
-
-class _CIFAR100(_FilesExistMixin, tv_datasets.CIFAR100):
-    pass
+    base = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    return type(f"_{base.__name__}", (_FilesExistMixin, base), {})
 
 
 def _load_cifar(name: str, root: Path, augment: bool) -> tuple[Dataset, Dataset]:
     if name == "cifar10":
-        cls, title, folder = _CIFAR10, "CIFAR-10", root / "cifar-10-batches-py"
+        title, folder = "CIFAR-10", root / "cifar-10-batches-py"
         all_train, others = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch", "batches.meta"]
         expected = "data_batch_1..5, test_batch, batches.meta"
     else:
-        cls, title, folder = _CIFAR100, "CIFAR-100", root / "cifar-100-python"
+        title, folder = "CIFAR-100", root / "cifar-100-python"
         all_train, others = ["train"], ["test", "meta"]
         expected = "train, test, meta"
     expected += " from the 'python version' archive"
@@ -222,6 +234,7 @@ def _load_cifar(name: str, root: Path, augment: bool) -> tuple[Dataset, Dataset]
         )
 
     num_classes = _INFO[name].num_classes
+    T, cls = _transforms(), _cifar_class(name)
     splits = []
     for train, transform in ((True, _augmented(32, 4) if augment else T.ToTensor()), (False, T.ToTensor())):
         try:
@@ -316,6 +329,7 @@ def _load_tinyimagenet(root: Path, augment: bool) -> tuple[Dataset, Dataset]:
             f"dataset 'tinyimagenet': {what} under {folder} (expected wnids.txt, train/<wnid>/images/"
             f"*.JPEG, val/images/*.JPEG and val/val_annotations.txt from tiny-imagenet-200.zip){_fix(folder.name)}"
         )
+    T = _transforms()
     train = TinyImageNet(folder, True, _augmented(64, 8) if augment else T.ToTensor())
     return train, TinyImageNet(folder, False, T.ToTensor())
 
