@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format schema clean-demo
+.PHONY: demo test test-fast lint format schema clean-demo
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,15 @@ demo: $(STAMP)
 	$(VENV)/bin/snakemake --cores 2 all_tables
 	@cat results/tables/*.md
 
-## test: the whole test suite on two processes
+## test: the whole test suite on two processes (every lane; what CI runs), about 5 minutes
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 -q
+	$(VENV)/bin/python -m pytest -n 2 --dist worksteal -q
+
+## test-fast: everything but the slow, workflow, slurm and data lanes, under a minute
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -n 2 --dist worksteal -q -m "$(FAST)"
+
+FAST := not slow and not workflow and not slurm and not data
 
 ## lint: ruff (lint + format check) on Python, snakefmt on the workflow; `make format` rewrites
 lint: $(STAMP)

@@ -35,6 +35,37 @@ def _seed():
     torch.manual_seed(0)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: -n 2 --dist worksteal, which gives worker k the k-th equal
+    block of the collection and lets an idle worker steal from the end of another's queue), start
+    the minute-long tests at once, on different workers: a lane marker may carry a test's expected
+    `seconds` (on two idle cores); those tests go, longest first, to the front of the block of the
+    worker with the least such time so far. The other tests keep their order (a module's tests stay
+    together, so module fixtures are built once)."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    if workers < 2:
+        return
+
+    def seconds(item) -> float:
+        return max((m.kwargs.get("seconds", 0) for m in item.iter_markers()), default=0)
+
+    long = sorted((item for item in items if seconds(item)), key=seconds, reverse=True)
+    rest = [item for item in items if not seconds(item)]
+    fronts, load = [[] for _ in range(workers)], [0.0] * workers
+    for item in long:
+        k = load.index(min(load))
+        fronts[k].append(item)
+        load[k] += seconds(item)
+    blocks, left = [], len(items)
+    for k, front in enumerate(fronts):
+        size = left // (workers - k)  # the block worksteal sends worker k first
+        left -= size
+        take = max(size - len(front), 0)
+        blocks.append(front + rest[:take])
+        rest = rest[take:]
+    items[:] = [item for block in blocks for item in block] + rest
+
+
 def _shared_data_dir() -> Path:
     env = os.environ.get("CLL_SHARED_DATA")
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -61,6 +61,7 @@ def _certified_points(cfg, model, eps_list, n=400):
     return x, y, pred, radius
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("values", [MOONS, DIGITS, GLORO], ids=["moons-cll", "digits-cll", "digits-gloro"])
 def test_no_certified_point_is_broken_by_pgd(trained_run, values):
     cfg, model, _ = trained_run(**values)
@@ -80,6 +81,7 @@ def test_no_certified_point_is_broken_by_pgd(trained_run, values):
     assert checked > 0, "no certified point to attack: the test would prove nothing"
 
 
+@pytest.mark.slow
 def test_attack_is_strong_enough_to_matter(trained_run):
     """The same attack does break correctly classified points that are not certified at a large
     radius: so finding nothing on certified points means something."""
@@ -91,6 +93,7 @@ def test_attack_is_strong_enough_to_matter(trained_run):
         assert (model(adv).argmax(1) != y[mask]).float().mean().item() > 0.5
 
 
+@pytest.mark.slow
 def test_certify_report(trained_run):
     _cfg, model, _ = trained_run(**DIGITS)
     _, test_set, _ = data.load_dataset("digits")
@@ -244,6 +247,7 @@ def test_nonnegative_norm_bound_is_an_upper_bound_close_to_the_norm():
         assert torch.linalg.matrix_norm(matrix, 2).item() <= lipschitz.nonnegative_norm_bound(absolute)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("values", [MOONS, DIGITS], ids=["moons", "digits"])
 def test_float64_only_where_it_decides_gives_the_same_certificates(trained_run, values):
     """The certifier settles most samples with the float32 bound and recomputes the rest in float64:
@@ -277,6 +281,7 @@ def test_rounding_term_is_subtracted_from_the_margin():
     assert gone.item() == 0.0
 
 
+@pytest.mark.slow
 def test_certify_reports_rounding_and_refuses_a_foreign_forward(trained_run):
     from cll.errors import CllError
 

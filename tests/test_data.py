@@ -259,6 +259,7 @@ def test_augment_changes_train_transform_only(name, make, size, tmp_path):
 # (the `unpack` fixture, in conftest.py, unpacks a shared tarball once per session)
 
 
+@pytest.mark.data
 def test_real_mnist(unpack):
     train, test, info = load_dataset("mnist", root=unpack("mnist.tgz"))
     assert (len(train), len(test)) == (60000, 10000)
@@ -267,6 +268,7 @@ def test_real_mnist(unpack):
     assert y == 7  # the first MNIST test digit is a 7
 
 
+@pytest.mark.data
 @pytest.mark.filterwarnings("ignore:dataset 'cifar10'. only data_batch_1")
 def test_real_cifar10_pixels_exact(unpack):
     train, test, info = load_dataset("cifar10", root=unpack("cifar10-subset.tgz"), max_test=2)
@@ -283,11 +285,13 @@ def test_real_cifar10_pixels_exact(unpack):
     assert train[0][0].shape == info.in_shape
 
 
+@pytest.mark.data
 def test_real_cifar10_subset_warns(unpack):
     with pytest.warns(UserWarning, match="only data_batch_1"):
         load_dataset("cifar10", root=unpack("cifar10-subset.tgz"))
 
 
+@pytest.mark.data
 def test_real_cifar100(unpack):
     train, test, info = load_dataset("cifar100", root=unpack("cifar100-20img.tgz"), augment=False)
     assert info.num_classes == 100 and len(train) == len(test) == 20
@@ -297,6 +301,7 @@ def test_real_cifar100(unpack):
     assert test[0][0].shape == (3, 32, 32)
 
 
+@pytest.mark.data
 def test_real_tinyimagenet(unpack):
     root = unpack("tinyimagenet-subset.tgz")
     train, test, info = load_dataset("tinyimagenet", root=root)

@@ -69,6 +69,7 @@ distributed.teardown()
 """
 
 
+@pytest.mark.slow
 def test_primitives_under_torchrun(tmp_path):
     (tmp_path / "script.py").write_text(PRIMITIVES)
     run = torchrun("script.py", cwd=tmp_path)
@@ -135,7 +136,7 @@ def _compare(single: Path, parallel: Path) -> dict:
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 def test_two_processes_match_one(tmp_path):
     """The batch form of the K penalty (a max over the batch's labels) is the one that differs
     per rank unless the ranks share the global batch's labels; the global form depends on

@@ -254,6 +254,7 @@ def blobs(n, shape, classes=3, seed=0):
     return (centres[y] + noise).clamp(0, 1), y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_no_certified_point_of_a_trained_family_is_broken(family):
     torch.manual_seed(0)
@@ -346,6 +347,8 @@ CLI_RUNS = {
 }
 
 
+@pytest.mark.slow
+@pytest.mark.data
 @pytest.mark.parametrize("arch", list(CLI_RUNS))
 def test_cli_trains_certifies_and_reloads_each_family(arch, unpack, tmp_path):
     """`cll train` + `cll certify` on real CIFAR-10 images at a small width: the checkpoint holds

@@ -123,6 +123,7 @@ def test_an_unsound_certificate_fails_the_audit_loudly(capsys, results_tree, mon
     assert audit["broken"] == parts
 
 
+@pytest.mark.workflow
 def test_audit_rule_is_in_the_workflow(tmp_path):
     """One audit job per runnable cell, required by all_tables (dry run of the CI grid)."""
     snakemake = Path(sys.executable).with_name("snakemake")
@@ -159,6 +160,7 @@ def _history(run: Path) -> list[dict]:
     return [{k: v for k, v in e.items() if k != "seconds"} for e in epochs]
 
 
+@pytest.mark.slow(seconds=35)
 def test_kill_9_at_random_moments_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
     argv = [
         "train",
@@ -543,6 +545,7 @@ def test_real_entry_point_one_line_for_a_truncated_checkpoint(results_tree):
 JOBS = 8
 
 
+@pytest.mark.slow(seconds=20)
 def test_parallel_jobs_logging_into_one_sqlite_store_lose_no_run(tmp_path):
     """8 processes mirror 8 run directories into one fresh sqlite store at once (as 8 Snakemake
     jobs would after `cll track init`): 8 runs, each with all its metrics and files."""

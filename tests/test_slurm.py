@@ -80,7 +80,8 @@ def cancel_jobs_of(workdir: Path) -> None:
 def start_snakemake(workdir: Path, *args: str, env: dict) -> subprocess.Popen:
     """The literal user command, `snakemake --profile slurm ...`, run from the repository with
     results, logs and .snakemake/ in ``workdir``. The first status check after 2 s, not the
-    profile's 40 s (a real cluster's scheduler is slower than this one)."""
+    profile's 40 s, and then every 2 s, not 10 s (a real cluster's scheduler is slower than this
+    one; here each wave of jobs would wait for the next check)."""
     return subprocess.Popen(
         [
             str(SNAKEMAKE),
@@ -90,6 +91,8 @@ def start_snakemake(workdir: Path, *args: str, env: dict) -> subprocess.Popen:
             "--directory",
             str(workdir),
             "--slurm-init-seconds-before-status-checks",
+            "2",
+            "--seconds-between-status-checks",
             "2",
         ],
         cwd=ROOT,
@@ -144,6 +147,8 @@ def submitted(output: str) -> dict[str, list[str]]:
     return jobs
 
 
+@pytest.mark.slurm(seconds=140)
+@pytest.mark.timeout(1800)
 def test_ci_grid_through_slurm(slurm, tmp_path):
     env = user_env(tmp_path)
     t0 = time.time()
@@ -181,6 +186,8 @@ def test_ci_grid_through_slurm(slurm, tmp_path):
     assert all(r.data.tags["cll.stage"] == "certify" for r in runs)
 
 
+@pytest.mark.slurm(seconds=50)
+@pytest.mark.timeout(1800)
 def test_cancelled_train_job_is_resubmitted_and_resumes(slurm, tmp_path):
     """scancel of a running train job, after its first checkpoint: Snakemake sees the job fail,
     resubmits it (retries in the profile) and `cll train` continues from model.pt."""
@@ -219,6 +226,7 @@ def test_cancelled_train_job_is_resubmitted_and_resumes(slurm, tmp_path):
     assert [e["epoch"] for e in train["epochs"]] == list(range(1, epochs + 1))
 
 
+@pytest.mark.workflow
 def test_profile_dry_run_plans_gpu_jobs(tmp_path):
     """`snakemake --profile slurm all_tables --configfile config/paper.yaml -n` (no cluster
     needed): every runnable poster cell is planned, its train and certify jobs with the row's GPU,

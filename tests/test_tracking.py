@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,9 +77,21 @@ def write_certify(run, clean=0.9):
     )
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """A fresh sqlite store, created once: MLflow's schema migration takes seconds per file."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()  # creates the tables
+    return path
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    """An MLflow client on a fresh sqlite file; the cwd is tmp_path (artifacts go to ./mlruns)."""
+def store(tmp_path, monkeypatch, empty_store):
+    """An MLflow client on a fresh sqlite file (a copy of ``empty_store``); the cwd is tmp_path
+    (artifacts go to ./mlruns)."""
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
@@ -246,7 +259,7 @@ def _start_server(tmp_path, port):
     pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_tracking_server_down_during_jobs_then_backfilled_by_aggregate(tmp_path, monkeypatch, capsys):
     """The cluster case: train and certify jobs find no tracking server (each succeeds with one
     warning), one certify job finds it up, and `cll aggregate --track` (the workflow's aggregate

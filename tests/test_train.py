@@ -28,6 +28,7 @@ def sweep(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_cra_rises_as_slack_falls(sweep):
     cra = [sweep[p][0]["cra"]["0.15"] for p in (0.75, 0.25, 0.01)]
     assert cra[0] < cra[1] < cra[2], cra
@@ -38,6 +39,7 @@ def test_cra_rises_as_slack_falls(sweep):
         assert round(certified["k_hf"], 1) == {0.75: 3.4, 0.25: 13.0, 0.01: 35.3}[p]
 
 
+@pytest.mark.slow
 def test_measured_k_follows_the_penalty(sweep):
     k = [
         sweep[0.01][0]["lipschitz_constant"],
@@ -51,6 +53,7 @@ def test_measured_k_follows_the_penalty(sweep):
         assert trained["lipschitz_bound"] == pytest.approx(certified["lipschitz_constant"])
 
 
+@pytest.mark.slow
 def test_train_json_records_every_epoch(sweep):
     _, trained = sweep[0.25]
     assert [e["epoch"] for e in trained["epochs"]] == list(range(1, 61))
@@ -84,6 +87,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_one_line_and_keeps_last_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     base = ["--config", "examples/moons.yaml", "--out", str(out), "--set", "epochs=3", "batch_size=500"]
@@ -116,6 +120,7 @@ def test_divergence_stops_with_one_line_and_keeps_last_checkpoint(tmp_path, caps
     assert not (fresh / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_divergence_mid_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from cll import losses
     from cll.train import TrainingDiverged

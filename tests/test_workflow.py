@@ -60,6 +60,8 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.workflow(seconds=160)
+@pytest.mark.timeout(900)
 def test_ci_grid_end_to_end(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     run = snakemake(tmp_path, "--cores", "2", "all_tables", "--configfile", str(CI_GRID), env=env, timeout=400)
@@ -127,6 +129,7 @@ def test_ci_grid_end_to_end(tmp_path):
     assert (tmp_path / "report.html").stat().st_size > 10_000
 
 
+@pytest.mark.workflow
 def test_paper_grid_dry_run_lists_every_runnable_cell(tmp_path):
     run = snakemake(tmp_path, "-n", "-p", "all_tables", "--configfile", str(PAPER_GRID))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -173,6 +176,7 @@ def _bad(mutate):
     ],
     ids=["unknown-arch", "p-1.5", "eps-negative", "missing-loss", "run-config-check"],
 )
+@pytest.mark.workflow
 def test_bad_grid_stops_before_any_job(tmp_path, mutate, field):
     grid = yaml.safe_load(CI_GRID.read_text())
     mutate(grid)
@@ -186,6 +190,7 @@ def test_bad_grid_stops_before_any_job(tmp_path, mutate, field):
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
 
 
+@pytest.mark.workflow
 def test_grid_must_come_from_one_file(tmp_path):
     """--config may set results/experiment; anything else would not reach `cll aggregate --grid`."""
     ok = snakemake(tmp_path, "-n", "all_tables", "--configfile", str(CI_GRID), "--config", f"results={tmp_path / 'r'}")
@@ -271,6 +276,7 @@ def test_conda_envs_pin_what_requirements_pin():
     )
 
 
+@pytest.mark.workflow
 def test_lint(tmp_path):
     run = snakemake(tmp_path, "--lint", "--configfile", str(ROOT / "config" / "config.yaml"))
     lints = re.findall(r"^    \* (.+)$", run.stdout + run.stderr, flags=re.M)
