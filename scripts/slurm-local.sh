@@ -8,7 +8,7 @@
 #
 # Needs root and Debian's packages (munge, slurmctld, slurmd, slurm-client; installed with apt-get
 # when missing). Works without systemd: the daemons are started directly and daemonize themselves.
-# Facts this relies on (shared/spec/ecosystem.md section 2, tested on Debian 12 / Slurm 22.05):
+# Facts this relies on (tested on Debian 12 / Slurm 22.05 from apt, as root, without systemd):
 #  - no slurmdbd, so `sacct` fails: MinJobAge keeps finished jobs in `squeue --states=all` for an
 #    hour, which the Snakemake plugin's `slurm-status-command: squeue` mode requires (>= 120 s);
 #  - fake GPUs: a GRES needs device files, so N character devices (/dev/null clones) stand in for

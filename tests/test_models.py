@@ -15,7 +15,7 @@ USES = {
     "8C2F": [(200, (3, 64, 64))],
     "moons-mlp": [(2, (2,))],
 }
-# parameters from the layer tables of shared/spec/cll.md section 4 (weights + biases)
+# parameters from the layer tables of docs/recipes.md, "Architectures" (weights + biases)
 PARAMS = {
     ("4C3F", (3, 32, 32)): 2_431_018,
     ("6C2F", (3, 32, 32)): 2_250_378,

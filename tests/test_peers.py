@@ -13,7 +13,8 @@ from cll import layers as L
 from cll.attack import pgd_l2
 from cll.models import peers
 
-# parameter counts of shared/spec/peers.md (weights + biases; [calc] figures, CIFAR-10 unless noted)
+# parameter counts of docs/recipes.md, "Peers" (weights + biases, from the code bases' configurations;
+# CIFAR-10 unless noted)
 PARAMS_M = {
     ("LipConv-10", 10, (3, 32, 32)): 19.9,
     ("LipConv-20", 10, (3, 32, 32)): 26.2,

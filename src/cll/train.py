@@ -1,6 +1,6 @@
 """The training loop: ``train(cfg, out_dir)`` trains one run and writes its run directory.
 
-One step (the CLL reference's order, shared/spec/cll.md section 1.2 and pitfall 10):
+One step, in the CLL reference's order (the penalty refreshes the estimate CLL reads; docs/recipes.md):
   1. refresh the body's Lipschitz estimate K_F with ``pi_iters`` warm-started power iterations,
      keeping the graph (the penalty differentiates through them);
   2. loss = criterion(logits, y, W, K_F) + lip_penalty * (K_F * max_ij ||W_i - W_j||)^lip_pow;
@@ -173,7 +173,7 @@ def make_step(
 
     ``amp`` (GPU only): the body's forward, and so its backward, under bf16 autocast; the head, the
     logits the loss sees, the loss and the power-iteration K stay fp32 (the reference trains in fp32,
-    shared/spec/cll.md pitfall 5, so no recipe turns it on). ``compile``: the body's forward through
+    docs/recipes.md, so no recipe turns it on). ``compile``: the body's forward through
     torch.compile; the power iterations stay eager. Both use model(x) == head(body(x)), the
     interface the certifier relies on too."""
     needs_k = criterion.needs_lipschitz or cfg.lip_penalty > 0
