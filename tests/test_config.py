@@ -11,7 +11,6 @@ import pytest
 from cll.config import (
     KEYS,
     REQUIRED,
-    SETTINGS,
     RunConfig,
     build_config,
     default,
@@ -20,6 +19,7 @@ from cll.config import (
     markdown_table,
     parse_number,
     parse_overrides,
+    rule,
 )
 from cll.errors import ConfigError
 from cll.values import NUMBER_TEXT
@@ -208,7 +208,7 @@ def test_the_schema_of_a_key_is_no_weaker_than_its_rule(changes):
     import jsonschema
 
     ((key, value),) = changes.items()
-    schema = {**SETTINGS[key].metadata["rule"].schema(), "$defs": {"number_text": NUMBER_TEXT}}
+    schema = {**rule(key).schema(), "$defs": {"number_text": NUMBER_TEXT}}
     valid = jsonschema.Draft202012Validator(schema).is_valid(value)
     assert valid == (f"{key}={value!r}" in SCHEMA_CANNOT), (key, value)
 
@@ -217,9 +217,9 @@ def test_the_schema_of_every_key_accepts_its_default():
     import jsonschema
 
     for key in set(KEYS) - set(REQUIRED):
-        schema = {**SETTINGS[key].metadata["rule"].schema(), "$defs": {"number_text": NUMBER_TEXT}}
+        schema = {**rule(key).schema(), "$defs": {"number_text": NUMBER_TEXT}}
         jsonschema.validate(default(key), schema)
-        assert SETTINGS[key].metadata["rule"].check(key, default(key)) == default(key), key
+        assert rule(key).check(key, default(key)) == default(key), key
 
 
 def test_every_key_is_documented_in_the_table():

@@ -161,6 +161,11 @@ def default(key: str) -> Any:
     return f.default_factory() if f.default is MISSING else f.default
 
 
+def rule(key: str) -> Rule:
+    """What the values of ``key`` may be (its declaration's rule)."""
+    return SETTINGS[key].metadata["rule"]
+
+
 def build_config(values: dict[str, Any], check_names: bool = True) -> RunConfig:
     """Validate a mapping of keys to values and fill in the defaults. ``check_names=False`` skips
     the registry look-up of dataset/arch/loss (it imports torch), for callers that checked the
@@ -178,7 +183,7 @@ def build_config(values: dict[str, Any], check_names: bool = True) -> RunConfig:
     missing = [k for k in REQUIRED if k not in values]
     if missing:
         raise ConfigError(f"missing required key {missing[0]!r} (a run config needs {', '.join(REQUIRED)})")
-    cfg = RunConfig(**{k: SETTINGS[k].metadata["rule"].check(k, v) for k, v in values.items()})
+    cfg = RunConfig(**{k: rule(k).check(k, v) for k, v in values.items()})
     if check_names:
         _check_names(cfg)
     return cfg
@@ -258,18 +263,15 @@ def _shown(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, list):
         return "[" + ", ".join(_shown(v) for v in value) + "]"
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    if value is None or isinstance(value, bool):
+        return yaml.safe_dump(value).split("\n")[0]  # null, true, false
+    return str(value)
 
 
 def describe() -> list[tuple[str, str, str, str]]:
     """(key, default, allowed values, meaning) of every key, in declaration order."""
     return [
-        (
-            key,
-            "required" if key in REQUIRED else _shown(default(key)),
-            f.metadata["rule"].allowed,
-            f.metadata["doc"],
-        )
+        (key, "required" if key in REQUIRED else _shown(default(key)), rule(key).allowed, f.metadata["doc"])
         for key, f in SETTINGS.items()
     ]
 
@@ -290,5 +292,5 @@ def run_config_schema(exclude: set[str]) -> dict:
     for key, f in SETTINGS.items():
         if key not in exclude:
             value = {} if key in REQUIRED else {"default": default(key)}
-            properties[key] = {**f.metadata["rule"].schema(), **value, "description": f.metadata["doc"]}
+            properties[key] = {**rule(key).schema(), **value, "description": f.metadata["doc"]}
     return {"type": "object", "additionalProperties": False, "properties": properties}

@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from .config import SETTINGS, RunConfig, build_config, default, format_override, run_config_schema
+from .config import KEYS, RunConfig, build_config, default, format_override, rule, run_config_schema
 from .errors import ConfigError
 from .results import run_dir
 from .values import NUMBER_TEXT, parse_number
@@ -132,7 +132,6 @@ def grid_schema(names: dict[str, list[str]] | None = None) -> dict:
     workflow reads the copy ``make schema`` writes to workflow/schemas/config.schema.yaml, which a
     test keeps equal to this, so that ``snakemake -n`` imports no torch."""
     names = names or registered_names()
-    rule = lambda key: SETTINGS[key].metadata["rule"].schema()
     run_config = {
         **run_config_schema(exclude=set(ROW_KEYS)),
         "description": f"Run-config keys (cll list), except {', '.join(ROW_KEYS)}, which a row sets.",
@@ -159,12 +158,14 @@ def grid_schema(names: dict[str, list[str]] | None = None) -> dict:
                 "minLength": 1,
                 "description": "A registered loss (cll list); a pending row may name a future one.",
             },
-            "eps": _one_or_more(rule("eps"), "Training eps; a list expands into one row per value."),
+            "eps": _one_or_more(rule("eps").schema(), "Training eps; a list expands into one row per value."),
             "p": _one_or_more(
-                rule("p"),
+                rule("p").schema(),
                 f"CLL slack (default {default('p')}, or that of set/defaults); a list expands into one row per value.",
             ),
-            "seeds": _one_or_more(rule("seed"), "Seeds of the row (default [0]); tables show mean +- std over them."),
+            "seeds": _one_or_more(
+                rule("seed").schema(), "Seeds of the row (default [0]); tables show mean +- std over them."
+            ),
             "set": {"$ref": "#/$defs/run_config", "description": "Further run-config keys of this row."},
             "baseline": {
                 "type": "string",
@@ -273,12 +274,12 @@ def validate(values: Any, schema: dict) -> None:
     path = list(error.absolute_path)
     # a bad run-config key in `set` or `defaults`: cll.config's message says what is allowed
     at = next((i for i, part in enumerate(path[:-1]) if part in ("set", "defaults")), None)
-    if at is not None and path[at + 1] in SETTINGS:
+    if at is not None and path[at + 1] in KEYS:
         key, value = path[at + 1], values
         for part in path[: at + 2]:
             value = value[part]
         try:
-            SETTINGS[key].metadata["rule"].check(key, value)
+            rule(key).check(key, value)
         except ConfigError as err:
             raise ConfigError(f"{field_name(path[: at + 1])}: {err}") from None
     raise ConfigError(f"{field_name(path)}: {' '.join(error.message.split())}")
