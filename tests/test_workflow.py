@@ -1,4 +1,4 @@
-"""Tests for the Snakemake workflow (Snakefile, workflow/, config/, .test/, envs/).
+"""Tests for the Snakemake workflow (Snakefile, workflow/, config/, .test/, envs/) and cll.workflow.
 
 The end-to-end test runs the CI grid (.test/config.yaml: two moons cells, a digits GloRo/CLL
 pair) through train -> certify -> aggregate -> tables/figures in a temporary working directory,
@@ -6,7 +6,8 @@ with MLflow logging into a temporary sqlite file, then checks that a second run 
 and that deleted tables and figures are rebuilt without retraining. The other tests dry-run the
 paper grid, feed malformed grids (one line naming the field, nothing written), and check that
 the schema, the conda envs and the lint agree with the package. Every Snakemake call is a
-subprocess with a timeout. About 2 minutes on two cores, most of it the end-to-end test.
+subprocess with a timeout (the `workflow` lane: about 2 minutes on two cores, most of it the
+end-to-end test). The last tests check cll.workflow, what the Snakefile calls, without Snakemake.
 """
 
 from __future__ import annotations
