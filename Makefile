@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
+# the test lanes (markers in pyproject.toml; CONTRIBUTING.md): make test-fast runs none of them
+FAST   := not slow and not workflow and not slurm and not data
 
 .PHONY: demo test test-fast lint format schema clean-demo
 
@@ -19,15 +21,14 @@ demo: $(STAMP)
 	$(VENV)/bin/snakemake --cores 2 all_tables
 	@cat results/tables/*.md
 
-## test: the whole test suite on two processes (every lane; what CI runs), about 5 minutes
+## test: the whole test suite on two processes (every lane; what CI runs), about 5 minutes.
+## worksteal: an idle worker takes tests queued on the other (tests/conftest.py orders them)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n 2 --dist worksteal -q
 
 ## test-fast: everything but the slow, workflow, slurm and data lanes, under a minute
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -n 2 --dist worksteal -q -m "$(FAST)"
-
-FAST := not slow and not workflow and not slurm and not data
 
 ## lint: ruff (lint + format check) on Python, snakefmt on the workflow; `make format` rewrites
 lint: $(STAMP)
