@@ -286,6 +286,7 @@ def assert_script_one_line(proc: subprocess.CompletedProcess) -> str:
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_script_missing_config(tmp_path):
     err = assert_script_one_line(script("train", "--config", "missing.yaml", "--out", "DIR", cwd=tmp_path))
     assert err.startswith("cll: error:") and "missing.yaml" in err
@@ -297,6 +298,7 @@ def test_script_unknown_subcommand(tmp_path):
     assert "bogus" in err
 
 
+@pytest.mark.slow
 def test_script_corrupt_checkpoint(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"\x80\x02not a checkpoint")
     before = snapshot(tmp_path)

@@ -531,6 +531,7 @@ def test_malformed_table_is_large():
     assert len(CASES) >= 20
 
 
+@pytest.mark.slow
 def test_real_entry_point_one_line_for_a_truncated_checkpoint(results_tree):
     run = run_of(results_tree)
     _truncate_model(run)
