@@ -40,8 +40,8 @@ def pytest_collection_modifyitems(config, items):
     block of the collection and lets an idle worker steal from the end of another's queue), start
     the minute-long tests at once, on different workers: a lane marker may carry a test's expected
     `seconds` (on two idle cores); those tests go, longest first, to the front of the block of the
-    worker with the least such time so far. The other tests keep their order (a module's tests stay
-    together, so module fixtures are built once)."""
+    worker with the least such time so far. The other tests keep their order, so a module's tests
+    mostly run on one worker and its module fixtures are built once."""
     workers = getattr(config, "workerinput", {}).get("workercount", 1)
     if workers < 2:
         return
