@@ -127,11 +127,11 @@ def registered_names() -> dict[str, list[str]]:
     return {"dataset": data.dataset_names(), "arch": models.names(), "loss": losses.names()}
 
 
-def grid_schema(names: dict[str, list[str]] | None = None) -> dict:
-    """The JSON schema of a grid; ``names``: those of ``registered_names()`` (the default). The
-    workflow reads the copy ``make schema`` writes to workflow/schemas/config.schema.yaml, which a
-    test keeps equal to this, so that ``snakemake -n`` imports no torch."""
-    names = names or registered_names()
+def grid_schema() -> dict:
+    """The JSON schema of a grid, with the registered names (which imports torch). The workflow
+    reads the copy ``make schema`` writes to workflow/schemas/config.schema.yaml, which a test keeps
+    equal to this, so that ``snakemake -n`` imports no torch."""
+    names = registered_names()
     run_config = {
         **run_config_schema(exclude=set(ROW_KEYS)),
         "description": f"Run-config keys (cll list), except {', '.join(ROW_KEYS)}, which a row sets.",
