@@ -180,7 +180,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
-    from .aggregate import aggregate_grid
+    from .summary import aggregate_grid
 
     path, rows = aggregate_grid(args.grid, args.results)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "missing", "pending")}
@@ -198,7 +198,7 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 
 
 def cmd_tables(args: argparse.Namespace) -> None:
-    from .aggregate import make_tables
+    from .render import make_tables
 
     written = make_tables(args.summary, args.out)
     print(f"wrote {len(written)} table files to {written[0].parent if written else args.out}")
