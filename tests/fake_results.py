@@ -8,6 +8,7 @@ certified bound otherwise).
 
 from __future__ import annotations
 
+import copy
 import csv
 from pathlib import Path
 
@@ -154,3 +155,23 @@ def write_fake_summary(tmp_path: Path, grid: dict = GRID) -> Path:
 def read_csv(path: Path) -> list[dict]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def with_published(grid: dict) -> dict:
+    """The fake grid with published numbers on five digits rows, chosen so that each verdict
+    occurs: GloRo 4C3F within one seed-std, CLL 4C3F within 1 point (not within its std), GloRo
+    2C2F off by 1.5 points, CE (not run) and SOC (pending) not run yet."""
+    grid = copy.deepcopy(grid)
+    rows = grid["tables"][0]["rows"]
+    rows[0]["published"] = {"source": "Paper B, Table 3", "clean": 0.315}
+    rows[1]["published"] = {
+        "source": "Paper A, Table 1",
+        "clean": 0.397,
+        "eps": ["36/255", "72/255", "108/255"],
+        "cra": [0.255, 0.150, 0.090],
+        "k_hf": 3.9,
+    }
+    rows[2]["published"] = {"source": "Paper A, Table 1", "clean": 0.398, "eps": ["36/255"], "cra": [0.255]}
+    rows[4]["published"] = {"source": "Paper A, Table 1", "clean": 0.5}
+    rows[5]["published"] = {"source": "Paper A, Table 1", "clean": 0.4, "eps": [0.15], "cra": [0.3], "k_hf": 6.4}
+    return grid

@@ -9,11 +9,11 @@ import math
 from pathlib import Path
 
 import pytest
-from fake_results import E36, read_csv, write_fake_tree
+from fake_results import E36, GRID, read_csv, with_published, write_fake_summary, write_fake_tree
 
 from cll.cli import main
 from cll.grid import load_grid
-from cll.summary import CELL_COLUMNS, MODEL_COLUMNS, aggregate_grid, read_summary
+from cll.summary import CELL_COLUMNS, MODEL_COLUMNS, PUBLISHED_COLUMNS, aggregate_grid, read_summary
 
 
 @pytest.fixture
@@ -47,7 +47,8 @@ def test_summary_columns_and_values(summary):
         f"cra_estimate_{k}" for k in ("0.1412", "0.15", "0.2824", "0.4235")
     ]
     assert header[22:29] == MODEL_COLUMNS
-    assert header[29:32] == ["cfg_dataset", "cfg_arch", "cfg_loss"]
+    assert header[29:32] == PUBLISHED_COLUMNS  # empty here: no row has published numbers
+    assert header[32:35] == ["cfg_dataset", "cfg_arch", "cfg_loss"]
     rows = read_summary(summary)
     cll = rows[3]  # CLL 4C3F seed 0
     assert (cll["clean_accuracy"], cll[f"cra_{E36}"], cll["lipschitz_constant"]) == (0.396, 0.261, 12.0)
@@ -56,6 +57,26 @@ def test_summary_columns_and_values(summary):
     assert rows[1]["k_hf"] is None and rows[1]["baseline"] is None and rows[3]["baseline"] == "GloRo"
     assert json.loads(cll["cfg_certify_eps"]) == [36 / 255, 72 / 255, 108 / 255]  # exact floats
     assert rows[6]["clean_accuracy"] is None and rows[6]["cfg_arch"] == "2C2F"  # missing: planned config
+
+
+def test_published_numbers_are_copied_onto_every_cell_of_their_row(tmp_path):
+    rows = read_summary(write_fake_summary(tmp_path, with_published(GRID)))
+    gloro = [r for r in rows if r["method"] == "GloRo" and r["arch"] == "4C3F"]
+    assert len(gloro) == 2  # two seeds, the same published numbers
+    for row in gloro:
+        assert (row["published_source"], row["published_clean"], row["published_k_hf"]) == (
+            "Paper A, Table 1",
+            0.397,
+            3.9,
+        )
+        assert (row[f"published_cra_{E36}"], row["published_cra_0.2824"], row["published_cra_0.4235"]) == (
+            0.255,
+            0.15,
+            0.09,
+        )
+    soc = next(r for r in rows if r["method"] == "SOC")
+    assert soc["published_cra_0.15"] == 0.3 and soc[f"published_cra_{E36}"] is None
+    assert all(r["published_source"] is None for r in rows if r["table"] == "moons")
 
 
 def test_summary_is_rewritten_identically(fake_tree, summary):

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from fake_results import E108, read_csv, write_fake_summary
+from fake_results import E36, E108, GRID, read_csv, with_published, write_fake_summary
 
 from cll.cli import main
 from cll.losses import k_hf
@@ -131,7 +131,8 @@ def test_markdown_and_latex_are_well_formed(summary, tmp_path):
 def test_rebuilt_tables_are_byte_identical(summary):
     written = make_tables(summary)
     assert sorted(p.name for p in written) == sorted(
-        f"{n}.{s}" for n in ("digits", "moons") for s in ("csv", "md", "tex")
+        [f"{n}.{s}" for n in ("digits", "moons") for s in ("csv", "md", "tex")]
+        + ["reproduction.csv", "reproduction.md"]
     )
     before = {p.name: p.read_bytes() for p in written}
     for p in written:
@@ -143,7 +144,7 @@ def test_rebuilt_tables_are_byte_identical(summary):
 def test_cli_tables(summary, capsys):
     assert main(["tables", "--summary", str(summary), "--out", str(summary.parent / "t")]) == 0
     assert (summary.parent / "t" / "digits.md").read_text().startswith(DIGITS_MD)
-    assert "wrote 6 table files" in capsys.readouterr().out
+    assert "wrote 8 table files" in capsys.readouterr().out
 
 
 def test_missing_summary_is_a_one_line_error(tmp_path, capsys):
@@ -152,3 +153,88 @@ def test_missing_summary_is_a_one_line_error(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "nope").exists()
+
+
+# ------------------------------------------------------------------------ published numbers
+PUBLISHED_MD = """\
+**Digits, 4C3F**
+
+Reproduction of 5 published rows: 1 within one seed-std, 1 within 1 point, 1 off by more, 2 not run yet
+
+| Method | Model | Clean (%) pub. | Clean (%) ours | CRA 36/255 pub. | CRA 36/255 ours | CRA 0.15 pub. | \
+CRA 0.15 ours | CRA 72/255 pub. | CRA 72/255 ours | CRA 108/255 pub. | CRA 108/255 ours | K^(h∘f) pub. | \
+K^(h∘f) ours | Reproduced | Note |
+|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|:---|
+| GloRo | 2C2F | 31.5 | 30.0 (-1.5) | — | 20.0 | — | — | — | 10.0 | — | 5.0 | — | 2.0 | off by 1.5 |  |
+| GloRo | 4C3F | 39.7 | 39.5 ± 0.4 (-0.2) | 25.5 | 25.3 ± 0.3 (-0.2) | — | — | 15.0 | 14.8 ± 0.3 (-0.2) | \
+9.0 | 9.2 ± 0.3 (+0.2) | 3.9 | 3.9 | within std |  |
+| CLL | 4C3F | 39.8 | 39.8 ± 0.3 (+0.0) | 25.5 | 26.3 ± 0.3 (+0.8) | — | — | — | 16.8 ± 0.3 | — | 8.7 ± 0.3 | \
+— | 11.6 | within 1 pt |  |
+| CLL | 2C2F | — | 31.0 | — | 21.5 | — | — | — | 12.0 | — | 4.0 | — | 11.6 |  | 1 of 2 seeds run |
+| CE | 4C3F | 50.0 | — | — | — | — | — | — | — | — | — | — | — | not run | not run |
+| SOC | LipConv-20 | 40.0 | — | — | — | 30.0 | — | — | — | — | — | 6.4 | — | pending | \
+pending: LipConv is not implemented |
+"""
+
+REPRODUCTION_MD = """\
+**Reproduction: our numbers against the published ones**
+
+Reproduction of 5 published rows: 1 within one seed-std, 1 within 1 point, 1 off by more, 2 not run yet
+
+| Table | Method | Model | Verdict | Largest difference (points) | Seeds run | Source |
+|:---|:---|:---|:---|---:|---:|:---|
+| digits | GloRo | 2C2F | off by more | 1.5 | 1 of 1 | Paper B, Table 3 |
+| digits | GloRo | 4C3F | within one seed-std | 0.2 | 2 of 2 | Paper A, Table 1 |
+| digits | CLL | 4C3F | within 1 point | 0.8 | 2 of 2 | Paper A, Table 1 |
+| digits | CE | 4C3F | not run yet | — | 0 of 1 | Paper A, Table 1 |
+| digits | SOC | LipConv-20 | not run yet | — | 0 of 1 | Paper A, Table 1 |
+"""
+
+
+def test_published_numbers_beside_ours_exact(tmp_path, capsys):
+    """pub. beside ours with ours - pub. in points, the verdict per row and the count line on top;
+    a published radius (0.15) that no cell was certified at gets its column; the moons table, which
+    has no published numbers, keeps the plain layout."""
+    summary = write_fake_summary(tmp_path, with_published(GRID))
+    written = make_tables(summary)
+    out = capsys.readouterr().out
+    assert "Reproduction of 5 published rows: 1 within one seed-std, 1 within 1 point, 1 off by more" in out
+    assert sorted(p.name for p in written) == sorted(
+        [f"{n}.{s}" for n in ("digits", "moons") for s in ("csv", "md", "tex")]
+        + ["reproduction.csv", "reproduction.md"]
+    )
+    tables = summary.parent / "tables"
+    md = (tables / "digits.md").read_text()
+    assert md.startswith(PUBLISHED_MD)
+    assert "Published: Paper B, Table 3 (GloRo 2C2F); Paper A, Table 1 (GloRo 4C3F, CLL 4C3F, CE 4C3F, SOC" in md
+    assert (tables / "reproduction.md").read_text().startswith(REPRODUCTION_MD)
+    assert (tables / "moons.md").read_text().splitlines()[2] == "| Method | Model | Clean (%) | CRA 0.15 | K^(h∘f) |"
+
+    rows = read_csv(tables / "digits.csv")
+    gloro, cll = rows[1], rows[2]
+    assert (gloro["reproduction"], cll["reproduction"], rows[0]["reproduction"]) == ("within_std", "within_1pt", "off")
+    assert float(gloro["clean_published"]) == 0.397 and float(gloro["k_hf_published"]) == 3.9
+    assert float(gloro["clean_vs_published"]) == pytest.approx(-0.002)
+    assert float(cll[f"cra_{E36}_vs_published"]) == pytest.approx(0.008)
+    assert float(cll[f"cra_{E36}_diff"]) == pytest.approx(0.010)  # to the baseline: still in the CSV
+    assert float(cll["max_deviation"]) == pytest.approx(0.008)
+    assert rows[3]["reproduction"] == "" and rows[4]["reproduction"] == "not_run"
+    assert [r["reproduction"] for r in read_csv(tables / "reproduction.csv")] == [
+        "off",
+        "within_std",
+        "within_1pt",
+        "not_run",
+        "not_run",
+    ]
+
+    tex = (tables / "digits.tex").read_text()
+    assert r"$K^{h\circ f}$ pub. & $K^{h\circ f}$ ours & Reproduced & Note \\" in tex
+    assert r"GloRo & 4C3F & 39.7 & 39.5 $\pm$ 0.4 (-0.2) & 25.5 &" in tex
+    assert "\\begin{tabular}{ll" + "r" * 12 + "ll}" in tex
+
+
+def test_a_grid_without_published_numbers_says_so(summary):
+    make_tables(summary, log=lambda line: pytest.fail(f"unexpected: {line}"))
+    text = (summary.parent / "tables" / "reproduction.md").read_text()
+    assert "No row of this grid carries published numbers" in text
+    assert read_csv(summary.parent / "tables" / "reproduction.csv") == []

@@ -168,8 +168,35 @@ def _bad(mutate):
         (_bad(lambda row: row.update(eps=-0.1)), "tables[1].rows[1].eps: -0.1 is less than"),
         (_bad(lambda row: row.pop("loss")), "tables[1].rows[1]: 'loss' is a required property"),
         (_bad(lambda row: row["set"].update(milestones=[3, 2])), "tables[1].rows[1]: milestones: [3, 2]"),
+        # a row's published numbers: fractions, a source, eps and cra together and of one length
+        (
+            _bad(lambda row: row.update(published={"source": "P", "clean": 39.8})),
+            "tables[1].rows[1].published.clean: 39.8 is greater than the maximum of 1",
+        ),
+        (
+            _bad(lambda row: row.update(published={"clean": 0.398})),
+            "tables[1].rows[1].published: 'source' is a required property",
+        ),
+        (
+            _bad(lambda row: row.update(published={"source": "P", "eps": ["36/255"]})),
+            "tables[1].rows[1].published: 'cra' is a dependency of 'eps'",
+        ),
+        (
+            _bad(lambda row: row.update(published={"source": "P", "eps": ["36/255"], "cra": [0.2, 0.1]})),
+            "tables[1].rows[1].published: eps ['36/255'] and cra [0.2, 0.1] must be lists of the same length",
+        ),
     ],
-    ids=["unknown-arch", "p-1.5", "eps-negative", "missing-loss", "run-config-check"],
+    ids=[
+        "unknown-arch",
+        "p-1.5",
+        "eps-negative",
+        "missing-loss",
+        "run-config-check",
+        "published-percent",
+        "published-no-source",
+        "published-eps-alone",
+        "published-lengths",
+    ],
 )
 def test_bad_grid_stops_before_any_job(tmp_path, mutate, field):
     grid = yaml.safe_load(CI_GRID.read_text())

@@ -6,7 +6,9 @@
 ``cll.figures``). ``collect`` reads every cell's ``train.json`` and ``certify.json`` once, with one
 row per cell of the grid, also for cells that are pending or not run yet, so a report can say so.
 Every number in it is a fraction, written exactly (``repr``), and nothing is recomputed: clean
-accuracy, CRA, the sound constant and the rest are copied from the files the runs wrote.
+accuracy, CRA, the sound constant and the rest are copied from the files the runs wrote. The
+numbers a grid row's paper reports (its ``published`` block) are copied onto each of its cells
+(``published_*``), so that the tables can set them beside ours from the summary alone.
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ MODEL_COLUMNS = [
     "train_loss",
     "train_accuracy",
 ]
+# What the grid row's paper reports (its `published` block), repeated on each cell of the row;
+# published_cra_<eps key> columns follow them.
+PUBLISHED_COLUMNS = ["published_source", "published_clean", "published_k_hf"]
 INTEGER_COLUMNS = {"seed", "n_samples"}
-FLOAT_COLUMNS = {"eps", "p", "clean_accuracy", *MODEL_COLUMNS} - INTEGER_COLUMNS
+FLOAT_COLUMNS = {"eps", "p", "clean_accuracy", "published_clean", "published_k_hf", *MODEL_COLUMNS} - INTEGER_COLUMNS
 
 
 class SummaryError(CllError):
@@ -91,6 +96,12 @@ def collect(grid: Grid, results_root: str | Path) -> list[dict]:
             "seed": cell.seed,
             "run_dir": run.relative_to(root).as_posix(),
         }
+        if cell.published is not None:
+            row["published_source"] = cell.published["source"]
+            row["published_clean"] = cell.published["clean"]
+            row["published_k_hf"] = cell.published["k_hf"]
+            for key, value in cell.published["cra"].items():
+                row[f"published_cra_{key}"] = value
         train = cert = None
         if cell.pending is None:
             train = results.read_json(run / results.TRAIN)
@@ -132,10 +143,11 @@ def eps_columns(columns: Any, prefix: str) -> list[str]:
 
 def summary_columns(rows: list[dict]) -> list[str]:
     """The column order of summary.csv: cell, clean, CRA by increasing eps, CRA with the estimate,
-    model and training numbers, then the run config in its definition order."""
+    model and training numbers, the published numbers, then the run config in its definition order."""
     present = {column for row in rows for column in row}
     cra = eps_columns(present, "cra_")
     cra_estimate = eps_columns(present, "cra_estimate_")
+    published_cra = eps_columns(present, "published_cra_")
     config = [f"cfg_{k}" for k in KEYS if f"cfg_{k}" in present]
     config += sorted(c for c in present if c.startswith("cfg_") and c not in config)
     return (
@@ -144,6 +156,8 @@ def summary_columns(rows: list[dict]) -> list[str]:
         + [f"cra_{k}" for k in cra]
         + [f"cra_estimate_{k}" for k in cra_estimate]
         + MODEL_COLUMNS
+        + PUBLISHED_COLUMNS
+        + [f"published_cra_{k}" for k in published_cra]
         + config
     )
 
@@ -183,7 +197,7 @@ def _decode(column: str, text: str) -> Any:
         return None
     if column in INTEGER_COLUMNS:
         return int(text)
-    if column in FLOAT_COLUMNS or column.startswith("cra_"):
+    if column in FLOAT_COLUMNS or column.startswith(("cra_", "published_cra_")):
         return float(text)
     return text  # cfg_* stay as written (lists as JSON)
 

@@ -29,14 +29,39 @@ from .summary import eps_columns
 STANDARD_EPS = {results.fmt_number(n / 255): f"{n}/255" for n in (36, 72, 108)}
 
 
+# A row's reproduction verdict: the worst over the published numbers we have (clean, CRA at each
+# published radius; not K^(h∘f), which is a setting for CLL and a bound for the others), in order.
+VERDICTS = {
+    "within_std": "within one seed-std",
+    "within_1pt": "within 1 point",
+    "off": "off by more",
+    "not_run": "not run yet",
+    "no_match": "no common number",  # run, but not certified at any published radius
+}
+ONE_POINT = 0.01
+
+
 @dataclass
 class Stat:
     """One table cell: mean over seeds, sample std (several seeds only), difference to the
-    baseline row's mean; fractions, None where there is nothing."""
+    baseline row's mean, the published number and our mean's difference to it; fractions, None
+    where there is nothing."""
 
     mean: float | None = None
     std: float | None = None
     diff: float | None = None
+    published: float | None = None
+    vs_published: float | None = None
+
+
+@dataclass
+class Published:
+    """What a row's paper reports (the grid row's ``published`` block, via summary.csv)."""
+
+    source: str
+    clean: float | None
+    cra: dict[str, float]  # by eps key
+    k_hf: float | None
 
 
 @dataclass
@@ -61,6 +86,9 @@ class TableRow:
     k_ratio: float | None  # mean sound bound / estimate of the model's constant
     k: float | None  # the K^(h∘f) column
     k_source: str | None  # analytic (CLL) | measured (sound bound)
+    published: Published | None = None
+    verdict: str | None = None  # a key of VERDICTS where published numbers exist
+    deviation: float | None = None  # largest |ours - published| over the numbers compared
 
 
 @dataclass
@@ -103,7 +131,65 @@ def _table_eps(cells: list[dict]) -> list[str]:
         found = {k for row in cells for k in _certify_eps(row)} or set(STANDARD_EPS)
     training = {results.fmt_number(row["eps"]) for row in cells}
     chosen = [k for k in found if k in STANDARD_EPS or k in training]
-    return sorted(chosen or found, key=float)
+    published = {
+        k for row in cells for k in eps_columns(row, "published_cra_") if row[f"published_cra_{k}"] is not None
+    }
+    return sorted(set(chosen or found) | published, key=float)
+
+
+def _published(cell: dict) -> Published | None:
+    """The published numbers a summary row carries (the same on every cell of a grid row)."""
+    if cell.get("published_source") is None:
+        return None
+    cra = {k: cell[f"published_cra_{k}"] for k in eps_columns(cell, "published_cra_")}
+    return Published(
+        cell["published_source"],
+        cell.get("published_clean"),
+        {k: v for k, v in cra.items() if v is not None},
+        cell.get("published_k_hf"),
+    )
+
+
+def _compare_to_published(row: TableRow) -> None:
+    """Set each Stat's published number and our difference to it, and the row's verdict: within
+    one seed-std (every published number within our sample std of the mean; needs two seeds),
+    within 1 point (every one within 0.01), or off by more; compared on the unrounded means."""
+    pub = row.published
+    if pub is None:
+        return
+    pairs = [(row.clean, pub.clean)] + [(row.cra[k], pub.cra.get(k)) for k in row.cra]
+    compared = []
+    for stat, number in pairs:
+        stat.published = number
+        if number is not None and stat.mean is not None:
+            stat.vs_published = stat.mean - number
+            compared.append(stat)
+    if not compared:
+        row.verdict = "not_run" if row.n_done == 0 else "no_match"
+        return
+    row.deviation = max(abs(s.vs_published) for s in compared)
+    if all(s.std is not None and abs(s.vs_published) <= s.std for s in compared):
+        row.verdict = "within_std"
+    elif row.deviation <= ONE_POINT + 1e-12:  # 1e-12: 0.01 itself is not lost to float rounding
+        row.verdict = "within_1pt"
+    else:
+        row.verdict = "off"
+
+
+def reproduction_counts(rows: list[TableRow]) -> dict[str, int]:
+    """How many of ``rows`` with published numbers got each verdict (VERDICTS order, zeros kept)."""
+    return {v: sum(r.verdict == v for r in rows) for v in VERDICTS}
+
+
+def reproduction_line(rows: list[TableRow]) -> str | None:
+    """``Reproduction of 9 published rows: 2 within one seed-std, 1 within 1 point, 0 off by
+    more, 6 not run yet``; None when no row has published numbers."""
+    counts = reproduction_counts(rows)
+    total = sum(counts.values())
+    if not total:
+        return None
+    parts = [f"{n} {VERDICTS[v]}" for v, n in counts.items() if n or v in ("within_std", "within_1pt", "off")]
+    return f"Reproduction of {total} published row{'s' * (total != 1)}: {', '.join(parts)}"
 
 
 def _summarise(cells: list[dict], eps_keys: list[str]) -> TableRow:
@@ -149,6 +235,7 @@ def _summarise(cells: list[dict], eps_keys: list[str]) -> TableRow:
         ).mean,
         k=k,
         k_source=source if k is not None else None,
+        published=_published(first),
     )
 
 
@@ -195,6 +282,8 @@ def build_tables(rows: list[dict]) -> list[Table]:
         table = Table(name, cells[0].get("title"), _table_eps(cells))
         table.rows = [_summarise(group, table.eps_keys) for group in groups.values()]
         _add_baseline_differences(table.rows)
+        for row in table.rows:
+            _compare_to_published(row)
         _add_labels(table.rows)
         tables.append(table)
     return tables
