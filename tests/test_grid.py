@@ -9,7 +9,7 @@ import copy
 import pytest
 
 from cll.errors import ConfigError
-from cll.grid import parse_grid
+from cll.grid import AUDIT_DEFAULTS, parse_grid
 
 ROW = {"method": "CLL", "dataset": "moons", "arch": "moons-mlp", "loss": "cll", "eps": 0.15, "p": 0.01}
 POSTER = {"source": "Losch et al., GCPR 2023, poster", "clean": 0.398, "eps": ["36/255", 0.15], "cra": [0.259, 0.3]}
@@ -69,3 +69,26 @@ def test_published_numbers_need_a_row_of_one_eps_and_one_p():
     with pytest.raises(ConfigError, match="give one row per eps and p"):
         parse_grid(grid_with(eps=[0.1, 0.2], published=POSTER))
     assert len(parse_grid(grid_with(seeds=[1, 2], published=POSTER)).cells) == 2  # seeds are fine
+
+
+def test_audit_setting_over_the_defaults():
+    (cell,) = parse_grid(grid_with()).cells
+    assert cell.audit == AUDIT_DEFAULTS and cell.audit_args() == "--n 100 --steps 30 --restarts 2"
+    (cell,) = parse_grid(grid_with(audit={"n": 500, "restarts": 5})).cells
+    assert cell.audit_args() == "--n 500 --steps 30 --restarts 5"
+
+
+@pytest.mark.parametrize(
+    "audit, message",
+    [
+        ({"n": 0}, "audit.n: 0 is not an integer >= 1"),
+        ({"steps": 2.5}, "audit.steps: 2.5 is not an integer >= 1"),
+        ({"steps": True}, "audit.steps: True is not an integer >= 1"),
+        ({"attacks": 3}, "audit: unknown key 'attacks'; allowed: n, restarts, steps"),
+        (None, "audit: must be a mapping with n, steps and/or restarts"),
+    ],
+)
+def test_malformed_audit_setting_is_one_line(audit, message):
+    with pytest.raises(ConfigError) as err:
+        parse_grid(grid_with(audit=audit))
+    assert str(err.value) == "tables[0].rows[0]." + message

@@ -24,7 +24,7 @@ from helpers import check_pipeline_outputs
 
 from cll import data, losses, models
 from cll.config import CHOICES, KEYS, load_config
-from cll.grid import load_grid
+from cll.grid import AUDIT_DEFAULTS, load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -152,6 +152,16 @@ def test_paper_grid_dry_run_lists_every_runnable_cell(tmp_path):
         cfg = load_config(None, argv[argv.index("--set") + 1 :])
         assert cfg == cells[out].run_config(), out
 
+    # each audit job runs with its row's budget (GPU rows 1000 points, 100 steps, 5 restarts; moons
+    # the defaults)
+    audits = [line for line in run.stdout.splitlines() if line.startswith("Shell command: cll audit ")]
+    assert len(audits) == len(cells)
+    for line in audits:
+        argv = shlex.split(line.split(" > ", 1)[0])
+        cell = cells[argv[argv.index("--run") + 1]]
+        budget = {key: int(argv[argv.index(f"--{key}") + 1]) for key in ("n", "steps", "restarts")}
+        assert budget == ({"n": 1000, "steps": 100, "restarts": 5} if cell.dataset != "moons" else AUDIT_DEFAULTS)
+
 
 def _bad(mutate):
     def make(grid: dict) -> None:
@@ -185,6 +195,7 @@ def _bad(mutate):
             _bad(lambda row: row.update(published={"source": "P", "eps": ["36/255"], "cra": [0.2, 0.1]})),
             "tables[1].rows[1].published: eps ['36/255'] and cra [0.2, 0.1] must be lists of the same length",
         ),
+        (_bad(lambda row: row.update(audit={"n": 0})), "tables[1].rows[1].audit.n: 0 is less than the minimum of 1"),
     ],
     ids=[
         "unknown-arch",
@@ -196,6 +207,7 @@ def _bad(mutate):
         "published-no-source",
         "published-eps-alone",
         "published-lengths",
+        "audit-n-0",
     ],
 )
 def test_bad_grid_stops_before_any_job(tmp_path, mutate, field):

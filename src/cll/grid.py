@@ -29,6 +29,8 @@ A grid (``config/config.yaml``, ``config/paper.yaml``) is a YAML mapping::
               eps: [36/255, 72/255, 108/255]
               cra: [0.259, 0.165, 0.107]
               k_hf: 10.6
+            audit: {n: 500, steps: 100, restarts: 5}   # optional: the row's audit jobs (`cll audit`
+                                  # flags; default AUDIT_DEFAULTS): more points and steps, longer jobs
 
 Every cell's run config is ``defaults`` + the row's ``set`` + its dataset/arch/loss/eps/p/seed,
 validated by ``cll.config`` exactly as ``cll train`` would, so a bad grid fails in one line before
@@ -62,9 +64,13 @@ ROW_KEYS = {
     "pending",
     "resources",
     "published",
+    "audit",
 }
 RESOURCE_KEYS = {"gpus", "runtime", "mem_mb", "cpus"}
 PUBLISHED_KEYS = {"source", "clean", "eps", "cra", "k_hf"}
+# `cll audit` budget per cell unless a row's `audit` says otherwise: small enough for the demo grid
+# on a CPU (seconds per cell); the test points sampled, iterations per attack, PGD restarts.
+AUDIT_DEFAULTS = {"n": 100, "steps": 30, "restarts": 2}
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,11 @@ class Cell:
     resources: dict = field(default_factory=dict, hash=False, compare=False)
     overrides: dict = field(default_factory=dict, hash=False, compare=False)
     published: dict | None = field(default=None, hash=False, compare=False)  # see parse_published
+    audit: dict = field(default_factory=lambda: dict(AUDIT_DEFAULTS), hash=False, compare=False)
+
+    def audit_args(self) -> str:
+        """The `cll audit` flags of the cell's audit job: ``--n 100 --steps 30 --restarts 2``."""
+        return " ".join(f"--{key} {self.audit[key]}" for key in AUDIT_DEFAULTS)
 
     def path(self, results: str | Path) -> Path:
         return run_dir(results, self.dataset, self.arch, self.loss, self.eps, self.p, self.seed)
@@ -161,6 +172,17 @@ def parse_published(where: str, value: Any) -> dict:
     return {"source": source.strip(), "clean": clean, "cra": by_eps, "k_hf": k}
 
 
+def parse_audit(where: str, value: Any) -> dict:
+    """A row's ``audit`` setting over AUDIT_DEFAULTS: each of n, steps, restarts an integer >= 1."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping with n, steps and/or restarts")
+    _unknown(where, value, set(AUDIT_DEFAULTS))
+    for key, number in value.items():
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise ConfigError(f"{where}.{key}: {number!r} is not an integer >= 1")
+    return {**AUDIT_DEFAULTS, **value}
+
+
 def parse_grid(values: Any, check_names: bool = True) -> Grid:
     """Validate a grid mapping and expand it into cells (one-line ConfigError on any problem).
     ``check_names=False``: dataset/arch/loss are not looked up in the registries (which import
@@ -215,6 +237,7 @@ def parse_grid(values: Any, check_names: bool = True) -> Grid:
                         f"{rwhere}.published: the row expands into several eps or p; give one row per "
                         "eps and p, each with its own published numbers"
                     )
+            audit = parse_audit(f"{rwhere}.audit", row.get("audit", {}))
             for eps in _as_list(row["eps"]):
                 for p in _as_list(row.get("p", overrides.get("p", RunConfig.p))):
                     for seed in seeds:
@@ -235,6 +258,7 @@ def parse_grid(values: Any, check_names: bool = True) -> Grid:
                                 resources,
                                 {k: v for k, v in overrides.items() if k != "p"},
                                 published,
+                                audit,
                             )
                             cfg = cell.run_config(check_names) if pending is None else None
                         except ConfigError as err:

@@ -18,6 +18,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from cll import results as cll_results
@@ -168,6 +169,11 @@ def set_args(wildcards):
     return " ".join(shlex.quote(f"{key}={yaml_value(value)}") for key, value in values.items())
 
 
+def audit_args(wildcards):
+    """`--n N --steps S --restarts R` of a cell's audit job: its row's `audit` setting."""
+    return cell_of(wildcards).audit_args()
+
+
 def train_launcher(wildcards):
     """`cll train`, or for a cell whose row asks for N > 1 GPUs the same command under torchrun:
     N processes on the job's node, one GPU each, data-parallel (cll.distributed)."""
@@ -223,6 +229,14 @@ def table_files():
     stem = f"{RESULTS}/tables/reproduction"
     files.append(report(f"{stem}.csv", caption="../report/reproduction.rst", category="Reproduction"))
     return files + [f"{stem}.md"]
+
+
+def progress_note():
+    """The line the workflow prints as it starts: where each job's progress goes (its log file)."""
+    return (
+        f"cll: each job writes its progress (per epoch or batch: rate, ETA) to its log, "
+        f"logs/<rule>/{CELL_PATH}.log, shown as `log:` in the job's block below; follow one with tail -f"
+    )
 
 
 def track_init_command():
