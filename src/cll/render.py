@@ -15,7 +15,16 @@ from pathlib import Path
 from . import results
 from .errors import CllError
 from .summary import csv_text, read_summary
-from .tables import VERDICTS, Stat, Table, TableRow, build_tables, eps_label, reproduction_line
+from .tables import (
+    VERDICTS,
+    Stat,
+    Table,
+    TableRow,
+    build_tables,
+    eps_label,
+    reproduction_counts,
+    reproduction_line,
+)
 
 NO_VALUE = "—"  # what a table shows where there is no number
 K_HEADER = "K^(h∘f)"  # the Lipschitz column, as Markdown writes it (LaTeX: $K^{h\circ f}$)
@@ -360,6 +369,15 @@ def write_tables(tables: list[Table], out_dir: str | Path) -> list[Path]:
         results.write_text(path, render_all(tables))
         written.append(path)
     return written
+
+
+def reproduction_metrics(summary: str | Path) -> dict[str, int]:
+    """The reproduction counts of a summary.csv as MLflow metrics: ``reproduction_within_std``,
+    ``reproduction_within_1pt``, ``reproduction_off``, ``reproduction_not_run``, ... (all zero
+    when no row has published numbers)."""
+    tables = build_tables(read_summary(summary))
+    counts = reproduction_counts([r for _, r in _published_rows(tables)])
+    return {f"reproduction_{verdict}": n for verdict, n in counts.items()}
 
 
 def make_tables(

@@ -28,8 +28,11 @@ rule audit:
     params:
         run=run_dir_of,
         budget=audit_args,
+        experiment=EXPERIMENT,
+        method=method_of,
     shell:
-        "cll audit --run {params.run:q} {params.budget} > {log} 2>&1"
+        "cll audit --run {params.run:q} {params.budget} --track {params.experiment:q} --method {params.method:q}"
+        " > {log} 2>&1"
 
 
 rule all_audits:

@@ -142,6 +142,11 @@ def run_dir_of(wildcards):
     return str(cell_of(wildcards).path(RESULTS))
 
 
+def method_of(wildcards):
+    """The cell's method (its grid row's), which names its MLflow run."""
+    return cell_of(wildcards).method
+
+
 def yaml_value(value):
     """A value as `cll train --set` parses it back (YAML flow style: 1.0e-06, [400, 600], per_logit)."""
     if isinstance(value, (str, int, float, bool)) or value is None:
