@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -45,7 +47,7 @@ def write_run(run, epochs=3, config=CONFIG):
         {
             "epoch": e,
             "loss": 1.0 / e,
-            "accuracy": 0.5 + 0.1 * e,
+            "accuracy": 0.5 + 0.05 * e,
             "lipschitz_estimate": 10.0 + e,
             "lr": 1e-3,
             "seconds": 0.1,
@@ -421,3 +423,106 @@ def test_tables_and_figures_go_into_the_summary_run(tmp_path, store, capsys):
         1,
         2,
     )
+
+
+# ------------------------------------------------------------------- the UI, in a real browser
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def _browse(url: str, profile: Path, screenshot: Path) -> str:
+    """The DOM of ``url`` after headless Chromium has rendered it (20 s of virtual time), and a
+    screenshot of the same page into ``screenshot``."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1800,1000",
+        "--run-all-compositor-stages-before-draw",
+        "--virtual-time-budget=30000",
+    ]
+    shot = subprocess.run(
+        [CHROMIUM, *flags, f"--user-data-dir={profile}-shot", f"--screenshot={screenshot}", url],
+        capture_output=True,
+        timeout=180,
+    )
+    assert shot.returncode == 0 and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, f"--user-data-dir={profile}-dom", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    return dom.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; .ci/run installs it)")
+def test_mlflow_ui_shows_metric_columns_and_a_run_chart(tmp_path, monkeypatch):
+    """Two grid-style runs (named by method, with certify and audit results) in a real `mlflow
+    server`, looked at in headless Chromium: the runs list with the metric columns cra_36_255,
+    clean_accuracy, k_hf, audit_tightness_36_255 and the run names, and one run's chart of
+    train_loss over epochs. Screenshots go to $CLL_SCREENSHOTS (default: the test's tmp dir)."""
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    shots = Path(os.environ.get("CLL_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    server = _start_server(tmp_path, port)
+    try:
+        ids = []
+        for p, clean in ((0.01, 0.97), (0.25, 0.9)):
+            run = tmp_path / f"run{p}"
+            write_run(run, epochs=8, config={**CONFIG, "p": p})
+            write_certify(run, clean=clean)
+            write_audit(run)
+            ids.append(tracking.log_run_dir(run, "ui", "CLL"))
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        exp_id = client.get_experiment_by_name("ui").experiment_id
+        # the columns a person picks in the UI's Columns menu, stored as the UI's Share button
+        # stores a view (an experiment tag that ?viewStateShareKey= names)
+        columns = ["clean_accuracy", "cra_36_255", "cra_0.15", "k_hf", "lipschitz_constant", "audit_tightness_36_255"]
+        view = {"selectedColumns": [f"metrics.`{c}`" for c in columns]}
+        client.set_experiment_tag(exp_id, "mlflow.sharedViewState.cll", json.dumps(view))
+
+        runs_dom = _browse(
+            f"{uri}/#/experiments/{exp_id}/runs?viewStateShareKey=cll", tmp_path / "chrome", shots / "mlflow_runs.png"
+        )
+        for text in columns + ["CLL moons-mlp moons eps0.15 p0.01 seed0", "CLL moons-mlp moons eps0.15 p0.25 seed0"]:
+            assert text in runs_dom, text
+        query = {  # the state the UI's metric page keeps in its URL, JSON-encoded values
+            "runs": [ids[0]],
+            "metric": "train_loss",
+            "experiments": [exp_id],
+            "plot_metric_keys": ["train_loss", "train_accuracy"],
+            "plot_layout": {},
+            "x_axis": "step",
+            "y_axis_scale": "linear",
+            "line_smoothness": 1,
+            "show_point": True,
+            "deselected_curves": [],
+            "last_linear_y_axis_range": [],
+        }
+        chart = f"{uri}/#/metric/train_loss?" + urllib.parse.urlencode(
+            {
+                k: v if isinstance(v, str) and k in ("x_axis", "y_axis_scale") else json.dumps(v)
+                for k, v in query.items()
+            }
+        )
+        chart_dom = _browse(chart, tmp_path / "chrome", shots / "mlflow_run_chart.png")
+        assert "train_loss" in chart_dom and "CLL moons-mlp moons eps0.15 p0.01 seed0" in chart_dom
+        assert "(step=8)" in chart_dom  # the metric table below the chart: the last epoch's value
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
