@@ -165,7 +165,7 @@ Reproduction of 5 published rows: 1 within one seed-std, 1 within 1 point, 1 off
 CRA 0.15 ours | CRA 72/255 pub. | CRA 72/255 ours | CRA 108/255 pub. | CRA 108/255 ours | K^(h∘f) pub. | \
 K^(h∘f) ours | Reproduced | Note |
 |:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|:---|
-| GloRo | 2C2F | 31.5 | 30.0 (-1.5) | — | 20.0 | — | — | — | 10.0 | — | 5.0 | — | 2.0 | off by 1.5 |  |
+| GloRo | 2C2F | 31.5 | 30.0 (-1.5) | — | 20.0 | — | — | — | 10.0 | — | 5.0 | — | 2.0 | off by 1.50 |  |
 | GloRo | 4C3F | 39.7 | 39.5 ± 0.4 (-0.2) | 25.5 | 25.3 ± 0.3 (-0.2) | — | — | 15.0 | 14.8 ± 0.3 (-0.2) | \
 9.0 | 9.2 ± 0.3 (+0.2) | 3.9 | 3.9 | within std |  |
 | CLL | 4C3F | 39.8 | 39.8 ± 0.3 (+0.0) | 25.5 | 26.3 ± 0.3 (+0.8) | — | — | — | 16.8 ± 0.3 | — | 8.7 ± 0.3 | \
@@ -183,9 +183,9 @@ Reproduction of 5 published rows: 1 within one seed-std, 1 within 1 point, 1 off
 
 | Table | Method | Model | Verdict | Largest difference (points) | Seeds run | Source |
 |:---|:---|:---|:---|---:|---:|:---|
-| digits | GloRo | 2C2F | off by more | 1.5 | 1 of 1 | Paper B, Table 3 |
-| digits | GloRo | 4C3F | within one seed-std | 0.2 | 2 of 2 | Paper A, Table 1 |
-| digits | CLL | 4C3F | within 1 point | 0.8 | 2 of 2 | Paper A, Table 1 |
+| digits | GloRo | 2C2F | off by more | 1.50 | 1 of 1 | Paper B, Table 3 |
+| digits | GloRo | 4C3F | within one seed-std | 0.20 | 2 of 2 | Paper A, Table 1 |
+| digits | CLL | 4C3F | within 1 point | 0.80 | 2 of 2 | Paper A, Table 1 |
 | digits | CE | 4C3F | not run yet | — | 0 of 1 | Paper A, Table 1 |
 | digits | SOC | LipConv-20 | not run yet | — | 0 of 1 | Paper A, Table 1 |
 """

@@ -54,7 +54,7 @@ def _has_published(table: Table) -> bool:
 def _verdict_text(row: TableRow) -> str:
     """The Reproduced column: ``within std``, ``within 1 pt``, ``off by 2.3``, ``not run``."""
     if row.verdict == "off":
-        return f"off by {100 * row.deviation:.1f}"
+        return f"off by {100 * row.deviation:.2f}"  # 2 decimals: 1.0 could be either side of 1 point
     if row.status == "pending" and row.verdict is not None:
         return "pending"
     short = {"within_std": "within std", "within_1pt": "within 1 pt", "not_run": "not run", "no_match": "no common"}
@@ -313,7 +313,7 @@ def render_reproduction_markdown(tables: list[Table]) -> str:
         _md_rule(["l"] * 4 + ["r"] * 2 + ["l"]),
     ]
     for table, row in published:
-        deviation = _number(row.deviation)
+        deviation = NO_VALUE if row.deviation is None else f"{100 * row.deviation:.2f}"
         values = [table.name, _label_text(row), row.arch, VERDICTS[row.verdict], deviation]
         lines.append(_md_line(values + [f"{row.n_done} of {row.n_cells}", row.published.source]))
     return "\n".join(lines + ["", _REPRODUCTION_LEGEND, ""])
