@@ -337,13 +337,20 @@ def test_tracking_server_down_during_jobs_then_backfilled_by_aggregate(tmp_path,
 
 # ----------------------------------------------------------- names people read, audit, artifacts
 def write_audit(run, broken=0):
+    """audit.json as cll audit writes it (the fields tracking reads), with chosen numbers."""
     per_eps = {
-        "0.15": {"sampled": 100, "correct": 95, "certified": 80, "attacked": 80, "broken": broken,
-                 "uncertified_attacked": 15, "uncertified_broken": 5},
-        "0.1412": {"sampled": 100, "correct": 95, "certified": 81, "attacked": 81, "broken": 0,
-                   "uncertified_attacked": 14, "uncertified_broken": 14},
-    }  # fmt: skip
-    (run / "audit.json").write_text(json.dumps({"per_eps": per_eps, "broken": broken, "attacks": ["pgd"]}))
+        "0.15": {"sampled": 100, "correct": 95, "certified": 80, "attacked": 80, "broken": broken},
+        "0.1412": {"sampled": 100, "correct": 95, "certified": 81, "attacked": 81, "broken": 0},
+    }
+    audit = {
+        "per_eps": per_eps,
+        "own_radius": {"attacked": 90, "broken": 0},
+        "tightness": {"quantiles": {"min": 1.1, "median": 1.8, "max": 4.0}, "points": 90},
+        "lipschitz_tightness": 0.42,
+        "broken": broken,
+        "attacks": ["pgd"],
+    }
+    (run / "audit.json").write_text(json.dumps(audit))
 
 
 def test_metric_names_say_the_radius_as_the_tables_do():
@@ -365,8 +372,8 @@ def test_grid_jobs_name_the_run_by_method_and_cell_and_log_the_audit(tmp_path, s
     assert (logged.data.tags["cll.method"], logged.data.tags["cll.stage"]) == ("CLL", "audit")
     metrics = logged.data.metrics
     assert (metrics["audit_broken"], metrics["audit_broken_0.15"], metrics["audit_attacked_36_255"]) == (0, 0, 81)
-    # tightness: certified / (correct and not broken by the attack) = 80 / (95 - 5) and 81 / (95 - 14)
-    assert metrics["audit_tightness_0.15"] == pytest.approx(80 / 90) and metrics["audit_tightness_36_255"] == 1.0
+    assert (metrics["audit_own_radius_broken"], metrics["audit_tightness_median"]) == (0, 1.8)
+    assert metrics["audit_lipschitz_tightness"] == 0.42
     assert "audit.json" in {a.path for a in store.list_artifacts(run_id)}
     # a hand rerun without --method keeps the name the grid gave
     write_certify(run, clean=0.95)
@@ -466,7 +473,7 @@ def _browse(url: str, profile: Path, screenshot: Path) -> str:
 def test_mlflow_ui_shows_metric_columns_and_a_run_chart(tmp_path, monkeypatch):
     """Two grid-style runs (named by method, with certify and audit results) in a real `mlflow
     server`, looked at in headless Chromium: the runs list with the metric columns cra_36_255,
-    clean_accuracy, k_hf, audit_tightness_36_255 and the run names, and one run's chart of
+    clean_accuracy, k_hf, audit_tightness_median and the run names, and one run's chart of
     train_loss over epochs. Screenshots go to $CLL_SCREENSHOTS (default: the test's tmp dir)."""
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -489,7 +496,7 @@ def test_mlflow_ui_shows_metric_columns_and_a_run_chart(tmp_path, monkeypatch):
         exp_id = client.get_experiment_by_name("ui").experiment_id
         # the columns a person picks in the UI's Columns menu, stored as the UI's Share button
         # stores a view (an experiment tag that ?viewStateShareKey= names)
-        columns = ["clean_accuracy", "cra_36_255", "cra_0.15", "k_hf", "lipschitz_constant", "audit_tightness_36_255"]
+        columns = ["clean_accuracy", "cra_36_255", "cra_0.15", "k_hf", "lipschitz_constant", "audit_tightness_median"]
         view = {"selectedColumns": [f"metrics.`{c}`" for c in columns]}
         client.set_experiment_tag(exp_id, "mlflow.sharedViewState.cll", json.dumps(view))
 

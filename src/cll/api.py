@@ -108,7 +108,12 @@ def _check_interface(model: nn.Module) -> None:
 
 
 def _check_layers(model: LipschitzNet) -> None:
-    """One line naming the first body layer without a sound bound (its type and position)."""
+    """One line naming the first body layer without a sound bound: a layer type cll has no bound
+    for (``lipschitz.check_supported``), or a variant its bound refuses (e.g. a dilated conv)."""
+    try:
+        lipschitz.check_supported(model.body)
+    except TypeError as err:
+        raise UnsupportedModel(f"cannot bound {' '.join(str(err).split())}") from None
     shapes = lipschitz.trace_input_shapes(model.body, model.in_shape)
     for i, (layer, shape) in enumerate(zip(model.body, shapes)):
         try:
@@ -146,7 +151,7 @@ def _device(model: nn.Module, device: str | torch.device | None) -> torch.device
 def upper_bound(model: nn.Module) -> float:
     """The sound upper bound the certifier uses on the Lipschitz constant of every logit difference:
     K_F (the product of the body's per-layer bounds) times max_ij ||W_i - W_j||_2 of the head."""
-    return _supported(model, lambda: lipschitz.lipschitz_constant(model))
+    return _supported(model, lambda: lipschitz.upper_bound(model))
 
 
 def certify(
@@ -187,11 +192,13 @@ def audit(
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """Attack the certified points among the first ``n`` points of ``loader`` at each radius
-    (PGD-l2 with ``restarts`` restarts, APGD-l2 with the DLR and CE losses, ``steps`` iterations
-    each; ``cll.attack.audit``). Returns ``{"per_eps": {eps key: counts}, "broken": total, ...,
-    "n_samples"}``; ``broken`` > 0 means a certificate was refuted (an attack point inside the
-    radius that the model misclassifies)."""
+    """Attack the certified points among the first ``n`` points of ``loader`` at each radius and
+    at their own certified radius (PGD-l2 with ``restarts`` restarts, APGD-l2 with the DLR and CE
+    losses, ``steps`` iterations each) and measure how tight the certificates are (``cll.attack
+    .audit``). Returns ``{"per_eps": {eps key: counts}, "own_radius", "tightness",
+    "lipschitz_tightness", "broken": total, ..., "n_samples"}``; ``broken`` > 0 means a certificate
+    was refuted (an attack point inside the radius that the model misclassifies, or a Lipschitz
+    lower bound above the certified bound)."""
     radii = _radii(eps)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"n: {n!r} is not a number of points >= 1")

@@ -14,11 +14,11 @@ method is the grid row's, ``--method``, else the loss) and tagged ``cll.method``
   36/255, ``cra_0.15`` for 0.15): ``clean_accuracy``, ``cra_<r>``, ``cra_estimate_<r>``,
   ``lipschitz_constant`` (the sound bound), ``lipschitz_estimate``, ``lipschitz_body``,
   ``n_samples``, ``certify_seconds`` (certify.json); ``k_hf`` for CLL runs (K^(h∘f) = 1/sigma);
-  ``lipschitz_bound``, ``train_wall_time`` (train.json); from audit.json per radius
-  ``audit_attacked_<r>`` (certified points attacked), ``audit_broken_<r>`` (of those, misclassified
-  inside the radius: any is a failed certificate), ``audit_tightness_<r>`` (certified / not broken
-  by the attack among the sampled points: 1 means the certificates are as tight as the attack can
-  tell) and ``audit_broken``;
+  ``lipschitz_bound``, ``train_wall_time`` (train.json); from audit.json ``audit_attacked_<r>``
+  (certified points attacked at radius r), ``audit_broken_<r>`` (of those, misclassified inside
+  the radius: any is a failed certificate), ``audit_own_radius_broken``, ``audit_broken`` (all),
+  ``audit_tightness_median`` (nearest adversarial distance / certified radius, median over points)
+  and ``audit_lipschitz_tightness`` (Lipschitz lower bound found / certified bound);
 - artifacts: ``train.json``, ``certify.json``, ``audit.json``, and ``model.pt`` when it is at most
   ``$CLL_TRACK_CHECKPOINT_MB`` megabytes (default 20; 0 never), so small models can be downloaded
   from the UI and loaded with ``cll.api.load_run``.
@@ -148,14 +148,20 @@ def metric_name(prefix: str, eps_key: str) -> str:
 
 
 def _audit_metrics(audit: dict) -> dict[str, Any]:
-    """Per radius: certified points attacked, of those broken, and the tightness certified / (correct
-    and not broken by the attack), over the audit's sample (None where no point survived)."""
-    out: dict[str, Any] = {"audit_broken": audit.get("broken")}
+    """The audit's headline numbers (``cll.attack.audit``): broken certificates (in all, per radius,
+    at the points' own radius), certified points attacked per radius, and its two tightness
+    measures: the median over points of (nearest adversarial distance found / certified radius)
+    and (Lipschitz lower bound found / certified bound), both 1 when tight."""
+    quantiles = (audit.get("tightness") or {}).get("quantiles") or {}
+    out: dict[str, Any] = {
+        "audit_broken": audit.get("broken"),
+        "audit_own_radius_broken": (audit.get("own_radius") or {}).get("broken"),
+        "audit_tightness_median": quantiles.get("median"),
+        "audit_lipschitz_tightness": audit.get("lipschitz_tightness"),
+    }
     for key, c in (audit.get("per_eps") or {}).items():
         out[metric_name("audit_attacked", key)] = c.get("attacked")
         out[metric_name("audit_broken", key)] = c.get("broken")
-        robust = c.get("correct", 0) - c.get("uncertified_broken", 0) - c.get("broken", 0)
-        out[metric_name("audit_tightness", key)] = c.get("certified", 0) / robust if robust > 0 else None
     return out
 
 
