@@ -6,7 +6,8 @@ A table row is one (method, model, eps, p) group of cells over seeds: the mean, 
 standard deviation when there are several seeds, and the signed difference to the baseline
 method's mean where the grid row names a ``baseline``. The K^(h∘f) column is the analytic
 constant log((2-p)/p)/eps of the calibrated model for CLL, and the certified (sound) Lipschitz
-bound of the model for every other loss, as on the poster (shared/spec/cll.md sections 3 and 6).
+bound of the model for every other loss, as on the poster (Losch et al., GCPR 2023: every K^(h∘f)
+it prints for CLL is 1/sigma of its eps and p).
 Every CRA is the sound one (``cra`` of certify.json); ``cra_estimate`` (what the converged
 power-iteration estimate of K would give) is carried beside it for comparison.
 
