@@ -95,8 +95,16 @@ FAKE = {
 }
 
 
+# (arch, loss, p, seed) -> audit.json's own-radius points attacked, tightness median, Lipschitz tightness
+FAKE_AUDIT = {("4C3F", "gloro", 0.3, 0): (80, 2.0, 0.5), ("4C3F", "gloro", 0.3, 1): (90, 2.4, 0.6)}
+# cells whose certify.json has no power-iteration estimate (as for the peers' families)
+NO_ESTIMATE = {("2C2F", "cll", 0.3, 0)}
+
+
 def write_fake_run(run: Path, cell, clean: float, cra: list[float], lipschitz: float) -> None:
-    """train.json and certify.json as cll train / cll certify write them, with chosen numbers."""
+    """train.json, certify.json (and audit.json for FAKE_AUDIT's cells) as cll train / certify / audit
+    write them, with chosen numbers."""
+    key = (cell.arch, cell.loss, cell.p, cell.seed)
     cfg = cell.run_config()
     khf = k_hf(cfg.eps, cfg.p) if cfg.loss == "cll" else None
     results.write_json(
@@ -122,9 +130,9 @@ def write_fake_run(run: Path, cell, clean: float, cra: list[float], lipschitz: f
         {
             "clean_accuracy": clean,
             "cra": by_eps,
-            "cra_estimate": by_eps,
+            "cra_estimate": None if key in NO_ESTIMATE else by_eps,
             "lipschitz_constant": lipschitz,
-            "lipschitz_estimate": 0.9 * lipschitz,
+            "lipschitz_estimate": None if key in NO_ESTIMATE else 0.9 * lipschitz,
             "lipschitz_body": 1.0,
             "k_hf": khf,
             "n_samples": 360,
@@ -132,6 +140,19 @@ def write_fake_run(run: Path, cell, clean: float, cra: list[float], lipschitz: f
             "seconds": 0.1,
         },
     )
+    if key in FAKE_AUDIT:
+        attacked, tightness, lipschitz_tightness = FAKE_AUDIT[key]
+        results.write_json(
+            run / results.AUDIT,
+            {
+                "own_radius": {"attacked": attacked, "broken": 0},
+                "tightness": {"quantiles": {"median": tightness}, "points": attacked, "no_adversarial_found": 0},
+                "lipschitz_lower": lipschitz_tightness * lipschitz,
+                "lipschitz_upper": lipschitz,
+                "lipschitz_tightness": lipschitz_tightness,
+                "broken": 0,
+            },
+        )
 
 
 def write_fake_tree(tmp_path: Path, grid: dict = GRID) -> tuple[Path, Path]:

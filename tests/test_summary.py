@@ -13,7 +13,14 @@ from fake_results import E36, GRID, read_csv, with_published, write_fake_summary
 
 from cll.cli import main
 from cll.grid import load_grid
-from cll.summary import CELL_COLUMNS, MODEL_COLUMNS, PUBLISHED_COLUMNS, aggregate_grid, read_summary
+from cll.summary import (
+    AUDIT_COLUMNS,
+    CELL_COLUMNS,
+    MODEL_COLUMNS,
+    PUBLISHED_COLUMNS,
+    aggregate_grid,
+    read_summary,
+)
 
 
 @pytest.fixture
@@ -47,8 +54,9 @@ def test_summary_columns_and_values(summary):
         f"cra_estimate_{k}" for k in ("0.1412", "0.15", "0.2824", "0.4235")
     ]
     assert header[22:29] == MODEL_COLUMNS
-    assert header[29:32] == PUBLISHED_COLUMNS  # empty here: no row has published numbers
-    assert header[32:35] == ["cfg_dataset", "cfg_arch", "cfg_loss"]
+    assert header[29:34] == AUDIT_COLUMNS  # two runs of the fake tree were audited
+    assert header[34:37] == PUBLISHED_COLUMNS  # empty here: no row has published numbers
+    assert header[37:40] == ["cfg_dataset", "cfg_arch", "cfg_loss"]
     rows = read_summary(summary)
     cll = rows[3]  # CLL 4C3F seed 0
     assert (cll["clean_accuracy"], cll[f"cra_{E36}"], cll["lipschitz_constant"]) == (0.396, 0.261, 12.0)

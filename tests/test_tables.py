@@ -43,26 +43,32 @@ def test_digits_markdown_table_exact(summary, tmp_path):
 
 
 def test_estimate_table_beside_the_sound_one(summary, tmp_path):
-    """Below the poster table: sound CRA / estimate CRA per row, and the constants' ratio."""
+    """Below the poster table: sound CRA / estimate CRA per row (n/a without an estimate), the
+    constants' ratio, and what the audit found."""
     (digits,) = [t for t in build_tables(read_summary(summary)) if t.name == "digits"]
     md = render_markdown(digits)
-    estimate = md.split("sound certificate vs power-iteration estimate**\n\n", 1)[1].splitlines()
+    estimate = md.split("power-iteration estimate, and the audit**\n\n", 1)[1].splitlines()
     assert estimate[0] == (
         "| Method | Model | CRA 36/255 sound / est. | CRA 72/255 sound / est. | "
-        "CRA 108/255 sound / est. | K bound / est. |"
+        "CRA 108/255 sound / est. | K bound / est. | Audit broken / attacked | Nearest adv. / radius | "
+        "K lower / bound |"
     )
     gloro = next(line for line in estimate if line.startswith("| GloRo | 4C3F | "))
     sound_row = next(line for line in md.splitlines() if line.startswith("| GloRo | 4C3F"))
-    # the fake runs report the same CRA both ways and an estimate 0.9 x the bound
+    # the fake runs report the same CRA both ways and an estimate 0.9 x the bound; two audits
     sound = sound_row.split(" | ")[3].split(" ")[0]
     assert gloro.split(" | ")[2] == f"{sound} / {sound}"
-    assert gloro.endswith(" | 1.1111 |")
+    assert gloro.endswith(" | 1.1111 | 0 / 170 | 2.2 | 0.55 |")
+    # a run without an estimate (a peer's) says n/a; a row never audited shows no audit figures
+    cll_2c2f = next(line for line in estimate if line.startswith("| CLL | 2C2F | "))
+    assert cll_2c2f.endswith(" / n/a | n/a | — | — | — |")
     assert "power iteration approaches the norm from below" in md
     make_tables(summary, tmp_path)
     rows = read_csv(tmp_path / "digits.csv")
     assert float(rows[1][f"cra_{E108}_estimate_mean"]) == pytest.approx(float(rows[1][f"cra_{E108}_mean"]))
     assert float(rows[1]["k_bound_over_estimate"]) == pytest.approx(1 / 0.9)
     assert rows[5]["k_bound_over_estimate"] == ""  # pending: nothing to compare
+    assert rows[1]["audit_own_attacked"] == "170" and float(rows[1]["audit_tightness_median"]) == pytest.approx(2.2)
 
 
 def test_moons_table_labels_p_and_shows_its_own_eps(summary):

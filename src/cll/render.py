@@ -131,14 +131,16 @@ def _sources(table: Table) -> str:
 
 
 def _estimate_markdown(table: Table) -> list[str]:
-    """The second, smaller table of a Markdown file: each row's sound CRA beside the CRA that the
-    converged power-iteration estimate of K would give (what the sound bound costs)."""
-    rows = [r for r in table.rows if any(s.mean is not None for s in r.cra_estimate.values())]
+    """The second, smaller table of a Markdown file, for every row that ran: its sound CRA beside the
+    CRA that the converged power-iteration estimate of K would give (what the sound bound costs;
+    n/a where no estimate exists), and what the audit found."""
+    rows = [r for r in table.rows if r.clean.mean is not None]
     if not rows:
         return []
-    header = ["Method", "Model"] + [f"CRA {eps_label(k)} sound / est." for k in table.eps_keys] + ["K bound / est."]
+    header = ["Method", "Model"] + [f"CRA {eps_label(k)} sound / est." for k in table.eps_keys]
+    header += ["K bound / est.", "Audit broken / attacked", "Nearest adv. / radius", "K lower / bound"]
     lines = [
-        f"**{_md(table.title or table.name)}: sound certificate vs power-iteration estimate**",
+        f"**{_md(table.title or table.name)}: sound certificate vs power-iteration estimate, and the audit**",
         "",
         _md_line(header),
         _md_rule(["l", "l"] + ["r"] * (len(header) - 2)),
@@ -147,13 +149,32 @@ def _estimate_markdown(table: Table) -> list[str]:
         values = [_label_text(row), row.arch]
         for k in table.eps_keys:
             sound, est = row.cra[k].mean, row.cra_estimate[k].mean
-            values.append(NO_VALUE if sound is None or est is None else f"{100 * sound:.1f} / {100 * est:.1f}")
-        values.append(f"{row.k_ratio:.4f}" if row.k_ratio is not None else NO_VALUE)
+            if sound is None:
+                values.append(NO_VALUE)
+            else:
+                values.append(f"{100 * sound:.1f} / {'n/a' if est is None else f'{100 * est:.1f}'}")
+        values.append(f"{row.k_ratio:.4f}" if row.k_ratio is not None else "n/a")
+        audit = row.audit
+        values.append(NO_VALUE if audit is None else f"{audit.broken} / {audit.attacked}")
+        for value in (None, None) if audit is None else (audit.tightness, audit.lipschitz_tightness):
+            values.append(NO_VALUE if value is None else f"{value:.3g}")
         lines.append(_md_line(values))
     return lines + ["", _ESTIMATE_LEGEND, ""]
 
 
 _ESTIMATE_LEGEND = (
+    "sound: the certified CRA of the table above (sound Lipschitz bound, margins less their "
+    "rounding bound). est.: the same test points with the converged power-iteration estimate of K "
+    "and plain float32 margins; not a certificate, since power iteration approaches the norm from "
+    "below; n/a where power iteration does not follow the model's layers (the peers' families). "
+    "K bound / est.: the ratio of the two constants of the model (mean over seeds). Audit (cll "
+    "audit, a test sample): certificates broken by an attack / correct points attacked at their own "
+    "radius; nearest adversarial point found / certified radius (median; 1 = tight); the Lipschitz "
+    "lower bound found by pair ascent / the certified bound (1 = tight)."
+)
+
+
+_LEGEND = (
     "sound: the certified CRA of the table above (sound Lipschitz bound, float64 margins "
     "less their rounding bound). est.: the same test points with the converged "
     "power-iteration estimate of K and plain float32 margins; not a certificate, "
@@ -248,6 +269,7 @@ def render_csv(table: Table) -> str:
         columns += [f"cra_{k}_{part}" for part in ("mean", "std", "diff", "published", "vs_published")]
     columns += ["k_hf", "k_source", "k_hf_published", "reproduction", "max_deviation", "published_source"]
     columns += [f"cra_{k}_estimate_mean" for k in table.eps_keys] + ["k_bound_over_estimate"]
+    columns += ["audit_broken", "audit_own_attacked", "audit_tightness_median", "audit_lipschitz_tightness"]
     rows = []
     for r in table.rows:
         values = {
@@ -275,6 +297,10 @@ def render_csv(table: Table) -> str:
             "max_deviation": r.deviation,
             "published_source": None if r.published is None else r.published.source,
             "k_bound_over_estimate": r.k_ratio,
+            "audit_broken": None if r.audit is None else r.audit.broken,
+            "audit_own_attacked": None if r.audit is None else r.audit.attacked,
+            "audit_tightness_median": None if r.audit is None else r.audit.tightness,
+            "audit_lipschitz_tightness": None if r.audit is None else r.audit.lipschitz_tightness,
         }
         for k, s in r.cra.items():
             values.update(

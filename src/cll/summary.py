@@ -51,11 +51,23 @@ MODEL_COLUMNS = [
     "train_loss",
     "train_accuracy",
 ]
+# What cll audit found (audit.json), where it ran: broken certificates in all, correct points
+# attacked at their own radius, median nearest adversarial distance / radius, the float64 Lipschitz
+# lower bound and its ratio to the certified bound.
+AUDIT_COLUMNS = [
+    "audit_broken",
+    "audit_own_attacked",
+    "audit_tightness_median",
+    "audit_lipschitz_lower",
+    "audit_lipschitz_tightness",
+]
 # What the grid row's paper reports (its `published` block), repeated on each cell of the row;
 # published_cra_<eps key> columns follow them.
 PUBLISHED_COLUMNS = ["published_source", "published_clean", "published_k_hf"]
-INTEGER_COLUMNS = {"seed", "n_samples"}
-FLOAT_COLUMNS = {"eps", "p", "clean_accuracy", "published_clean", "published_k_hf", *MODEL_COLUMNS} - INTEGER_COLUMNS
+INTEGER_COLUMNS = {"seed", "n_samples", "audit_broken", "audit_own_attacked"}
+FLOAT_COLUMNS = {
+    "eps", "p", "clean_accuracy", "published_clean", "published_k_hf", *MODEL_COLUMNS, *AUDIT_COLUMNS
+} - INTEGER_COLUMNS  # fmt: skip
 
 
 class SummaryError(CllError):
@@ -115,6 +127,9 @@ def collect(grid: Grid, results_root: str | Path) -> list[dict]:
                 row[f"cra_estimate_{key}"] = value
             for key in ("lipschitz_constant", "lipschitz_estimate", "k_hf", "n_samples"):
                 row[key] = cert.get(key)
+        audit = results.read_json(run / results.AUDIT) if cert is not None else None
+        if audit is not None:
+            row.update(audit_values(audit))
         if train is not None:
             if row.get("k_hf") is None:
                 row["k_hf"] = train.get("k_hf")
@@ -129,6 +144,19 @@ def collect(grid: Grid, results_root: str | Path) -> list[dict]:
             row[f"cfg_{key}"] = value
         rows.append(row)
     return rows
+
+
+def audit_values(audit: dict) -> dict:
+    """The AUDIT_COLUMNS of one audit.json (older files without the own-radius part: what they have)."""
+    own = audit.get("own_radius") or {}
+    tight = (audit.get("tightness") or {}).get("quantiles") or {}
+    return {
+        "audit_broken": audit.get("broken"),
+        "audit_own_attacked": own.get("attacked"),
+        "audit_tightness_median": tight.get("median"),
+        "audit_lipschitz_lower": audit.get("lipschitz_lower"),
+        "audit_lipschitz_tightness": audit.get("lipschitz_tightness"),
+    }
 
 
 def eps_columns(columns: Any, prefix: str) -> list[str]:
@@ -156,6 +184,7 @@ def summary_columns(rows: list[dict]) -> list[str]:
         + [f"cra_{k}" for k in cra]
         + [f"cra_estimate_{k}" for k in cra_estimate]
         + MODEL_COLUMNS
+        + [c for c in AUDIT_COLUMNS if c in present]
         + PUBLISHED_COLUMNS
         + [f"published_cra_{k}" for k in published_cra]
         + config

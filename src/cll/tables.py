@@ -85,11 +85,36 @@ class TableRow:
     cra: dict[str, Stat]  # by eps key
     cra_estimate: dict[str, Stat]  # the same with the power-iteration estimate (not sound)
     k_ratio: float | None  # mean sound bound / estimate of the model's constant
+    audit: Audit | None  # what cll audit found over the seeds audited
     k: float | None  # the K^(h∘f) column
     k_source: str | None  # analytic (CLL) | measured (sound bound)
     published: Published | None = None
     verdict: str | None = None  # a key of VERDICTS where published numbers exist
     deviation: float | None = None  # largest |ours - published| over the numbers compared
+
+
+@dataclass
+class Audit:
+    """cll audit over a row's audited seeds: broken certificates and points attacked at their own
+    radius (sums), median nearest adversarial distance / radius and Lipschitz lower / certified bound
+    (means; 1 = tight)."""
+
+    broken: int
+    attacked: int
+    tightness: float | None
+    lipschitz_tightness: float | None
+
+
+def _audit(done: list[dict]) -> Audit | None:
+    audited = [c for c in done if c.get("audit_broken") is not None]
+    if not audited:
+        return None
+    return Audit(
+        broken=sum(int(c["audit_broken"]) for c in audited),
+        attacked=sum(int(c.get("audit_own_attacked") or 0) for c in audited),
+        tightness=_stat([c.get("audit_tightness_median") for c in audited]).mean,
+        lipschitz_tightness=_stat([c.get("audit_lipschitz_tightness") for c in audited]).mean,
+    )
 
 
 @dataclass
@@ -234,6 +259,7 @@ def _summarise(cells: list[dict], eps_keys: list[str]) -> TableRow:
                 if c.get("lipschitz_constant") and c.get("lipschitz_estimate")
             ]
         ).mean,
+        audit=_audit(done),
         k=k,
         k_source=source if k is not None else None,
         published=_published(first),
