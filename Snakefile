@@ -7,6 +7,7 @@
 #
 # Targets come before --configfile (it takes several files). Override grids with --configfile, not
 # --config (lists given there reach the schema as strings). See workflow/rules/common.smk.
+from snakemake.logging import logger
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -25,9 +26,11 @@ include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/audit.smk"
 
 
-# MLflow: create the store and the experiment once, before parallel jobs race to do it (sqlite
-# store creation is not safe under concurrency). Runs in the main process only, not in dry runs.
+# Say where each job's progress goes (its log file); MLflow: create the store and the experiment
+# once, before parallel jobs race to do it (sqlite store creation is not safe under concurrency).
+# Runs in the main process only, not in dry runs.
 onstart:
+    logger.info(cll_workflow.progress_note())
     shell(cll_workflow.track_init_command(EXPERIMENT))
 
 

@@ -1,6 +1,8 @@
 """Tests for cll.grid: a grid checked against one schema (one-line errors naming the field),
 expanded into cells, each cell's `cll train --set` arguments (a round trip back to its run
-config) and its job resources. No Snakemake here (tests/test_workflow.py runs it)."""
+config) and its job resources, and the grid keys that carry no run config: a row's `published`
+block (what its paper reports) and its `audit` setting. No Snakemake here (tests/test_workflow.py
+runs it)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import yaml
 from cll import results, workflow
 from cll.config import build_config, parse_overrides
 from cll.errors import ConfigError
-from cll.grid import RESOURCES, grid_schema, load_grid, parse_grid
+from cll.grid import AUDIT_DEFAULTS, RESOURCES, grid_schema, load_grid, parse_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 GRIDS = [ROOT / ".test" / "config.yaml", ROOT / "config" / "config.yaml", ROOT / "config" / "paper.yaml"]
@@ -175,3 +177,88 @@ def test_job_resources_default_and_per_row():
     assert big.job_resources("train") == {"gpu": 4, "runtime": 60, "mem_mb": 16000, "cpus_per_task": 1}
     for rule in ("certify", "audit"):  # at most one GPU outside training
         assert big.job_resources(rule) == {"gpu": 1, "runtime": 60, "mem_mb": 16000, "cpus_per_task": 1}
+
+
+# ------------------------------------------------------------------ published numbers, audit budget
+ROW = {"method": "CLL", "dataset": "moons", "arch": "moons-mlp", "loss": "cll", "eps": 0.15, "p": 0.01}
+POSTER = {"source": "Losch et al., GCPR 2023, poster", "clean": 0.398, "eps": ["36/255", 0.15], "cra": [0.259, 0.3]}
+
+
+def grid_with(**row) -> dict:
+    return {"experiment": "x", "tables": [{"name": "t", "rows": [{**ROW, **row}]}]}
+
+
+def test_published_block_becomes_fractions_by_eps_key():
+    (cell,) = parse_grid(grid_with(published={**POSTER, "k_hf": "10.6"})).cells
+    assert cell.published == {
+        "source": "Losch et al., GCPR 2023, poster",
+        "clean": 0.398,
+        "cra": {"0.1412": 0.259, "0.15": 0.3},
+        "k_hf": 10.6,
+    }
+    (cell,) = parse_grid(grid_with(published={"source": "S", "k_hf": 3.4})).cells
+    assert cell.published == {"source": "S", "clean": None, "cra": {}, "k_hf": 3.4}
+    assert parse_grid(grid_with()).cells[0].published is None
+
+
+def _without(key):
+    block = copy.deepcopy(POSTER)
+    del block[key]
+    return block
+
+
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ({**POSTER, "clean": 39.8}, "published.clean: 39.8 is greater than the maximum of 1"),
+        ({**POSTER, "cra": [0.259, 30]}, "published.cra[1]: 30 is greater than the maximum of 1"),
+        (_without("source"), "published: 'source' is a required property"),
+        (_without("cra"), "published: 'cra' is a dependency of 'eps'"),
+        ({**POSTER, "cra": [0.259]}, "published: eps ['36/255', 0.15] and cra [0.259] must be lists of the same"),
+        ({**POSTER, "eps": ["36/255", "x"]}, "published.eps[1]: 'x' is not a number"),
+        ({**POSTER, "eps": [0.1, -0.2]}, "published.eps[1]: -0.2 is less than or equal to the minimum of 0"),
+        ({**POSTER, "eps": [0.1, "-1/5"]}, "published.eps[1]: '-1/5' is not allowed; expected a number > 0"),
+        ({**POSTER, "k_hf": 0}, "published.k_hf: 0 is less than or equal to the minimum of 0"),
+        ({**POSTER, "clen": 0.3}, "published: Additional properties are not allowed ('clen' was unexpected)"),
+        ({"source": "S"}, "published: gives none of clean, cra, k_hf; give at least one"),
+        ("39.8", "published: '39.8' is not of type 'object'"),
+    ],
+    ids=["percent", "cra-percent", "no-source", "eps-alone", "lengths", "eps-text", "eps-negative",
+         "eps-negative-text", "k-zero", "unknown-key", "no-number", "not-a-mapping"],
+)  # fmt: skip
+def test_malformed_published_block_is_one_line(block, message):
+    with pytest.raises(ConfigError) as err:
+        parse_grid(grid_with(published=block))
+    text = str(err.value)
+    assert text.startswith("tables[0].rows[0]." + message) and "\n" not in text, text
+
+
+def test_published_numbers_need_a_row_of_one_eps_and_one_p():
+    with pytest.raises(ConfigError, match=r"^tables\[0\]\.rows\[0\]\.published: the row expands into several"):
+        parse_grid(grid_with(p=[0.75, 0.25], published=POSTER))
+    with pytest.raises(ConfigError, match="give one row per eps and p"):
+        parse_grid(grid_with(eps=[0.1, 0.2], published=POSTER))
+    assert len(parse_grid(grid_with(seeds=[1, 2], published=POSTER)).cells) == 2  # seeds are fine
+
+
+def test_audit_setting_over_the_defaults():
+    (cell,) = parse_grid(grid_with()).cells
+    assert cell.audit == AUDIT_DEFAULTS and cell.audit_args() == "--n 100 --steps 30 --restarts 2"
+    (cell,) = parse_grid(grid_with(audit={"n": 500, "restarts": 5})).cells
+    assert cell.audit_args() == "--n 500 --steps 30 --restarts 5"
+
+
+@pytest.mark.parametrize(
+    "audit, message",
+    [
+        ({"n": 0}, "audit.n: 0 is less than the minimum of 1"),
+        ({"steps": 2.5}, "audit.steps: 2.5 is not of type 'integer'"),
+        ({"steps": True}, "audit.steps: True is not of type 'integer'"),
+        ({"attacks": 3}, "audit: Additional properties are not allowed ('attacks' was unexpected)"),
+        (None, "audit: None is not of type 'object'"),
+    ],
+)
+def test_malformed_audit_setting_is_one_line(audit, message):
+    with pytest.raises(ConfigError) as err:
+        parse_grid(grid_with(audit=audit))
+    assert str(err.value) == "tables[0].rows[0]." + message

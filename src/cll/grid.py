@@ -23,11 +23,20 @@ A grid (``config/config.yaml``, ``config/paper.yaml``) is a YAML mapping::
             pending: "..."        # optional: the row is listed but not run (e.g. a missing arch)
             resources: {gpus: 1, runtime: 600, mem_mb: 16000}   # optional, per job (Slurm);
                                   # gpus > 1: data-parallel training under torchrun (cll.distributed)
+            published:            # optional: what the row's paper reports (fractions), shown
+              source: "Losch et al., GCPR 2023, poster, Tiny-ImageNet table"   # beside ours
+              clean: 0.398
+              eps: [36/255, 72/255, 108/255]
+              cra: [0.259, 0.165, 0.107]
+              k_hf: 10.6
+            audit: {n: 500, steps: 100, restarts: 5}   # optional: the row's audit jobs (`cll audit`
+                                  # flags; default AUDIT_DEFAULTS): more points and steps, longer jobs
 
 One JSON schema (``grid_schema``) checks a grid's structure, names and ranges; its run-config part
 comes from the declarations in ``cll.config``. Then every runnable cell's run config (``defaults``
 + the row's ``set`` + its dataset/arch/loss/eps/p/seed) is built by ``cll.config`` exactly as
-``cll train`` would, for what a schema cannot say (increasing milestones, a fraction's range).
+``cll train`` would, for what a schema cannot say (increasing milestones, a fraction's range, a
+published block's eps and cra of one length).
 Either way a bad grid fails in one line naming the field, e.g. ``tables[1].rows[0].p: ...``,
 before any job starts. A cell's directory is ``cll.results.run_dir`` of its keys.
 """
@@ -40,9 +49,9 @@ from typing import Any
 
 import yaml
 
-from .config import KEYS, RunConfig, build_config, default, format_override, rule, run_config_schema
+from .config import KEYS, POSITIVE, RunConfig, build_config, default, format_override, rule, run_config_schema
 from .errors import ConfigError
-from .results import run_dir
+from .results import fmt_number, run_dir
 from .values import NUMBER_TEXT, parse_number
 
 # Per-job resources a row may ask for: name -> (default, meaning). cll.workflow maps them onto
@@ -57,6 +66,14 @@ RESOURCES = {
     "mem_mb": (4000, "Memory per job in MB."),
     "cpus": (1, "CPU cores per job (threads, Slurm --cpus-per-task)."),
 }
+# The `cll audit` budget of a row's audit jobs (its `audit` setting): name -> (default, meaning). The
+# defaults are small enough for the demo grid on a CPU (seconds per cell).
+AUDIT = {
+    "n": (100, "Test points sampled per cell (the whole test set where it is smaller)."),
+    "steps": (30, "Iterations per attack (PGD, APGD-DLR, APGD-CE)."),
+    "restarts": (2, "PGD restarts."),
+}
+AUDIT_DEFAULTS = {name: value for name, (value, _) in AUDIT.items()}
 # run-config keys a row gives itself, so not in its `set` (nor in the grid's `defaults`)
 ROW_KEYS = ("dataset", "arch", "loss", "eps", "seed")
 
@@ -77,6 +94,8 @@ class Cell:
     pending: str | None
     resources: dict = field(default_factory=dict, hash=False, compare=False)
     overrides: dict = field(default_factory=dict, hash=False, compare=False)
+    published: dict | None = field(default=None, hash=False, compare=False)  # see _published
+    audit: dict = field(default_factory=lambda: dict(AUDIT_DEFAULTS), hash=False, compare=False)
 
     def path(self, results: str | Path) -> Path:
         return run_dir(results, self.dataset, self.arch, self.loss, self.eps, self.p, self.seed)
@@ -94,6 +113,10 @@ class Cell:
         """``key=value`` arguments of ``cll train --set`` that give this cell's run config
         (``cll.config.parse_overrides`` reads them back)."""
         return [format_override(key, value) for key, value in self.config_values().items()]
+
+    def audit_args(self) -> str:
+        """The `cll audit` flags of the cell's audit job: ``--n 100 --steps 30 --restarts 2``."""
+        return " ".join(f"--{key} {self.audit[key]}" for key in AUDIT_DEFAULTS)
 
     def job_resources(self, rule: str) -> dict[str, int]:
         """Resources of the cell's ``rule`` job under Snakemake's (and its Slurm plugin's) names:
@@ -115,6 +138,9 @@ class Grid:
 
 
 # ------------------------------------------------------------------------------ the schema
+FRACTION = {"type": "number", "minimum": 0, "maximum": 1, "description": "A fraction in [0, 1] (39.8 % is 0.398)."}
+
+
 def _one_or_more(schema: dict, description: str) -> dict:
     return {"description": description, "anyOf": [schema, {"type": "array", "minItems": 1, "items": schema}]}
 
@@ -175,6 +201,47 @@ def grid_schema() -> dict:
                 "type": "string",
                 "minLength": 1,
                 "description": "Why the row is listed but not run (e.g. its architecture does not exist yet).",
+            },
+            "published": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["source"],
+                "dependentRequired": {"eps": ["cra"], "cra": ["eps"]},
+                "anyOf": [{"required": ["clean"]}, {"required": ["cra"]}, {"required": ["k_hf"]}],
+                "description": "What the row's paper reports, shown beside our numbers with the difference, and "
+                "the row's reproduction verdict. Fractions, like every number in cll's files. Only for a row with "
+                "one eps and one p.",
+                "properties": {
+                    "source": {
+                        "type": "string",
+                        "minLength": 1,
+                        "description": "Where the numbers come from (paper, table).",
+                    },
+                    "clean": {**FRACTION, "description": "Published clean accuracy, a fraction."},
+                    "eps": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": rule("eps").schema(),
+                        "description": "Radii of the published CRA (36/255 allowed); cra[i] is the CRA at eps[i].",
+                    },
+                    "cra": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": FRACTION,
+                        "description": "Published certified robust accuracy at each radius of eps, fractions.",
+                    },
+                    "k_hf": {**POSITIVE.schema(), "description": "Published K^(h∘f) (the table's Lipschitz column)."},
+                },
+            },
+            "audit": {
+                "type": "object",
+                "additionalProperties": False,
+                "description": "Budget of the row's audit jobs (`cll audit` attacks the certified points of a test "
+                "sample); stronger costs more time.",
+                "properties": {
+                    name: {"type": "integer", "minimum": 1, "default": value, "description": doc}
+                    for name, (value, doc) in AUDIT.items()
+                },
             },
             "resources": {
                 "type": "object",
@@ -282,7 +349,17 @@ def validate(values: Any, schema: dict) -> None:
             rule(key).check(key, value)
         except ConfigError as err:
             raise ConfigError(f"{field_name(path[: at + 1])}: {err}") from None
-    raise ConfigError(f"{field_name(path)}: {' '.join(error.message.split())}")
+    raise ConfigError(f"{field_name(path)}: {_message(error)}")
+
+
+def _message(error) -> str:
+    """jsonschema's message, in words where its own would quote schema internals."""
+    if error.validator == "pattern" and error.validator_value == NUMBER_TEXT["pattern"]:
+        return f"{error.instance!r} is not a number or a fraction like 36/255"
+    if error.validator == "anyOf" and error.context and all(e.validator == "required" for e in error.context):
+        keys = ", ".join(dict.fromkeys(key for e in error.context for key in e.validator_value))
+        return f"gives none of {keys}; give at least one"
+    return " ".join(error.message.split())
 
 
 # ------------------------------------------------------------------------------ cells
@@ -305,17 +382,40 @@ def parse_grid(values: Any, schema: dict | None = None) -> Grid:
             where = f"tables[{t}].rows[{r}]"
             if row.get("baseline") is not None and row["baseline"] not in methods:
                 raise ConfigError(f"{where}.baseline: {row['baseline']!r} is not a method of table {table['name']!r}")
+            published = _published(f"{where}.published", row) if "published" in row else None
+            audit = {**AUDIT_DEFAULTS, **row.get("audit", {})}
             overrides = {**defaults, **(row.get("set") or {})}
             for eps in _as_list(row["eps"]):
                 for p in _as_list(row.get("p", overrides.get("p", default("p")))):
                     for seed in _as_list(row.get("seeds", [0])):
                         cell = _cell(table["name"], row, eps, p, seed, overrides, where)
+                        cell = replace(cell, published=published, audit=audit)
                         key = (cell.dataset, cell.arch, cell.loss, cell.eps, cell.p, cell.seed)
                         if key in seen and seen[key] != repr(sorted(overrides.items())):
                             raise ConfigError(f"{where}: cell {key} appears twice with different settings")
                         seen[key] = repr(sorted(overrides.items()))
                         cells.append(cell)
     return Grid(str(values["experiment"]), str(values.get("results", "results")), values["tables"], cells)
+
+
+def _published(where: str, row: dict) -> dict:
+    """A row's ``published`` block (the schema has checked its shape) as the tables use it:
+    ``{"source", "clean", "cra": {eps key: fraction}, "k_hf"}``, CRA keyed like certify.json. What
+    no schema says: eps and cra are lists of one length, a radius or constant written as text is
+    > 0, and the row is one eps and one p."""
+    block = row["published"]
+    if len(_as_list(row["eps"])) > 1 or len(_as_list(row.get("p", []))) > 1:
+        raise ConfigError(
+            f"{where}: the row expands into several eps or p; give one row per eps and p, each with its own "
+            "published numbers"
+        )
+    eps, cra = block.get("eps", []), block.get("cra", [])
+    if len(eps) != len(cra):
+        raise ConfigError(f"{where}: eps {eps!r} and cra {cra!r} must be lists of the same length")
+    by_eps = {fmt_number(POSITIVE.check(f"{where}.eps[{i}]", e)): float(c) for i, (e, c) in enumerate(zip(eps, cra))}
+    k_hf = None if block.get("k_hf") is None else POSITIVE.check(f"{where}.k_hf", block["k_hf"])
+    clean = None if block.get("clean") is None else float(block["clean"])
+    return {"source": block["source"].strip(), "clean": clean, "cra": by_eps, "k_hf": k_hf}
 
 
 def _cell(table: str, row: dict, eps: Any, p: Any, seed: Any, overrides: dict, where: str) -> Cell:

@@ -4,9 +4,10 @@ snakemake or torch (``snakemake -n`` stays fast).
 
 - ``load``: the grid Snakemake was given, checked against the generated schema and expanded into
   cells (one ConfigError line otherwise), and the one file it came from (``cll aggregate --grid``);
-- ``train_launcher``, ``site_resources``, ``put_python_on_path``, ``track_init_command``: pieces of
-  the jobs' command lines and resources (a cell's ``--set`` arguments and resources are
-  ``Cell.set_args`` and ``Cell.job_resources``);
+- ``train_launcher``, ``set_args``, ``site_resources``, ``put_python_on_path``, ``progress_note``,
+  ``track_init_command``: pieces of the jobs' command lines, resources and messages (a cell's
+  ``--set`` arguments, audit budget and resources are ``Cell.set_args``, ``Cell.audit_args`` and
+  ``Cell.job_resources``);
 - ``generated_files``: what ``make schema`` writes from the run-config declarations (the schema
   and the README's key table); a test keeps both current.
 
@@ -26,6 +27,7 @@ import yaml
 from .config import markdown_table
 from .errors import ConfigError
 from .grid import Cell, Grid, grid_schema, parse_grid
+from .results import CELL_PATTERN
 
 SCHEMA = Path("workflow/schemas/config.schema.yaml")  # from the repository root
 DEFAULT_GRID = "config/config.yaml"  # the Snakefile's configfile
@@ -86,6 +88,14 @@ def put_python_on_path(python: str = sys.executable) -> None:
     folder = str(Path(python).parent)
     if folder not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([folder, os.environ.get("PATH", "")])
+
+
+def progress_note() -> str:
+    """The line the workflow prints as it starts: where each job's progress goes (its log file)."""
+    return (
+        f"cll: each job writes its progress (per epoch or batch: rate, ETA) to its log, "
+        f"logs/<rule>/{CELL_PATTERN}.log, shown as `log:` in the job's block below; follow one with tail -f"
+    )
 
 
 def track_init_command(experiment: str) -> str:

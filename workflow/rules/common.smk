@@ -51,8 +51,18 @@ def run_dir_of(wildcards):
     return str(cell_of(wildcards).path(RESULTS))
 
 
+def method_of(wildcards):
+    """The cell's method (its grid row's), which names its MLflow run."""
+    return cell_of(wildcards).method
+
+
 def set_args(wildcards):
     return cll_workflow.set_args(cell_of(wildcards))
+
+
+def audit_args(wildcards):
+    """`--n N --steps S --restarts R` of a cell's audit job: its row's `audit` setting."""
+    return cell_of(wildcards).audit_args()
 
 
 def train_launcher(wildcards):
@@ -87,10 +97,13 @@ def audit_files():
 
 
 def table_files():
-    """results/tables/<name>.{csv,md,tex} per table of the grid; the CSVs go into the report."""
+    """results/tables/<name>.{csv,md,tex} per table of the grid, and reproduction.{csv,md} (our
+    numbers against the published ones, over all tables); the CSVs go into the report."""
     files = []
     for table in GRID.tables:
         stem = f"{RESULTS}/tables/{table['name']}"
         files.append(report(f"{stem}.csv", caption="../report/tables.rst", category="Tables"))
         files += [f"{stem}.md", f"{stem}.tex"]
-    return files
+    stem = f"{RESULTS}/tables/reproduction"
+    files.append(report(f"{stem}.csv", caption="../report/reproduction.rst", category="Reproduction"))
+    return files + [f"{stem}.md"]
