@@ -26,7 +26,7 @@ CHOICES = {
     "cll_form": ("pairwise", "per_logit"),
     "cll_offset": ("two-sided", "one-sided"),
     "optimizer": ("adamw", "adam", "sgd"),
-    "schedule": ("multistep", "constant", "cosine", "triangular"),
+    "schedule": ("multistep", "constant", "cosine", "triangular", "exp"),
     "device": ("auto", "cpu", "cuda"),
     "head": ("auto", "linear", "lln"),
     "lip_penalty_form": ("global", "batch"),
@@ -38,7 +38,7 @@ class RunConfig:
     # ---- what to train (required) ----
     dataset: str  # moons | digits | mnist | cifar10 | cifar100 | tinyimagenet
     arch: str  # a registered architecture (cll list): 4C3F, 8C2F, LipConv-20, SLL-XL, ...
-    loss: str  # cll | gloro | ce | soc_cr | cpl_hinge | sll_offset_ce
+    loss: str  # cll | gloro | ce | soc_cr | cpl_hinge | sll_offset_ce | local_lip_b
     # ---- the certificate and the loss ----
     eps: float = 0.15  # training eps (l2, [0,1] pixels); CLL's sigma and GloRo's margin
     p: float = 0.3  # CLL slack in (0,1): K^(h o f) = log((2-p)/p)/eps
@@ -48,13 +48,17 @@ class RunConfig:
     k_scale_start: float = 1.0  # CLL K_scale schedule poly start -> 1 (8C2F recipe: 0.01)
     k_scale_power: float = 10.0  # power of that schedule
     trades: float = 0.0  # GloRo: 0 = bottom-class CE, > 0 = TRADES weight
-    eps_warmup: float = 1.0  # GloRo: fraction of training over which eps ramps 0 -> eps (power 5)
+    eps_warmup: float = 1.0  # gloro, local_lip_b: fraction of training over which eps ramps 0 -> eps
+    # (gloro: power 5; local_lip_b: linear, and its CE weight kappa 1 -> 0 alongside)
+    sparsity: float = 0.01  # local_lip_b: weight of the sparsity term on the activations' bounds
     cr_gamma: float = 0.0  # soc_cr: weight of SOC's certificate regulariser
     hinge_margin: float = 0.7  # cpl_hinge: margin of CPL's multi-class hinge
     offset: float = 2.1213203435596424  # sll_offset_ce: logit offset u (3 sqrt2 / 2)
     temperature: float = 0.25  # sll_offset_ce: temperature tau
     head: str = "auto"  # auto (lln for the peers' losses, else linear) | linear | lln
     width: float = 1.0  # scales every layer width of the architecture (1 = the paper's)
+    activation: str = "maxmin"  # GloRo-family nets: maxmin | clipped_maxmin | clipped_relu (cll list)
+    clip_init: float | list = 1.0  # initial threshold of clipped activations: one, or one per layer
     # ---- Lipschitz control ----
     lip_penalty: float = 1e-4  # lambda of the penalty lambda * K^lip_pow (0 = off)
     lip_pow: float = 2.0  # power of that penalty
@@ -72,7 +76,8 @@ class RunConfig:
     momentum: float = 0.9  # sgd
     schedule: str = "multistep"  # LR schedule, stepped per iteration
     milestones: list | None = None  # multistep epochs; null = 50%, 75%, 97.5% of epochs
-    gamma: float = 0.1  # multistep factor
+    # exp: [the epoch the decay starts]; null = 60% of epochs
+    gamma: float = 0.1  # multistep factor; exp: the LR factor reached at the end
     # ---- data ----
     data_root: str | None = None  # null = $CLL_DATA or ./data
     augment: bool = True  # the spec's train augmentation (CIFAR, Tiny-ImageNet)
@@ -95,6 +100,7 @@ class RunConfig:
 
 
 REQUIRED = ("dataset", "arch", "loss")
+NAMES = REQUIRED + ("activation",)  # registered names (cll list)
 KEYS = [f.name for f in fields(RunConfig)]
 
 
@@ -136,7 +142,7 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 def _normalise(key: str, value: Any) -> Any:
     """Type-convert one value and check its range."""
-    if key in REQUIRED:
+    if key in NAMES:
         _check(isinstance(value, str), key, value, "a name (cll list shows them)")
         return value
     if key in CHOICES:
@@ -168,6 +174,7 @@ def _normalise(key: str, value: Any) -> Any:
         "cr_gamma",
         "hinge_margin",
         "offset",
+        "sparsity",
     ):
         v = parse_number(key, value)
         _check(v >= 0, key, value, "a number >= 0")
@@ -204,6 +211,12 @@ def _normalise(key: str, value: Any) -> Any:
         v = [_integer(key, m) for m in value]
         _check(all(m >= 1 for m in v) and v == sorted(v), key, value, "increasing epochs >= 1")
         return v
+    if key == "clip_init":
+        allowed = "a number >= 0 or a non-empty list of them (one per activation layer)"
+        _check(isinstance(value, (list, int, float, str)) and value != [], key, value, allowed)
+        v = [parse_number(key, t) for t in value] if isinstance(value, list) else parse_number(key, value)
+        _check(all(t >= 0 for t in (v if isinstance(v, list) else [v])), key, value, allowed)
+        return v
     if key == "certify_eps":
         _check(isinstance(value, list) and len(value) > 0, key, value, "a non-empty list of numbers > 0")
         v = [parse_number(key, e) for e in value]
@@ -236,10 +249,15 @@ def build_config(values: dict[str, Any], check_names: bool = True) -> RunConfig:
 
 
 def _check_names(cfg: RunConfig) -> None:
-    """dataset, arch and loss must be registered names."""
-    from . import data, losses, models  # late: the registries import torch-heavy modules
+    """dataset, arch, loss and activation must be registered names."""
+    from . import data, layers, losses, models  # late: the registries import torch-heavy modules
 
-    for key, allowed in (("dataset", data.dataset_names()), ("arch", models.names()), ("loss", losses.names())):
+    for key, allowed in (
+        ("dataset", data.dataset_names()),
+        ("arch", models.names()),
+        ("loss", losses.names()),
+        ("activation", layers.ACTIVATIONS.names()),
+    ):
         value = getattr(cfg, key)
         _check(value in allowed, key, value, "one of " + ", ".join(allowed))
 
