@@ -22,7 +22,7 @@ import pytest
 import yaml
 from helpers import check_pipeline_outputs
 
-from cll import data, losses, models
+from cll import data, layers, losses, models
 from cll.config import CHOICES, KEYS, load_config
 from cll.grid import load_grid
 
@@ -130,10 +130,11 @@ def test_paper_grid_dry_run_lists_every_runnable_cell(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     grid = load_grid(PAPER_GRID)
     cells = {str(c.path(grid.results)): c for c in grid.runnable()}
-    # Tiny-ImageNet: GloRo, CLL eps 0.5, SOC LipConv-10/20, CLL LipConv-20, SLL, LBDN 3 seeds each,
-    # CLL eps 1.0 9 seeds; CIFAR-100: SOC, CLL LipConv-20, CPL, CLL CPL-XL, SLL 3 seeds each, CLL
-    # SLL-XL 9 seeds; moons 4 slacks (Local-Lip-B is pending)
-    assert len(cells) == 30 + 24 + 4
+    # Tiny-ImageNet: GloRo, Local-Lip-B, CLL eps 0.5, SOC LipConv-10/20, CLL LipConv-20, SLL, LBDN
+    # 3 seeds each, CLL eps 1.0 9 seeds; CIFAR-100: SOC, CLL LipConv-20, CPL, CLL CPL-XL, SLL 3 seeds
+    # each, CLL SLL-XL 9 seeds; moons 4 slacks
+    assert len(cells) == 33 + 24 + 4
+    assert len(grid.runnable()) == len(grid.cells)  # no row is pending
     counts = job_counts(run.stdout)
     assert counts["train"] == counts["certify"] == len(cells)
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
@@ -223,6 +224,7 @@ def test_schema_agrees_with_the_package():
     assert set(run_config) == set(KEYS) - {"dataset", "arch", "loss", "eps", "seed"}
     for key, choices in CHOICES.items():
         assert run_config[key]["enum"] == list(choices), key
+    assert run_config["activation"]["enum"] == layers.ACTIVATIONS.names()
     for where, sub in _walk(schema):
         if sub.get("type") == "object":
             assert sub.get("additionalProperties") is False, where

@@ -189,12 +189,14 @@ def _propagate(
     sound: bool,
     masked_norm: NormFn,
     ball_norms: Sequence[torch.Tensor] | None = None,
+    trace: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(K (N,), sparsity) for the body over B(x, eps): bounds on every pre-activation (box and
     ball, see the module docstring), masks from them, and the product of ``masked_norm(index,
     layer, in_shape, E, D)`` over the conv/dense layers (E, D boolean masks or None = all ones).
     The ball radius after a layer is eps times the product of the masked norms so far, or of
-    ``ball_norms`` (one per conv/dense layer) when given."""
+    ``ball_norms`` (one per conv/dense layer) when given. ``trace``: a list that receives
+    (lo, hi, D) at every activation."""
     h = x.double() if sound else x
     eps_t = torch.as_tensor(eps, dtype=h.dtype, device=h.device)
     lo, hi = (_down(h - eps_t), _up(h + eps_t)) if sound else (h - eps, h + eps)
@@ -234,6 +236,8 @@ def _propagate(
             varies = None
         elif isinstance(layer, ACTIVATIONS):
             e_mask, varies, term = activation_masks(layer, lo, hi)
+            if trace is not None:
+                trace.append((lo, hi, varies))
             sparsity = sparsity + term
             if pending is not None:
                 close(e_mask)
@@ -319,11 +323,13 @@ class LocalBound:
         return torch.minimum(local, bound)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, eps: float, trace: list | None = None) -> torch.Tensor:
+        """K (N,) float64; ``trace``: a list that receives, at every activation, the bounds (lo, hi)
+        on its inputs over the ball and the mask D of its outputs that may vary."""
         if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+            raise ValueError(f"eps must be a number >= 0, got {eps}")
         with torch.backends.cudnn.flags(enabled=False):
-            lip, _ = _propagate(self.model.body, x, float(eps), True, self._masked_norm)
+            lip, _ = _propagate(self.model.body, x, float(eps), True, self._masked_norm, trace=trace)
         return lip
 
 
