@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +307,42 @@ def test_certify_local_counts_agree_with_the_rules():
         k = upper_bound_local(model, x, e)
         margin = (z.gather(1, y[:, None]) - z).scatter(1, y[:, None], math.inf)
         assert out["local"][e] == (margin > e * k[:, None] * torch.cdist(w[y], w)).all(1).sum().item()
+
+
+@pytest.mark.slow
+def test_digits_run_through_the_workflow_is_certified_and_audited(tmp_path):
+    """The CI grid's Local-Lip-B cell through train -> certify -> audit -> tables; then the run's
+    local certificates: never fewer than the global ones, and none broken by an attack at its
+    own radius."""
+    from test_workflow import snakemake
+
+    from cll import attack, data
+    from cll.grid import load_grid
+    from cll.results import read_json
+    from cll.train import load_run
+
+    grid_file = Path(__file__).resolve().parents[1] / ".test" / "local_lip_b.yaml"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    run = snakemake(tmp_path, "--cores", "2", "all_tables", "--configfile", str(grid_file), env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (cell,) = load_grid(grid_file).runnable()
+    run_dir = cell.path(tmp_path / "results")
+    certified = read_json(run_dir / "certify.json")
+    assert certified["cra"]["0.005"] > 0  # the global certificate already certifies a few points
+    assert read_json(run_dir / "audit.json")["broken"] == 0
+    assert (tmp_path / "results" / "tables" / "digits-local.md").is_file()
+
+    cfg, model = load_run(run_dir)
+    _, test, _ = data.load_dataset("digits", augment=False, seed=cfg.seed)
+    x, y = map(torch.cat, zip(*torch.utils.data.DataLoader(test, batch_size=1000)))
+    out = certify_local(model, x, y, [0.005, 0.01], estimate_iters=50)
+    assert out["global"][0.005] == round(certified["cra"]["0.005"] * out["n"])  # the same rule as cll certify
+    assert out["local"][0.01] > out["global"][0.01] and out["local"][0.005] > out["global"][0.005]
+    # attack the points the local bound certifies at eps = 0.01, inside that radius
+    k = upper_bound_local(model, x, 0.01)
+    z, w = model(x).detach().double(), model.head.weight.double()
+    margin = (z.gather(1, y[:, None]) - z).scatter(1, y[:, None], math.inf)
+    sure = (z.argmax(1) == y) & (margin > 0.01 * k[:, None] * torch.cdist(w[y], w)).all(1)
+    assert sure.sum() == out["local"][0.01]
+    adversarial = attack.pgd_l2(model, x[sure], y[sure], 0.01, steps=50, restarts=2)
+    assert (model(adversarial).argmax(1) == y[sure]).all()
