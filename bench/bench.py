@@ -207,7 +207,7 @@ def bench_train(
         t0 = timer.now()
         k = lipschitz.estimate_body(model, cfg.pi_iters)
         t1 = timer.now()
-        (k * lipschitz.head_factor(model.head.weight)).backward()
+        (k * lipschitz.max_row_distance(model.head.weight)).backward()
         t2 = timer.now()
         fwd_times.append(t1 - t0)
         fb_times.append(t2 - t0)
@@ -243,7 +243,7 @@ def bench_bound(cfg: RunConfig, model: torch.nn.Module, device: torch.device, wa
     t0 = timer.now()
     bound = lipschitz.upper_bound_body(model)
     t1 = timer.now()
-    est = lipschitz.converged_body(model)  # cold start: fresh random iterates
+    est = lipschitz.estimate_converged_body(model)  # cold start: fresh random iterates
     t2 = timer.now()
     rec = base("bound", cfg.arch, device, None)
     rec.update(
@@ -258,7 +258,7 @@ def bench_bound(cfg: RunConfig, model: torch.nn.Module, device: torch.device, wa
     )
     if warm:
         t3 = timer.now()
-        lipschitz.converged_body(model)  # warm start: the iterates just converged
+        lipschitz.estimate_converged_body(model)  # warm start: the iterates just converged
         rec["converged_warm_seconds"] = round(timer.now() - t3, 4)
     return rec
 
@@ -272,7 +272,7 @@ def bench_certify(cfg: RunConfig, model: torch.nn.Module, device: torch.device, 
     model.eval()
     # untimed warm-up: kernels/allocator, and warm power-iteration iterates (a trained model's
     # iterates are warm: training converges them at every epoch end)
-    lipschitz.converged_body(model)
+    lipschitz.estimate_converged_body(model)
     with torch.no_grad():
         model(batches[0][0].to(device))
     reset_peak(device)

@@ -177,7 +177,7 @@ def test_float64_rounding_bound_covers_the_exact_logits():
                 layer.weight.mul_(3.0)
                 layer.bias.normal_(0, 5.0)
     x = torch.randn(6, 2) * 100
-    forward = certify.Float64Forward(model)
+    forward = certify.Certifier(model).forward64
     z64, logit_error, body_error = forward(x)
     z32 = model(x).double()
     w_norm = model.head.weight.detach().double().norm(dim=1)
@@ -206,15 +206,13 @@ def _loud_rounding(model):
 @pytest.mark.parametrize("arch,in_shape,scale", [("moons-mlp", (2,), 100.0), ("2C2F", (1, 6, 6), 10.0)])
 def test_float32_rounding_bound_covers_the_exact_logits(arch, in_shape, scale):
     """Against exact rational arithmetic: the float32 pass model(x) is within its own bound
-    (Float32Bound: logit error r_i + ||W_i|| E) of the exact logits, for dense and conv layers."""
+    (Float32Pass: logit error r_i + ||W_i|| E) of the exact logits, for dense and conv layers."""
     from cll import models
 
     torch.manual_seed(11)
     model = _loud_rounding(models.create(arch, 10 if len(in_shape) == 3 else 2, in_shape))
     x = torch.randn(4, *in_shape) * scale
-    shapes = lipschitz.trace_input_shapes(model.body, in_shape)
-    bounds = [lipschitz.upper_bound_layer(layer, shape) for layer, shape in zip(model.body, shapes)]
-    bound32 = certify.Float32Bound(model, shapes, bounds)
+    bound32 = certify.Certifier(model).forward32
     z32, logit_error, body_error = bound32(x)
     assert torch.equal(z32, model(x))  # the certified logits are model(x) itself
     w_norm = model.head.weight.detach().double().norm(dim=1)
@@ -236,14 +234,14 @@ def test_nonnegative_norm_bound_is_an_upper_bound_close_to_the_norm():
         m[0] = 0  # a zero row and column must not break the positivity of the iterate
         m[:, 1] = 0
         exact = torch.linalg.matrix_norm(m, 2).item()
-        bound = certify.nonnegative_norm_bound(m)
+        bound = lipschitz.nonnegative_norm_bound(m)
         assert exact <= bound <= exact * (1 + 1e-6)
     # for a conv, || sum_s |K_s| || bounds the norm of the conv with |K| at any stride and padding
     weight = torch.randn(6, 4, 3, 3)
     absolute = weight.abs().sum((2, 3)).double()
     for stride, padding in [(1, 1), (2, 1), (2, 0)]:
         matrix = lipschitz.conv_matrix(weight.abs(), (4, 7, 7), (stride, stride), (padding, padding))
-        assert torch.linalg.matrix_norm(matrix, 2).item() <= certify.nonnegative_norm_bound(absolute)
+        assert torch.linalg.matrix_norm(matrix, 2).item() <= lipschitz.nonnegative_norm_bound(absolute)
 
 
 @pytest.mark.parametrize("values", [MOONS, DIGITS], ids=["moons", "digits"])

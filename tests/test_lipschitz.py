@@ -90,7 +90,7 @@ def test_model_bound_covers_true_constant(arch, in_shape):
     """K (sound) >= converged estimate, and no pair of inputs beats K: |dz_i - dz_j| <= K ||dx||."""
     torch.manual_seed(4)
     model = models.create(arch, 10 if arch != "moons-mlp" else 2, in_shape)
-    bound = lipschitz.lipschitz_constant(model)
+    bound = lipschitz.upper_bound(model)
     assert bound >= lipschitz.estimate_constant(model)
     x = torch.rand(256, *in_shape)
     y = x + 1e-2 * torch.randn_like(x)
@@ -108,7 +108,7 @@ def test_training_estimate_has_gradient_and_warm_starts():
     k.backward()
     assert model.body[0].weight.grad is not None and torch.isfinite(model.body[0].weight.grad).all()
     # iterates persist: after convergence, one more iteration barely moves the estimate
-    converged = lipschitz.converged_body(model)
+    converged = lipschitz.estimate_converged_body(model)
     again = lipschitz.estimate_body(model, n_iter=1).item()
     assert again == pytest.approx(converged, rel=1e-4)
     assert "power.u0" in model.state_dict()
@@ -142,9 +142,9 @@ def full_fft_bound(weight, in_shape, stride, padding):
 @pytest.fixture
 def always_prune(monkeypatch):
     """Send even tiny layers through the pruned (Gram-iteration) path of conv_fft_bound."""
-    monkeypatch.setattr(lipschitz, "FFT_DIRECT_SIZE", 0)
-    monkeypatch.setattr(lipschitz, "FFT_SEEDS", 1)
-    monkeypatch.setattr(lipschitz, "FFT_PRUNE_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(lipschitz.operators, "FFT_DIRECT_SIZE", 0)
+    monkeypatch.setattr(lipschitz.operators, "FFT_SEEDS", 1)
+    monkeypatch.setattr(lipschitz.operators, "FFT_PRUNE_DEVICES", ("cpu", "cuda"))
 
 
 @pytest.mark.parametrize("k,stride,padding,size", CONVS)
@@ -161,7 +161,7 @@ def test_pruned_fft_bound_equals_full_eigvalsh_and_covers_exact(always_prune, k,
 def test_pruned_fft_bound_equals_full_eigvalsh_on_wide_layers(monkeypatch, flat):
     # channels above FFT_DIRECT_SIZE take the pruned path (on a GPU; here forced); a near-orthogonal kernel
     # has an almost flat spectrum, the hard case for pruning (many frequencies near the top)
-    monkeypatch.setattr(lipschitz, "FFT_PRUNE_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(lipschitz.operators, "FFT_PRUNE_DEVICES", ("cpu", "cuda"))
     torch.manual_seed(7 + flat)
     w = torch.randn(40, 36, 3, 3)
     if flat:
@@ -177,7 +177,7 @@ def test_pruning_bound_is_an_upper_bound(always_prune):
     torch.manual_seed(8)
     a = torch.randn(6, 7, 5, dtype=torch.complex128)
     exact = torch.linalg.matrix_norm(a, ord=2).square()
-    g = lipschitz._gram(a)
+    g = lipschitz.operators._gram(a)
     carry = torch.zeros(6, dtype=torch.float64)
     for k in range(6):
         scale = torch.linalg.matrix_norm(g)
@@ -185,7 +185,7 @@ def test_pruning_bound_is_an_upper_bound(always_prune):
         carry = carry + scale.log() / 2**k
         g = g / scale[:, None, None]
         g = g.mH @ g
-    assert lipschitz._max_top_eigenvalue(a) == pytest.approx(exact.max().item(), rel=1e-12)
+    assert lipschitz.operators._max_top_eigenvalue(a) == pytest.approx(exact.max().item(), rel=1e-12)
 
 
 def reference_converge(power, tol, max_iter):

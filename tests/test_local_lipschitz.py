@@ -24,6 +24,7 @@ from cll import lipschitz, local_lipschitz, losses, models
 from cll.config import build_config
 from cll.errors import ConfigError
 from cll.layers import ACTIVATIONS, ClippedMaxMin, ClippedReLU, MaxMin
+from cll.lipschitz.rounding import EXACT
 from cll.local_lipschitz import LocalBound, certify_local, estimate_local, upper_bound_local
 
 # (name, convs, dense, in_shape, activation): tiny GloRo-family nets
@@ -59,6 +60,20 @@ def ball_samples(x: torch.Tensor, eps: float, n: int, seed: int = 0) -> torch.Te
     return x.double().flatten() + eps * r * d
 
 
+def head_distances(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """||W_r - W_i|| by explicit differences, (len(rows), C)."""
+    return (w[rows][:, None, :] - w[None]).norm(dim=-1)
+
+
+def certified_count(model, x, y, lip, eps, slack=0.0) -> int:
+    """Samples whose float64 margins (lowered by ``slack`` times the logit scale) exceed
+    eps * lip * ||W_y - W_i|| for every other class i."""
+    z, w = copy.deepcopy(model).double()(x.double()), model.head.weight.double()
+    margin = (z.gather(1, y[:, None]) - z - slack * z.abs().amax(1, keepdim=True)).scatter(1, y[:, None], math.inf)
+    lip = torch.as_tensor(lip, dtype=torch.float64).reshape(-1, 1)
+    return ((z.argmax(1) == y) & (margin > eps * lip * head_distances(w, y)).all(1)).sum().item()
+
+
 def body_jacobian_norm(body64: nn.Module, point: torch.Tensor, in_shape) -> float:
     jac = torch.func.jacrev(lambda v: body64(v.view(1, *in_shape)).flatten())(point)
     return torch.linalg.matrix_norm(jac.reshape(jac.shape[0], -1), ord=2).item()
@@ -75,13 +90,15 @@ def test_clipped_layers_forward_and_contract():
     assert torch.equal(maxmin(x), torch.cat([plain[:, :2].clamp(max=0.7), plain[:, 2:].clamp(min=-0.7)], 1))
     assert torch.equal(ClippedMaxMin((4, 3, 3), init=1e9)(x), plain)  # huge thresholds: plain MaxMin
     for layer in (relu, maxmin):
-        assert layer.upper_bound((4, 3, 3)) == 1.0 and tuple(layer.rounding((4, 3, 3), 2.0**-24)) == (0.0, 0.0)
+        assert layer.upper_bound((4, 3, 3)) == 1.0 and layer.exact_bound
+        assert layer.rounding((4, 3, 3), torch.float32) == layer.rounding((4, 3, 3), torch.float64) == EXACT
         y = x + 0.1 * torch.randn_like(x)  # 1-Lipschitz in l2, per sample
         assert ((layer(x) - layer(y)).flatten(1).norm(dim=1) <= (x - y).flatten(1).norm(dim=1) + 1e-6).all()
     with torch.no_grad():
         relu.theta.fill_(-1.0), maxmin.theta_max.fill_(-1.0), maxmin.theta_min.fill_(2.0)
     relu.constrain_(), maxmin.constrain_()
     assert relu.theta.min() == 0 and maxmin.theta_max.min() == 0 and maxmin.theta_min.max() == 0
+    assert not relu.exact_bound  # every theta 0: a constant layer
     with pytest.raises(ValueError, match="even channel count"):
         ClippedMaxMin((3, 2, 2))
 
@@ -264,7 +281,7 @@ def test_worst_logits_decide_as_the_certificate_rule():
     torch.manual_seed(9)
     z, w, lip, y, eps = torch.randn(300, 5), torch.randn(5, 7), torch.rand(300) * 2, torch.randint(0, 5, (300,)), 0.3
     worst = losses.worst_logits(z, y, w, lip, eps)
-    margin_ok = ((z.gather(1, y[:, None]) - z) > eps * lip[:, None] * torch.cdist(w[y], w)).scatter(1, y[:, None], True)
+    margin_ok = ((z.gather(1, y[:, None]) - z) > eps * lip[:, None] * head_distances(w, y)).scatter(1, y[:, None], True)
     assert torch.equal(worst.argmax(1) == y, margin_ok.all(1))
 
 
@@ -300,13 +317,16 @@ def test_certify_local_counts_agree_with_the_rules():
     y = model(x).argmax(1)  # every prediction right: the counts are about the radii
     out = certify_local(model, x, y, [1e-3, 1e-2], estimate_iters=50)
     assert out["n"] == out["correct"] == 40
+    k_global = lipschitz.upper_bound_body(model)
     for e in (1e-3, 1e-2):
         assert out["global"][e] <= out["local"][e] <= 40
-        # the local count recomputed without screening
-        z, w = model(x).double(), model.head.weight.double()
+        # recomputed without screening, from plain float64 margins: the rounding terms lower the
+        # margins by far less than 1e-9 of the logit scale
         k = upper_bound_local(model, x, e)
-        margin = (z.gather(1, y[:, None]) - z).scatter(1, y[:, None], math.inf)
-        assert out["local"][e] == (margin > e * k[:, None] * torch.cdist(w[y], w)).all(1).sum().item()
+        assert certified_count(model, x, y, k, e, 1e-9) <= out["local"][e] <= certified_count(model, x, y, k, e)
+        assert certified_count(model, x, y, k_global, e, 1e-9) <= out["global"][e]
+        assert out["global"][e] <= certified_count(model, x, y, k_global, e)
+    assert out["local"][1e-2] > out["global"][1e-2]  # the masks pay off on this net
 
 
 @pytest.mark.slow
@@ -338,11 +358,12 @@ def test_digits_run_through_the_workflow_is_certified_and_audited(tmp_path):
     out = certify_local(model, x, y, [0.005, 0.01], estimate_iters=50)
     assert out["global"][0.005] == round(certified["cra"]["0.005"] * out["n"])  # the same rule as cll certify
     assert out["local"][0.01] > out["global"][0.01] and out["local"][0.005] > out["global"][0.005]
-    # attack the points the local bound certifies at eps = 0.01, inside that radius
+    # attack the points the local bound certifies at eps = 0.01 (with margins lowered by 1e-9 of
+    # the logit scale, far more than their rounding: a subset of the certified ones), inside that radius
     k = upper_bound_local(model, x, 0.01)
-    z, w = model(x).detach().double(), model.head.weight.double()
-    margin = (z.gather(1, y[:, None]) - z).scatter(1, y[:, None], math.inf)
-    sure = (z.argmax(1) == y) & (margin > 0.01 * k[:, None] * torch.cdist(w[y], w)).all(1)
-    assert sure.sum() == out["local"][0.01]
+    z, w = copy.deepcopy(model).double()(x.double()), model.head.weight.double()
+    margin = (z.gather(1, y[:, None]) - z - 1e-9 * z.abs().amax(1, keepdim=True)).scatter(1, y[:, None], math.inf)
+    sure = (z.argmax(1) == y) & (margin > 0.01 * k[:, None] * head_distances(w, y)).all(1)
+    assert 0 < sure.sum() <= out["local"][0.01]
     adversarial = attack.pgd_l2(model, x[sure], y[sure], 0.01, steps=50, restarts=2)
     assert (model(adversarial).argmax(1) == y[sure]).all()

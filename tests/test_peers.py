@@ -239,9 +239,9 @@ def test_family_trains_a_step_and_certifies(family, num_classes, shape):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     out = certify.certify(model, [(x, y)], [36 / 255])
-    assert out["lipschitz_body"] >= out["lipschitz_estimate"] / lipschitz.head_factor(
-        model.head.weight.detach().double()
-    ).item() * (1 - 1e-9)
+    # power iteration does not follow the peers' layers: no estimate rather than a wrong one
+    assert out["lipschitz_estimate"] is None and out["cra_estimate"] is None
+    assert out["lipschitz_body"] >= 1 and out["rounding"] == "rigorous"
     assert 0 <= out["cra"]["0.1412"] <= out["clean_accuracy"] <= 1
 
 

@@ -78,7 +78,14 @@ def test_audit_attacks_every_certified_point_and_breaks_none(capsys, results_tre
     assert rc == 0, err
     audit = json.loads((run / results.AUDIT).read_text())
     assert audit["n_samples"] == 150 and audit["broken"] == 0
-    assert len(audit["attacks"]) == 3 and audit["attacks"][1].startswith("apgd-l2-dlr")
+    assert len(audit["attacks"]) == 5 and audit["attacks"][1].startswith("apgd-l2-dlr")
+    assert audit["attacks"][3].startswith("fmn-l2") and audit["attacks"][4].startswith("pair ascent")
+    # every correct point with a radius, attacked at its own radius: none broken, none nearer than it
+    own, tight = audit["own_radius"], audit["tightness"]
+    assert own["attacked"] > 100 and own["broken"] == 0
+    assert tight["points"] + tight["no_adversarial_found"] == own["attacked"]
+    assert tight["quantiles"]["min"] >= 1 and tight["quantiles"]["median"] < 10
+    assert 0 < audit["lipschitz_lower"] <= audit["lipschitz_upper"] and not audit["bound_broken"]
     small, large = audit["per_eps"]["0.15"], audit["per_eps"]["0.6"]
     for counts in (small, large):
         assert counts["sampled"] == 150
@@ -95,11 +102,11 @@ def test_an_unsound_certificate_fails_the_audit_loudly(capsys, results_tree, mon
     """Pretend K_F were 20x smaller (as a bound that under-estimates would): the audit finds
     certified points it can break, writes them down and exits 1 with one line. The certifier
     multiplies per-layer bounds, so the first layer's (the only one seeing the 2-d input) shrinks."""
-    from cll import lipschitz
+    from cll.lipschitz import bound
 
-    real = lipschitz.upper_bound_layer
+    real = bound.upper_bound_layer
     monkeypatch.setattr(
-        lipschitz,
+        bound,
         "upper_bound_layer",
         lambda layer, shape, *a, **k: real(layer, shape, *a, **k) / (20 if tuple(shape) == (2,) else 1),
     )
@@ -108,9 +115,12 @@ def test_an_unsound_certificate_fails_the_audit_loudly(capsys, results_tree, mon
         capsys, "audit", "--run", str(run), "--n", "100", "--steps", "20", "--restarts", "1", "--eps", "0.3"
     )
     assert rc == 1
-    assert err.count("\n") == 1 and err.startswith("cll: error: BROKEN CERTIFICATE in ")
+    errors = [line for line in err.splitlines() if line.startswith("cll: error")]  # the rest: progress
+    assert len(errors) == 1 and err.splitlines()[-1].startswith("cll: error: BROKEN CERTIFICATE in ")
     audit = json.loads((run / results.AUDIT).read_text())
-    assert audit["broken"] > 0 and audit["per_eps"]["0.3"]["broken"] == audit["broken"]
+    assert audit["per_eps"]["0.3"]["broken"] > 0 and audit["own_radius"]["broken"] > 0
+    parts = audit["per_eps"]["0.3"]["broken"] + audit["own_radius"]["broken"] + audit["bound_broken"]
+    assert audit["broken"] == parts
 
 
 def test_audit_rule_is_in_the_workflow(tmp_path):
@@ -227,13 +237,13 @@ def test_k_going_to_infinity_stops_the_run_and_keeps_the_last_checkpoint(tmp_pat
     from cll.config import load_config
     from cll.train import TrainingDiverged, train
 
-    real, calls = lipschitz.converged_body, []
+    real, calls = lipschitz.estimate_converged_body, []
 
     def inf_from_epoch_3(*args, **kwargs):  # the loss stays finite; only K blows up
         calls.append(1)
         return float("inf") if len(calls) >= 3 else real(*args, **kwargs)
 
-    monkeypatch.setattr(lipschitz, "converged_body", inf_from_epoch_3)
+    monkeypatch.setattr(lipschitz, "estimate_converged_body", inf_from_epoch_3)
     cfg = load_config(EXAMPLE, ["epochs=4", "batch_size=500"])
     with pytest.raises(TrainingDiverged, match=r"epoch 3: loss [0-9.]+, K inf; the last good checkpoint"):
         train(cfg, tmp_path, log=lambda line: None)

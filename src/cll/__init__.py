@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "certify": ("certify", None),
     "load_dataset": ("data", "load_dataset"),
-    "lipschitz_constant": ("lipschitz", "lipschitz_constant"),
+    "lipschitz_constant": ("lipschitz", "upper_bound"),
     "k_hf": ("losses", "k_hf"),
     "create_model": ("models", "create"),
 }

@@ -1,10 +1,20 @@
-"""PGD in l2 (Madry et al., ICLR 2018, arXiv 1706.06083) with random restarts, to test certificates:
-a certified point must never be misclassified inside its radius, so any success is a soundness bug.
+"""Attacks that test certificates, and the audit that runs them.
+
+A certified point must never be misclassified inside its radius, so any success is a soundness
+bug. The ensemble (``strongest``) is PGD in l2 (Madry et al., ICLR 2018, arXiv 1706.06083) with
+random restarts and APGD-l2 with the DLR and CE losses (Croce & Hein, ICML 2020, arXiv 2003.01690);
+``fmn_l2`` (Fast Minimum-Norm, Pintor et al., NeurIPS 2021, arXiv 2102.12827) looks for the
+*smallest* adversarial perturbation, which says how tight a certificate is; ``lipschitz_lower_bound``
+optimises pairs of inputs for the largest change of a logit difference per unit of distance, an
+empirical lower bound on the constant the certificate bounds from above. Every radius argument
+may be a float or a per-sample (N,) tensor.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +26,20 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(v)
 
 
-def _project(delta: torch.Tensor, eps: float) -> torch.Tensor:
+def _per_sample(eps: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """eps as an (N,) tensor on x's device and dtype."""
+    if torch.is_tensor(eps):
+        return eps.to(x.device, x.dtype)
+    return torch.full((len(x),), float(eps), device=x.device, dtype=x.dtype)
+
+
+def _view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, *[1] * (x.dim() - 1))
+
+
+def _project(delta: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return delta * (eps / norms).clamp(max=1.0).view(-1, *[1] * (delta.dim() - 1))
+    return delta * _view((_per_sample(eps, delta) / norms).clamp(max=1.0), delta)
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -31,7 +52,7 @@ def pgd_l2(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    eps: float,
+    eps: float | torch.Tensor,
     steps: int = 50,
     restarts: int = 5,
     step_size: float | None = None,
@@ -42,20 +63,21 @@ def pgd_l2(
     Each restart starts uniformly at random in the ball and takes ``steps`` normalised-gradient
     ascent steps on the CW margin (or on cross-entropy every other restart), projecting back
     onto the ball (and onto ``clamp``, the valid input box, when given)."""
-    step_size = step_size or 2.5 * eps / steps
+    eps = _per_sample(eps, x)
+    step = _view(2.5 * eps / steps if step_size is None else _per_sample(step_size, x), x)
     best = x.clone()
     best_margin = torch.full((len(x),), float("-inf"), device=x.device)
     model.eval()
     for r in range(restarts):
         radius = eps * torch.rand(len(x), device=x.device) ** (1 / x[0].numel())
-        delta = _unit(torch.randn_like(x)) * radius.view(-1, *[1] * (x.dim() - 1))
+        delta = _unit(torch.randn_like(x)) * _view(radius, x)
         for _ in range(steps):
             delta.requires_grad_(True)
             logits = model(x + delta)
             objective = margin_loss(logits, y) if r % 2 == 0 else F.cross_entropy(logits, y, reduction="none")
             (grad,) = torch.autograd.grad(objective.sum(), delta)
             with torch.no_grad():
-                delta = _project(delta + step_size * _unit(grad), eps)
+                delta = _project(delta + step * _unit(grad), eps)
                 if clamp is not None:
                     delta = (x + delta).clamp(*clamp) - x
         with torch.no_grad():
@@ -89,7 +111,7 @@ def apgd_l2(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    eps: float,
+    eps: float | torch.Tensor,
     steps: int = 100,
     loss: str = "dlr",
     momentum: float = 0.75,
@@ -115,9 +137,10 @@ def apgd_l2(
         return x + _project(point + size.view(shape) * _unit(direction) - x, eps)
 
     model.eval()
+    eps = _per_sample(eps, x)
     noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
-    current = x + _project(_unit(noise) * eps * 0.5, eps)  # a random start inside the ball
-    size = torch.full((len(x),), 2.0 * eps, device=x.device)
+    current = x + _project(_unit(noise) * _view(eps * 0.5, x), eps)  # a random start inside the ball
+    size = 2.0 * eps
     f, grad = value_and_grad(current)
     best, best_f = current.clone(), f.clone()
     previous = current
@@ -164,7 +187,7 @@ def strongest(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    eps: float,
+    eps: float | torch.Tensor,
     steps: int = 100,
     restarts: int = 5,
     generator: torch.Generator | None = None,
@@ -186,7 +209,116 @@ def strongest(
     return best, names
 
 
+def _cosine(start: float, end: float, k: int, steps: int) -> float:
+    return end + (start - end) * (1 + math.cos(math.pi * k / steps)) / 2
+
+
+def fmn_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 100, scale: float | torch.Tensor = 1.0):
+    """Fast Minimum-Norm attack in l2 (Pintor, Roli, Brendel, Biggio, NeurIPS 2021, arXiv 2102.12827,
+    Alg. 1), written from the paper: a normalised gradient step on the logit margin z_y - max_{j!=y}
+    z_j, then a projection onto an l2 ball whose radius eps_k adapts: where the point is
+    adversarial, eps shrinks by a factor (1 - gamma_k) (and never above the smallest adversarial
+    norm found); where not, it grows by (1 + gamma_k), or, before any success, jumps to the linear
+    estimate of the boundary ||delta|| + margin / ||grad||. gamma and the step size anneal by
+    cosine (0.05 -> 0.001; ``scale`` -> scale / 100, ``scale`` per sample).
+
+    Returns (the smallest adversarial point found, its distance to x), distance inf where none."""
+    model.eval()
+    delta = torch.zeros_like(x)
+    eps = torch.zeros(len(x), device=x.device, dtype=x.dtype)
+    best = x.clone()
+    best_norm = torch.full((len(x),), math.inf, device=x.device, dtype=x.dtype)
+    alpha0 = _per_sample(scale, x)
+    for k in range(steps):
+        delta.requires_grad_(True)
+        margin = -margin_loss(model(x + delta), y)  # > 0: still correct
+        (grad,) = torch.autograd.grad(margin.sum(), delta)
+        with torch.no_grad():
+            norm = delta.flatten(1).norm(dim=1)
+            adversarial = margin < 0
+            better = adversarial & (norm < best_norm)
+            best_norm = torch.where(better, norm, best_norm)
+            best[better] = (x + delta)[better]
+            gamma = _cosine(0.05, 0.001, k, steps)
+            grad_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+            found = torch.isfinite(best_norm)
+            grow = torch.where(found, eps * (1 + gamma), norm + margin / grad_norm)
+            eps = torch.where(adversarial, torch.minimum(eps * (1 - gamma), best_norm), grow)
+            alpha = alpha0 * _cosine(1.0, 0.01, k, steps)
+            delta = _project(delta - _view(alpha, x) * _unit(grad), eps)
+    with torch.no_grad():  # the last iterate
+        margin = -margin_loss(model(x + delta), y)
+        norm = delta.flatten(1).norm(dim=1)
+        better = (margin < 0) & (norm < best_norm)
+        best_norm = torch.where(better, norm, best_norm)
+        best[better] = (x + delta)[better]
+    return best.detach(), best_norm
+
+
+def logit_spread(logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """max_{i,j} |(z_i - z_j)(x1) - (z_i - z_j)(x2)| = max(dz) - min(dz), dz = z(x1) - z(x2)."""
+    dz = logits - other
+    return dz.max(1).values - dz.min(1).values
+
+
+def lipschitz_lower_bound(model: nn.Module, x: torch.Tensor, steps: int = 100, lr: float = 1e-2) -> torch.Tensor:
+    """Per sample, the largest |change of a logit difference| / ||x1 - x2|| found by gradient ascent
+    over pairs (x1, x2) started at x and a point 1e-2 away, as GloRo's and the CLL reference's
+    lower-bound evaluations do: every such ratio is a lower bound on the constant of all logit
+    differences, which the certificate bounds from above (float32 ratios; ``audit`` re-evaluates
+    the final pairs in float64 with their rounding bounds)."""
+    model.eval()
+    x1 = x.clone().requires_grad_(True)
+    x2 = (x + 1e-2 * _unit(torch.randn_like(x))).requires_grad_(True)
+    optimizer = torch.optim.Adam([x1, x2], lr=lr)
+    for _ in range(steps):
+        distance = (x1 - x2).flatten(1).norm(dim=1).clamp_min(1e-4)
+        ratio = logit_spread(model(x1), model(x2)) / distance
+        optimizer.zero_grad()
+        (-ratio.sum()).backward()
+        optimizer.step()
+    return x1.detach(), x2.detach()
+
+
 # ------------------------------------------------------------------------------------ the audit
+def audit_plan(n: int, eps: list[float], steps: int, restarts: int) -> str:
+    """One line: what ``audit`` will do."""
+    from .certify import eps_key
+
+    return (
+        f"audit of {n} test points: certified and correct points attacked at eps "
+        f"{', '.join(eps_key(e) for e in eps)} and at (1 - 1e-3) x their own certified radius with PGD-l2 "
+        f"({steps} steps x {restarts} restarts) + APGD-l2 DLR/CE ({steps} steps); tightness by FMN-l2 "
+        f"({steps} steps); Lipschitz lower bound by pair ascent ({steps} steps)"
+    )
+
+
+def gradient_evaluations(n_points: int, eps: list[float], steps: int, restarts: int) -> int:
+    """An upper estimate of the per-point forward-backward passes of ``audit``: ``strongest`` at each
+    eps and at the own radius, FMN and the pair ascent (two points)."""
+    ensemble = steps * (restarts + 2) + restarts + 8
+    return n_points * (ensemble * (len(eps) + 1) + steps + 2 * steps)
+
+
+def _quantiles(values: torch.Tensor) -> dict | None:
+    if len(values) == 0:
+        return None
+    q = torch.quantile(values.double(), torch.tensor([0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0], dtype=torch.float64))
+    return dict(zip(["min", "q05", "q25", "median", "q75", "q95", "max"], q.tolist()))
+
+
+def _seconds_per_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 3) -> float:
+    """Measured seconds of one input-gradient evaluation per point (the audit's unit of work)."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        with torch.enable_grad():
+            point = x.clone().requires_grad_(True)
+            margin_loss(model(point), y).sum().backward()
+        times.append(time.perf_counter() - start)
+    return min(times[1:]) / len(x)
+
+
 @torch.no_grad()
 def audit(
     model: nn.Module,
@@ -197,42 +329,78 @@ def audit(
     restarts: int = 5,
     seed: int = 0,
     batch_size: int = 500,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Attack every certified point of (x, y) at each radius in ``eps`` with ``strongest``.
+    """Attack the certificates of (x, y) and measure how tight they are.
 
     A point is certified by the certifier's own rule (``cll.certify.Certifier``: float32 or float64
-    margins less their rounding bound, sound K_F). It is *broken* if an attack point within distance eps
-    (checked in float64) is misclassified by the float32 model or by the float64 forward pass:
-    one broken point refutes the certificate. Correct but uncertified points are attacked too, as
-    a check that the attack is strong enough to matter (``uncertified_broken``).
+    margins less their rounding bound, sound K_F), with radius r. It is *broken* if an attack point
+    inside its radius (distance checked in float64) is misclassified by the float32 model or by the
+    float64 pass: one broken point refutes the certificate. Three checks:
 
-    Returns ``{"per_eps": {eps_key: counts}, "broken": total, "attacks": [...], "lipschitz_body"}``
-    with counts ``sampled, correct, certified, attacked, broken, broken_float32, broken_float64,
-    uncertified_attacked, uncertified_broken``."""
+    1. ``per_eps``: every certified point at each eps in ``eps`` (``strongest``); correct but
+       uncertified points too, as a check that the attack is strong enough to matter
+       (``uncertified_broken``).
+    2. ``own_radius``: every correct point with a positive finite radius, at (1 - 1e-3) r: a bound
+       10 % too small is caught where the fixed eps never sit near the radii.
+    3. ``tightness``: per correct point with a positive finite radius, the smallest adversarial
+       distance found (FMN-l2, and the own-radius attack) over r, as quantiles (1 = tight; < 1 would
+       be a broken certificate); ``lipschitz_lower``: the largest logit-difference change per unit
+       of distance over pairs optimised from the sampled points, re-evaluated in float64 less its
+       rounding bound (a lower bound on the exact network's constant), against ``lipschitz_upper``
+       (the certified bound): ``lipschitz_tightness`` = lower / upper, never above 1 for a sound
+       bound (``bound_broken`` if it is).
+
+    Returns a dict with ``per_eps`` {eps_key: counts}, ``own_radius`` (counts), ``tightness``,
+    ``lipschitz_lower``, ``lipschitz_upper``, ``lipschitz_tightness``, ``bound_broken``, ``broken``
+    (the total of broken certificates), ``attacks`` and ``lipschitz_body``."""
     from .certify import Certifier, eps_key
+    from .lipschitz import upper_bound_head
+    from .progress import Progress, fmt_time
 
     certifier = Certifier(model, eps=eps)
     generator = torch.Generator().manual_seed(seed)
-    per_eps, names = {}, attack_names(steps, restarts)
-    for e in eps:
-        counts = dict.fromkeys(
-            [
-                "sampled",
-                "correct",
-                "certified",
-                "attacked",
-                "broken",
-                "broken_float32",
-                "broken_float64",
-                "uncertified_attacked",
-                "uncertified_broken",
-            ],
-            0,
+    torch.manual_seed(seed)
+    names = attack_names(steps, restarts) + [f"fmn-l2 ({steps} steps)", f"pair ascent ({steps} steps)"]
+    total = gradient_evaluations(len(x), eps, steps, restarts)
+    progress = Progress("audit", total, "gradient evaluations", log)
+    per_point = gradient_evaluations(1, eps, steps, restarts)
+    if log is not None and len(x):
+        log(f"audit: about {fmt_time(total * _seconds_per_gradient(model, x[:32], y[:32]))} expected")
+
+    def count(*keys):
+        return dict.fromkeys(keys, 0)
+
+    per_eps = {
+        eps_key(e): count(
+            "sampled",
+            "correct",
+            "certified",
+            "attacked",
+            "broken",
+            "broken_float32",
+            "broken_float64",
+            "uncertified_attacked",
+            "uncertified_broken",
         )
-        for start in range(0, len(x), batch_size):
-            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            logits, pred, radius = certifier(xb, yb)
-            correct = logits.argmax(1) == yb
+        for e in eps
+    }
+    own = count("attacked", "broken", "broken_float32", "broken_float64")
+    ratios, unfound, lower = [], 0, 0.0
+
+    def broken_at(adv, xt, yt, radius):
+        """(wrong in float32, wrong in float64) for attack points checked to lie inside ``radius``."""
+        distance = (adv.double() - xt.double()).flatten(1).norm(dim=1)
+        if not (distance <= radius.double()).all():
+            raise RuntimeError(f"attack left the ball: distance {distance.max().item()} > radius")
+        return model(adv).argmax(1) != yt, certifier.forward64(adv)[0].argmax(1) != yt
+
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        logits, pred, radius = certifier(xb, yb)
+        correct = logits.argmax(1) == yb
+        for e in eps:
+            counts = per_eps[eps_key(e)]
             certified = (pred == yb) & (radius > e)
             targets = certified | correct
             counts["sampled"] += len(yb)
@@ -243,12 +411,8 @@ def audit(
             xt, yt = xb[targets], yb[targets]
             with torch.enable_grad():
                 # a hair inside the ball, so float32 projection rounding never leaves it
-                adv, _ = strongest(model, xt, yt, e * (1 - 1e-5), steps=steps, restarts=restarts, generator=generator)
-            distance = (adv.double() - xt.double()).flatten(1).norm(dim=1)
-            if not (distance <= e).all():
-                raise RuntimeError(f"attack left the ball: distance {distance.max().item()} > eps {e}")
-            wrong32 = model(adv).argmax(1) != yt
-            wrong64 = certifier.forward64(adv)[0].argmax(1) != yt
+                adv, _ = strongest(model, xt, yt, e * (1 - 1e-5), steps, restarts, generator)
+            wrong32, wrong64 = broken_at(adv, xt, yt, torch.full((len(yt),), e, device=xt.device))
             cert = certified[targets]
             counts["attacked"] += cert.sum().item()
             counts["broken_float32"] += (wrong32 & cert).sum().item()
@@ -256,10 +420,45 @@ def audit(
             counts["broken"] += ((wrong32 | wrong64) & cert).sum().item()
             counts["uncertified_attacked"] += (~cert).sum().item()
             counts["uncertified_broken"] += (wrong32 & ~cert).sum().item()
-        per_eps[eps_key(e)] = counts
+        # each correct point at its own radius, and how far the nearest adversarial point is
+        mine = (pred == yb) & correct & (radius > 0) & torch.isfinite(radius)
+        if mine.any():
+            xt, yt, rt = xb[mine], yb[mine], radius[mine].to(xb.dtype)
+            inside = rt * (1 - 1e-3)
+            with torch.enable_grad():
+                adv, _ = strongest(model, xt, yt, inside, steps, restarts, generator)
+                _nearest, distance = fmn_l2(model, xt, yt, steps, scale=rt)
+            wrong32, wrong64 = broken_at(adv, xt, yt, radius[mine])
+            own["attacked"] += len(yt)
+            own["broken_float32"] += wrong32.sum().item()
+            own["broken_float64"] += wrong64.sum().item()
+            own["broken"] += (wrong32 | wrong64).sum().item()
+            hit = wrong32 | wrong64
+            found = torch.where(hit, (adv - xt).flatten(1).norm(dim=1), distance.to(xt.dtype))
+            ratios.append((found.double() / radius[mine].double())[torch.isfinite(found)])
+            unfound += (~torch.isfinite(found)).sum().item()
+        # the pairs: a lower bound on the exact network's constant of logit differences
+        with torch.enable_grad():
+            x1, x2 = lipschitz_lower_bound(model, xb, steps)
+        z1, err1, body1 = certifier.forward64(x1)
+        z2, err2, body2 = certifier.forward64(x2)
+        head = upper_bound_head(model.head.weight)  # |change of z_i - z_j from a body error E| <= head * E
+        slack = 2 * (err1.max(1).values + err2.max(1).values) + head * (body1 + body2)
+        distance = (x1.double() - x2.double()).flatten(1).norm(dim=1) * (1 + 1e-15 * x1[0].numel())
+        ratio = ((logit_spread(z1, z2) - slack) / distance).clamp_min(0)
+        lower = max(lower, ratio.max().item())
+        progress.update(len(xb) * per_point)
+    upper = certifier.lip_body * upper_bound_head(model.head.weight)
+    ratios = torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64)
     return {
         "per_eps": per_eps,
-        "broken": sum(c["broken"] for c in per_eps.values()),
+        "own_radius": own,
+        "tightness": {"quantiles": _quantiles(ratios), "points": len(ratios), "no_adversarial_found": unfound},
+        "lipschitz_lower": lower,
+        "lipschitz_upper": upper,
+        "lipschitz_tightness": lower / upper if upper > 0 else None,
+        "bound_broken": lower > upper,
+        "broken": sum(c["broken"] for c in per_eps.values()) + own["broken"] + int(lower > upper),
         "attacks": names,
         "lipschitz_body": certifier.lip_body,
     }

@@ -51,13 +51,23 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(
         f"trained {cfg.arch} on {cfg.dataset} ({cfg.loss}) into {args.out}: "
         f"train accuracy {100 * last.get('accuracy', float('nan')):.1f}%, "
-        f"K estimate {summary['lipschitz_estimate']:.4g}, bound {summary['lipschitz_bound']:.4g}, "
+        f"K estimate {_number(summary['lipschitz_estimate'])}, bound {summary['lipschitz_bound']:.4g}, "
         f"{summary['wall_time']:.1f} s"
     )
     if args.track:  # after the files are written; a tracking failure is one warning line
         from . import tracking
 
         tracking.track(args.out, args.track)
+
+
+def _progress_line(line: str) -> None:
+    """Progress of long commands goes to stderr (stdout keeps the results), flushed at once."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def _number(value: float | None) -> str:
+    """4 significant digits, or n/a where there is no such number (e.g. no power-iteration estimate)."""
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def cmd_certify(args: argparse.Namespace) -> None:
@@ -79,7 +89,7 @@ def cmd_certify(args: argparse.Namespace) -> None:
     loader = DataLoader(test_set, batch_size=args.batch_size or cfg.eval_batch_size, num_workers=cfg.num_workers)
     t0 = time.time()
     with torch.no_grad():
-        out = certify.certify(model, loader, eps, device)
+        out = certify.certify(model, loader, eps, device, log=_progress_line)
     out["k_hf"] = losses.run_k_hf(cfg)
     out["eps"] = list(eps)
     out["seconds"] = time.time() - t0
@@ -119,8 +129,12 @@ def cmd_audit(args: argparse.Namespace) -> None:
     order = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(cfg.seed))
     picked = sorted(order[: args.n].tolist())
     x, y = map(torch.cat, zip(*DataLoader(Subset(test_set, picked), batch_size=1000)))
+    _progress_line(attack.audit_plan(len(picked), eps, args.steps, args.restarts))
     t0 = time.time()
-    out = attack.audit(model, x.to(device), y.to(device), eps, steps=args.steps, restarts=args.restarts, seed=cfg.seed)
+    out = attack.audit(
+        model, x.to(device), y.to(device), eps, steps=args.steps, restarts=args.restarts, seed=cfg.seed,
+        log=_progress_line,
+    )  # fmt: skip
     out.update(n_samples=len(picked), eps=list(eps), seed=cfg.seed, seconds=time.time() - t0)
     results.write_json(Path(args.run) / results.AUDIT, out)
     for key, c in out["per_eps"].items():
@@ -129,8 +143,17 @@ def cmd_audit(args: argparse.Namespace) -> None:
             f"{c['broken']} broken (attack strength: {c['uncertified_broken']} of "
             f"{c['uncertified_attacked']} uncertified broken)"
         )
+    own, tight = out["own_radius"], out["tightness"]["quantiles"]
+    median = f"{tight['median']:.3g}" if tight else "n/a"
+    print(
+        f"{args.run}: own radius: {own['attacked']} attacked, {own['broken']} broken; nearest adversarial / "
+        f"radius: median {median}; Lipschitz lower / certified bound {_number(out['lipschitz_tightness'])}"
+    )
     if out["broken"]:
-        bad = ", ".join(f"{c['broken']} at eps {k}" for k, c in out["per_eps"].items() if c["broken"])
+        bad = [f"{c['broken']} at eps {k}" for k, c in out["per_eps"].items() if c["broken"]]
+        bad += [f"{own['broken']} at their own radius"] if own["broken"] else []
+        bad += ["a Lipschitz lower bound above the certified bound"] if out["bound_broken"] else []
+        bad = ", ".join(bad)
         raise CertificateBroken(
             f"BROKEN CERTIFICATE in {args.run}: an attack misclassified certified points "
             f"inside their radius ({bad}); the certifier is unsound for this model, see "

@@ -26,7 +26,7 @@ Two versions, named for what they guarantee:
     the propagation runs in float64 with each bound widened by its rounding error (Higham's
     gamma_n bound for any summation order, then one ulp outward; cuDNN off), so a mask never
     drops a neuron that varies somewhere in the ball. The masked norm of a dense layer, and of
-    a conv layer whose explicit matrix is small (``lipschitz.EXPLICIT_MAX_ENTRIES``), is the
+    a conv layer whose explicit matrix is small (``lipschitz.operators.EXPLICIT_MAX_ENTRIES``), is the
     float64 top eigenvalue of the masked Gram matrix, widened by its rounding bound (see
     ``_masked_norm_bound``); a larger conv layer keeps its sound global bound
     (``lipschitz.upper_bound_layer``), which also caps every masked norm, so the local bound is
@@ -45,7 +45,6 @@ the per-sample power iteration starts from the layer's persistent global iterate
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +56,7 @@ from torch import nn
 
 from . import lipschitz
 from .layers import ClippedMaxMin, ClippedReLU, MaxMin
+from .lipschitz.operators import EXPLICIT_MAX_ENTRIES
 
 UNIT = 2.0**-53  # float64 unit roundoff
 TINY = 2.0**-1000  # covers underflow of a product or sum (far above float64's smallest normal)
@@ -312,7 +312,7 @@ class LocalBound:
         if index not in self._global:
             self._global[index] = lipschitz.upper_bound_layer(layer, shape)
             n_out = math.prod(_apply(layer, layer.weight.new_zeros(1, *shape), layer.weight, None).shape)
-            small = isinstance(layer, nn.Linear) or n_out * math.prod(shape) <= lipschitz.EXPLICIT_MAX_ENTRIES
+            small = isinstance(layer, nn.Linear) or n_out * math.prod(shape) <= EXPLICIT_MAX_ENTRIES
             self._matrix[index] = lipschitz.explicit_matrix(layer, shape) if small else None
         bound = torch.tensor(self._global[index], dtype=torch.float64, device=layer.weight.device)
         if self._matrix[index] is None or (e is None and d is None):
@@ -394,47 +394,51 @@ def certify_local(
 ) -> dict:
     """Certified points of one batch at each eps under three constants, for tests and measurements:
     ``global`` (the sound K_F), ``local`` (the sound per-sample, per-eps ``LocalBound``) and
-    ``estimate`` (the paper's ``estimate_local`` with ``estimate_iters`` power iterations).
-    The rule is the certifier's: x is certified at eps iff the label is predicted and
-    min_{i != j} (z_j - z_i) / (K ||W_j - W_i||) > eps. Margins come from a float64 copy of the
-    model without the certifier's rounding terms (their size, ~1e-13 of the logit scale, is far
-    below any margin counted here); ``cll.certify`` adds them where it uses these bounds.
+    ``estimate`` (the paper's: ``estimate_local`` with ``estimate_iters`` power iterations).
 
-    The local constants are computed only for the samples that need them: predicted right and
-    not certified by K_F already (the sound local bound is never above K_F, and the estimate, a
-    power-iteration value of the same masked operators, is not either, up to float32 rounding).
+    The rule is the certifier's (``cll.certify.certified_radius``: label predicted and
+    min_{i != j} (z_j - z_i) / (K ||W_j - W_i||) > eps). ``global`` and ``local`` use the float64
+    margins less their rounding bound (``cll.certify``'s float64 pass), so both are sound; the
+    estimate uses the float32 margins as they are, as ``cra_estimate`` does. Local constants are
+    computed only for the samples that need them: predicted right and not certified by K_F already
+    (the sound local bound is never above K_F; the estimate, a power-iteration value of the same
+    masked operators, is not either, up to float32 rounding).
 
     Returns counts: ``n``, ``correct``, {eps: count} under ``global``, ``local`` and
     ``estimate``, ``screened`` {eps: samples whose local constants were computed}, and the
     seconds spent computing them, ``seconds_local`` and ``seconds_estimate``."""
+    from .certify import certified_radius  # the certifier sits above this module: imported on use
+    from .certify.passes import Float64Pass
+
     model.eval()
     bound = bound or LocalBound(model)
-    model64 = copy.deepcopy(model).double()
-    z = model64(x.double())
-    pred = z.argmax(1)
-    w = model64.head.weight
-    pair = torch.cdist(w[pred], w)  # ||W_j - W_i||
-    margin = (z.gather(1, pred[:, None]) - z).scatter(1, pred[:, None], math.inf)
+    with torch.backends.cudnn.flags(enabled=False):
+        shapes, layer_bounds = lipschitz.upper_bound_layers(model)
+    k_global = math.prod(layer_bounds)
+    w = model.head.weight
+    logits, logit_error, body_error = Float64Pass(model, shapes, layer_bounds)(x)
+    pred, radius = certified_radius(logits, w, k_global, logit_error, body_error)
+    logits32 = model(x)
     hit = pred == y
-
-    def certified(lip: torch.Tensor, e: float, rows: torch.Tensor) -> torch.Tensor:
-        return (margin[rows] > e * lip.double().reshape(-1, 1) * pair[rows]).all(1)
-
-    k_global = torch.tensor(lipschitz.upper_bound_body(model), dtype=torch.float64, device=z.device)
     out = {"n": len(y), "correct": hit.sum().item(), "global": {}, "local": {}, "estimate": {}, "screened": {}}
     out["seconds_local"] = out["seconds_estimate"] = 0.0
-    everyone = torch.arange(len(y), device=z.device)
     for e in eps:
-        by_global = hit & certified(k_global, e, everyone)
+        by_global = hit & (radius > e)
         todo = (hit & ~by_global).nonzero().flatten()
-        t0 = time.perf_counter()
-        local = certified(bound(x[todo], e), e, todo) if len(todo) else todo.bool()
-        t1 = time.perf_counter()
-        estimate = estimate_local(model, x[todo], e, estimate_iters, update=False).lip if len(todo) else None
-        estimated = certified(estimate, e, todo) if len(todo) else todo.bool()
-        out["seconds_local"] += t1 - t0
-        out["seconds_estimate"] += time.perf_counter() - t1
-        for key, extra in (("global", 0), ("local", local.sum().item()), ("estimate", estimated.sum().item())):
-            out[key][e] = by_global.sum().item() + extra
+        local = estimated = 0
+        if len(todo):
+            t0 = time.perf_counter()
+            k = bound(x[todo], e)
+            t1 = time.perf_counter()
+            k_est = estimate_local(model, x[todo], e, estimate_iters, update=False).lip
+            out["seconds_local"] += t1 - t0
+            out["seconds_estimate"] += time.perf_counter() - t1
+            _, r_local = certified_radius(logits[todo], w, k, logit_error[todo], body_error[todo])
+            pred32, r_est = certified_radius(logits32[todo], w, k_est)
+            local = (r_local > e).sum().item()
+            estimated = ((pred32 == y[todo]) & (r_est > e)).sum().item()
+        out["global"][e] = by_global.sum().item()
+        out["local"][e] = out["global"][e] + local
+        out["estimate"][e] = out["global"][e] + estimated
         out["screened"][e] = len(todo)
     return out

@@ -10,7 +10,7 @@ A loss with a ``local_estimate(model, x, progress)`` method (Local-Lip-B) receiv
 returns in place of K_F: per-sample local constants and a sparsity term (``cll.local_lipschitz``).
 
 The K penalty ``lambda * K^pow`` is a separate term (``lipschitz_penalty``), added by the trainer
-for any loss, as in the CLL reference (``GlobalLipschitzDecay``, shared/spec/cll.md section 1.2),
+for any loss, as in the CLL reference code (github.com/mlosch/CLL, ``GlobalLipschitzDecay``),
 or in the SOC/CPL/SLL code bases' form lambda * (max over the batch of K_F ||W_t - W_j||)^2.
 """
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lipschitz import head_factor
+from .lipschitz.operators import max_row_distance, row_distances
 from .local_lipschitz import LocalEstimate, estimate_local
 from .registry import Registry
 
@@ -35,7 +35,7 @@ def k_hf(eps: float, p: float) -> float:
 
     Losch, Stutz, Schiele, Fritz, "Certified Robust Models with Slack Control and Large Lipschitz
     Constants", GCPR 2023, arXiv 2309.06166. The reference code puts p/2 in each tail:
-    sigma = 2 eps / (logit(1 - p/2) - logit(p/2)) = eps / log((2-p)/p) (spec section 1.3), which
+    sigma = 2 eps / (logit(1 - p/2) - logit(p/2)) = eps / log((2-p)/p), which
     is the convention of every K^(h o f) value printed on the poster (e.g. eps 0.5, p 0.01 -> 10.6).
     """
     return math.log((2.0 - p) / p) / eps
@@ -83,8 +83,8 @@ def cll_loss(
     k_f = lip_body.detach() if torch.is_tensor(lip_body) else torch.tensor(lip_body)
     scale = k_scale * sigma * k_f.to(logits.dtype)
     if form == "pairwise":
-        k_tj = torch.cdist(w[target], w)  # (N, C): ||W_t - W_j||
-        # K_tt is 0 and so is z_t - z_t: any nonzero filler avoids 0/0 (spec pitfall 4)
+        k_tj = row_distances(w, target)  # (N, C): ||W_t - W_j||
+        # K_tt is 0 and so is z_t - z_t: any nonzero filler avoids 0/0 (NaN gradients otherwise)
         k_tj = k_tj.scatter(1, target[:, None], 1.0)
         u = (logits - logits.gather(1, target[:, None])) / (scale * k_tj)
     elif form == "per_logit":
@@ -137,7 +137,7 @@ def gloro_logits(
     y_bot = max_{i != j} (z_i + eps * K_F * ||W_j - W_i||) with j = argmax z (no gradient through
     the argmax). The bound keeps its gradient: GloRo trains through K."""
     j = logits.detach().argmax(1)
-    k_ji = lip_body * torch.cdist(head_weight[j], head_weight)  # (N, C)
+    k_ji = lip_body * row_distances(head_weight, j)  # (N, C)
     others = (logits + eps * k_ji).scatter(1, j[:, None], float("-inf"))
     return torch.cat([logits, others.max(1, keepdim=True).values], dim=1)
 
@@ -187,7 +187,7 @@ def label_radius(
 ) -> torch.Tensor:
     """min_{j != t} (z_t - z_j) / (K_F ||W_t - W_j||) for the LABEL t (negative when misclassified):
     the certified radius of SOC's certificate regulariser (pairwise, as for its LLN head)."""
-    k_tj = torch.cdist(head_weight[target], head_weight) * lip_body
+    k_tj = row_distances(head_weight, target) * lip_body
     k_tj = k_tj.scatter(1, target[:, None], 1.0)
     radius = (logits.gather(1, target[:, None]) - logits) / k_tj
     return radius.scatter(1, target[:, None], float("inf")).min(1).values
@@ -243,7 +243,7 @@ def worst_logits(logits: torch.Tensor, target: torch.Tensor, head_weight: torch.
     """z_j + eps * K(x) * ||W_j - W_t|| for j != t, z_t for the label t: the worst logits over the
     ball B(x, eps) when the body is K(x)-Lipschitz on it (the ball-only BCP translation; Lee, Lee,
     Park, "Lipschitz-Certifiable Training with a Tight Outer Bound", NeurIPS 2020). ``lip`` (N,)."""
-    return logits + eps * lip[:, None] * torch.cdist(head_weight[target], head_weight)
+    return logits + eps * lip[:, None] * row_distances(head_weight, target)
 
 
 class LocalLipB(nn.Module):
@@ -299,12 +299,12 @@ def lipschitz_penalty(
     """The K penalty, with gradient through K_F (and its power iterations) and through W.
 
     ``global`` (the reference's GlobalLipschitzDecay): lambda * (K_F * max_ij ||W_i - W_j||)^power.
-    ``batch`` (CLL inside SOC/CPL/SLL, shared/spec/cll.md section 1.5): lambda * (max over the
+    ``batch`` (CLL inside SOC/CPL/SLL, as those code bases penalise K): lambda * (max over the
     batch's labels t and all classes j of K_F * K_tj)^power, with K_tt := 1."""
     if form == "global":
-        return lam * (lip_body * head_factor(head_weight)) ** power
+        return lam * (lip_body * max_row_distance(head_weight)) ** power
     if form == "batch":
-        k_tj = torch.cdist(head_weight[target], head_weight).scatter(1, target[:, None], 1.0)
+        k_tj = row_distances(head_weight, target).scatter(1, target[:, None], 1.0)
         return lam * (lip_body * k_tj.max()) ** power
     raise ValueError(f"unknown penalty form {form!r}; allowed: global, batch")
 

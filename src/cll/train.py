@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from . import data, distributed, lipschitz, losses, models, results
 from .config import RunConfig, build_config
 from .errors import CllError, ConfigError
+from .progress import fmt_time
 
 
 class TrainingDiverged(CllError):
@@ -91,11 +92,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = round(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 CHECKPOINT_KEYS = ("config", "model", "optimizer", "schedule", "rng", "history", "epoch", "elapsed")
@@ -311,13 +307,14 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
                 rate = total_n / (t_note - t_epoch)
                 log(
                     f"  epoch {epoch + 1} batch {i + 1}/{steps_per_epoch}  {rate:.0f} img/s  "
-                    f"epoch ETA {_fmt_time((steps_per_epoch - i - 1) * cfg.batch_size / rate)}"
+                    f"epoch ETA {fmt_time((steps_per_epoch - i - 1) * cfg.batch_size / rate)}"
                 )
 
         total_loss, total_correct, total_n = distributed.all_sum(total_loss, total_correct, total_n)
         mean_loss = float(total_loss) / total_n
-        k_est = lipschitz.estimate_constant(model, lipschitz.converged_body(model, cfg.pi_tol))
-        if not (math.isfinite(mean_loss) and math.isfinite(k_est)):
+        # the converged estimate where one exists (None for the peers' families: see cll.lipschitz)
+        k_est = lipschitz.estimate_constant(model, lipschitz.estimate_converged_body(model, cfg.pi_tol))
+        if not (math.isfinite(mean_loss) and (k_est is None or math.isfinite(k_est))):
             kept = (
                 f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint was written"
             )
@@ -341,7 +338,8 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
         h = history[-1]
         log(
             f"epoch {epoch + 1}/{cfg.epochs}  loss {h['loss']:.4f}  acc {100 * h['accuracy']:.1f}%  "
-            f"K {k_est:.4g}  lr {h['lr']:.2e}  {per_epoch:.1f} s/epoch  ETA {_fmt_time(eta)}"
+            f"K {'n/a' if k_est is None else f'{k_est:.4g}'}  lr {h['lr']:.2e}  {per_epoch:.1f} s/epoch  "
+            f"ETA {fmt_time(eta)}"
         )
         last = epoch + 1 == cfg.epochs
         if distributed.is_main() and (last or (epoch + 1) % cfg.checkpoint_every == 0):
@@ -368,7 +366,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
         "epochs": history,
         "wall_time": time.time() - t_start if start_epoch < cfg.epochs else elapsed,
         "lipschitz_estimate": history[-1]["lipschitz_estimate"] if history else None,
-        "lipschitz_bound": lipschitz.lipschitz_constant(model),
+        "lipschitz_bound": lipschitz.upper_bound(model),
         "k_hf": losses.run_k_hf(cfg),
         "device": str(device),
     }

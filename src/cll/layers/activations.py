@@ -16,9 +16,24 @@ import math
 import torch
 from torch import nn
 
+from ..lipschitz.rounding import EXACT, Rounding, underflow, unit
+
+# Accuracy assumed of sin/cos, in units in the last place: CUDA documents <= 2 ulp for sinf/cosf,
+# glibc and SLEEF (PyTorch's vectorised CPU kernels) <= 1 ulp; twice the largest, for margin.
+TRIG_ULPS = 4
+
 
 class MaxMin(nn.Module):
-    """GroupSort-2 over adjacent channels: (N, C, ...) -> (N, C, ...), C must be even."""
+    """GroupSort-2 over adjacent channels: (N, C, ...) -> (N, C, ...), C must be even.
+    A permutation of its input at every point: 1-Lipschitz, and exact in floating point."""
+
+    exact_bound = True
+
+    def upper_bound(self, in_shape: tuple[int, ...]) -> float:
+        return 1.0
+
+    def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
+        return EXACT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
@@ -42,6 +57,7 @@ class HouseHolder(nn.Module):
     """
 
     no_weight_decay = True  # SOC's recipe: weight decay on the convolutions only
+    exact_bound = True  # piecewise orthogonal and continuous: the constant is 1
 
     def __init__(self, channels: int):
         super().__init__()
@@ -56,3 +72,19 @@ class HouseHolder(nn.Module):
         keep = a * torch.sin(theta / 2) - b * torch.cos(theta / 2) > 0
         cos, sin = torch.cos(theta), torch.sin(theta)
         return torch.cat([torch.where(keep, a, a * cos + b * sin), torch.where(keep, b, a * sin - b * cos)], dim=1)
+
+    def upper_bound(self, in_shape: tuple[int, ...]) -> float:
+        return 1.0
+
+    def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
+        """The network certified uses the exact sin and cos of the float32 angles. Computed, the
+        trigonometric values are off by mu <= 2 TRIG_ULPS u relative, and each of the line test
+        a sin(theta/2) - b cos(theta/2) and the two reflected coordinates (two products and a sum)
+        by eta = (1 + mu)(1 + u)^2 - 1 times |a| + |b|. Where the branch taken is the exact one, the
+        pair is off by <= sqrt2 eta (|a| + |b|); where the rounded test took the other branch, the
+        exact test value f had |f| <= eta (|a| + |b|), and the two branches differ by 2|f| (the
+        reflection across the line moves a point by twice its distance |f| to it). Per pair at most
+        (2 + sqrt2) eta (|a| + |b|) <= (2 + 2 sqrt2) eta ||(a, b)||, hence alpha = 5 eta over all pairs."""
+        u = unit(dtype)
+        eta = (1 + 2 * TRIG_ULPS * u) * (1 + u) ** 2 - 1
+        return Rounding(5 * eta, underflow(4, math.prod(in_shape), dtype))

@@ -7,23 +7,44 @@
   parametrize`` parametrisation of ``weight``, so ``head.weight`` *is* the normalised matrix
   everywhere (the loss, the certifier, the K penalty) and nothing else needs to know. An LLN head
   is not globally 1-Lipschitz; the certifier's pairwise rule ||W_j - W_i|| is what makes it sound.
+- ``EvalCache``: what an evaluation-mode forward derives from the parameters, computed once.
+
+Every layer of cll bounds itself next to its forward (``upper_bound``, ``rounding``; see
+``cll.lipschitz.bound``); ``exact_bound`` marks a bound that is the Lipschitz constant itself.
 """
 
 from __future__ import annotations
+
+import math
+import struct
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..lipschitz.operators import ROUNDING_SLACK
+from ..lipschitz.rounding import EXACT, Rounding, gamma, underflow
+
+
+def float32_value(x: float) -> float:
+    """``x`` rounded to float32, as a Python float: the constant a float32 forward really uses (a
+    Python scalar meets a float32 tensor as float32), so a float64 evaluation can use it too."""
+    return struct.unpack("f", struct.pack("f", x))[0]  # round to nearest, like a tensor conversion
+
 
 class Normalize(nn.Module):
-    """(x - mean) / std, mean per channel, std a scalar (SOC's 0.2507; 1 = mean shift only)."""
+    """(x - mean) / std, mean per channel, std a scalar (SOC's 0.2507; 1 = mean shift only).
+
+    ``std`` is kept as its float32 value: the network certified divides by what the float32 forward
+    divides by."""
+
+    exact_bound = True
 
     def __init__(self, mean, std: float = 1.0):
         super().__init__()
         self.register_buffer("mean", torch.tensor([float(m) for m in mean]))
-        self.std = float(std)
+        self.std = float32_value(std)
 
     @property
     def lipschitz(self) -> float:
@@ -32,9 +53,21 @@ class Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.view((1, -1) + (1,) * (x.dim() - 2))) / self.std
 
+    def upper_bound(self, in_shape: tuple[int, ...]) -> float:
+        return self.lipschitz * (1 + ROUNDING_SLACK)
+
+    def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
+        """A subtraction and a division per entry: <= gamma_2 |x - mean| / std, and
+        ||x - mean|| <= ||x|| + ||mean|| sqrt(H W)."""
+        g, pixels = gamma(2, dtype), math.prod(in_shape[1:])
+        mean = self.mean.double().norm().item() * math.sqrt(pixels)
+        return Rounding(g / self.std, g * mean / self.std + underflow(2, math.prod(in_shape), dtype))
+
 
 class PaddingChannels(nn.Module):
-    """(N, C, H, W) -> (N, channels, H, W), the new channels zero."""
+    """(N, C, H, W) -> (N, channels, H, W), the new channels zero (an isometry, exact)."""
+
+    exact_bound = True
 
     def __init__(self, channels: int):
         super().__init__()
@@ -42,6 +75,12 @@ class PaddingChannels(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, (0, 0, 0, 0, 0, self.channels - x.shape[1]))
+
+    def upper_bound(self, in_shape: tuple[int, ...]) -> float:
+        return 1.0
+
+    def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
+        return EXACT
 
 
 class UnitRows(nn.Module):
@@ -58,28 +97,48 @@ def unit_row_head(in_features: int, num_classes: int) -> nn.Linear:
 
 
 class EvalCache(nn.Module):
-    """A layer that caches what its evaluation-mode forward derives from the parameters (CPL's
-    converged ||W||, Sandwich's orthogonal factors). The cache is dropped whenever it could be
-    stale: on ``train()``/``eval()`` switches and on ``load_state_dict``; the hazard of the peer
-    code bases (shared/spec/peers.md section 13) is a cache that outlives new weights."""
+    """A layer that caches what its evaluation-mode forward derives from the parameters (SOC's
+    rescaled kernel, CPL's step, SLL's 1/t, Sandwich's orthogonal factors), so that the forward
+    passes, the sound bound and the float64 pass of the certifier all see the *same* derived
+    float32 tensors. The cache never outlives the weights it came from: it is keyed by the
+    storage and in-place version of every parameter and buffer of the layer (an optimizer step,
+    ``load_state_dict``, ``.to()`` and a deep copy all change the key), and it is also dropped on
+    ``train()``/``eval()`` switches and by ``load_state_dict`` (a hook that receives the module,
+    so a deep copy's hook clears the copy's cache, not the original's)."""
 
     def __init__(self):
         super().__init__()
-        self._cache: object | None = None
-        self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self.clear_cache())
+        self._cache: dict | None = None
+        self._cache_key: tuple | None = None
+        self._register_load_state_dict_pre_hook(EvalCache._drop_on_load, with_module=True)
+
+    @staticmethod
+    def _drop_on_load(module: EvalCache, *args, **kwargs) -> None:
+        module.clear_cache()
 
     def clear_cache(self) -> None:
-        self._cache = None
+        self._cache = self._cache_key = None
 
     def train(self, mode: bool = True):
         self.clear_cache()
         return super().train(mode)
 
+    def _key(self) -> tuple:
+        tensors = [*self.parameters(recurse=False), *self.buffers(recurse=False)]
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
     def cached(self, make):
-        """``make()`` in training mode (with gradient); once per weights in evaluation mode."""
-        if self.training:
-            return make()
-        if self._cache is None:
+        """``make()`` with gradient in training mode; ``derived(make)`` in evaluation mode."""
+        return make() if self.training else self.derived(make)
+
+    def derived(self, make):
+        """What the evaluation forward derives from the parameters (``make()``, no gradient), in either
+        mode, computed once per set of weights (one entry per ``make`` function)."""
+        key = self._key()
+        if self._cache is None or self._cache_key != key:
+            self._cache, self._cache_key = {}, key
+        name = make.__name__
+        if name not in self._cache:
             with torch.no_grad():
-                self._cache = make()
-        return self._cache
+                self._cache[name] = make()
+        return self._cache[name]

@@ -14,27 +14,21 @@ paper's code.
   family of networks, up to a relabelling of the conv's output channels.)
 
 Both are 1-Lipschitz in l2 for every threshold (a clamp after a 1-Lipschitz map) and evaluate
-exactly in floating point (comparisons and copies only). They subclass ``nn.ReLU`` and ``MaxMin``
-so that the Lipschitz bound and the certifier, which know those two types as exact and
-1-Lipschitz, treat them as such; ``upper_bound`` and ``rounding`` state the same per the layer
-contract.
+exactly in floating point (comparisons and copies only): ``upper_bound`` 1, ``rounding`` none.
 """
 
 from __future__ import annotations
 
-from collections import namedtuple
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from ..lipschitz.rounding import EXACT, Rounding
 from .activations import MaxMin
 
-# A layer's own floating-point error on an input h is at most alpha * ||h||_2 + beta per sample.
-Rounding = namedtuple("Rounding", "alpha beta")
 
-
-class ClippedReLU(nn.ReLU):
+class ClippedReLU(nn.Module):
     """min(max(x, 0), theta) with a learnable theta per neuron: (N, *shape) -> (N, *shape)."""
 
     no_weight_decay = True  # thresholds are not weights (the paper's recipe has no weight decay)
@@ -44,6 +38,11 @@ class ClippedReLU(nn.ReLU):
         if init < 0:
             raise ValueError(f"ClippedReLU threshold must be >= 0, got {init}")
         self.theta = nn.Parameter(torch.full(tuple(shape), float(init)))
+
+    @property
+    def exact_bound(self) -> bool:
+        """The constant is exactly 1 where some neuron has a range to vary in (theta > 0)."""
+        return bool((self.theta > 0).any())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.minimum(x, self.theta).clamp_min(0.0)
@@ -56,16 +55,18 @@ class ClippedReLU(nn.ReLU):
     def upper_bound(self, in_shape: tuple[int, ...]) -> float:
         return 1.0
 
-    def rounding(self, in_shape: tuple[int, ...], unit: float) -> Rounding:
-        return Rounding(0.0, 0.0)
+    def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
+        return EXACT
 
 
 class ClippedMaxMin(MaxMin):
     """MaxMin with its max branch capped at theta_max and min branch floored at theta_min, one
     threshold per output neuron: (N, C, ...) -> (N, C, ...), C even; init theta_max = ``init``,
-    theta_min = -``init``."""
+    theta_min = -``init``. Its constant is exactly 1: below theta_max the max output follows the
+    larger input of its pair."""
 
     no_weight_decay = True
+    exact_bound = True
 
     def __init__(self, shape: Sequence[int], init: float = 1.0):
         super().__init__()
@@ -90,5 +91,5 @@ class ClippedMaxMin(MaxMin):
     def upper_bound(self, in_shape: tuple[int, ...]) -> float:
         return 1.0
 
-    def rounding(self, in_shape: tuple[int, ...], unit: float) -> Rounding:
-        return Rounding(0.0, 0.0)
+    def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
+        return EXACT

@@ -10,12 +10,12 @@ Training takes ||W|| from power iteration on W's true operator at the layer's in
 ``train_iters`` warm-started iterations per step (a persistent iterate, gradient through the
 norm). Power iteration approaches ||W|| from below, so that h can be slightly too large, and
 over 70 layers "slightly" compounds. The reference evaluates with 100 iterations; here the
-evaluation-mode forward uses a *guaranteed upper bound* on ||W|| (``cll.lipschitz``: exact for
-dense layers, the circular-convolution bound for conv layers), which makes every layer exactly
-1-Lipschitz as evaluated, at the price of a marginally shorter step than training used. It is
-computed once per set of weights and cached (the cache is dropped by ``train()``/``eval()`` and
-``load_state_dict``). The certifier still bounds each layer by max(1, h ||W||_ub^2 - 1) from its
-parameters rather than assuming the construction.
+evaluation-mode forward uses a *guaranteed upper bound* on ||W|| (exact for dense layers, the
+circular-convolution bound for conv layers, ``cll.lipschitz.operators``), which makes every layer
+1-Lipschitz as evaluated, at the price of a marginally shorter step than training used. The step
+h is derived once per set of weights, in float32 as the forward uses it, and cached (see
+``EvalCache``). ``upper_bound`` still bounds each layer by max(1, h ||W||_ub^2 - 1) from its
+parameters rather than assuming the construction, and ``rounding`` bounds its float error.
 
 The conv form uses a 3x3 "same" convolution W (inner channels x channels) and its exact adjoint
 ``conv_transpose2d``; the linear form ``W`` (inner features x features).
@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lipschitz.estimate import power_iterate
+from ..lipschitz.operators import abs_operator_norm, conv_norm_bound, residual_bound, spectral_norm_exact
+from ..lipschitz.rounding import Rounding, gamma, underflow, unit
 from .basic import EvalCache
 
 EPSILON = 1e-4  # the reference's h = 2 / (sigma^2 + 1e-4)
@@ -51,35 +54,80 @@ class _CPL(EvalCache):
 
     def _train_sigma(self) -> torch.Tensor:
         """||W|| estimate after ``train_iters`` warm-started iterations, gradient through the norm."""
-        from .. import lipschitz  # late: lipschitz imports this package
-
         forward, adjoint = self.operator()
         with torch.no_grad():
-            self.u = lipschitz.power_iterate(forward, adjoint, self.u, self.train_iters)
+            self.u = power_iterate(forward, adjoint, self.u, self.train_iters)
         return forward(self.u).norm()
 
     def norm_bound(self) -> float:
-        """A guaranteed upper bound on ||W|| (``cll.lipschitz``)."""
+        """A guaranteed upper bound on ||W||."""
         raise NotImplementedError
 
-    def _eval_sigma(self) -> torch.Tensor:
-        """What the evaluation-mode forward divides by: the sound ||W|| bound."""
-        return torch.tensor(self.norm_bound(), dtype=self.weight.dtype, device=self.weight.device)
+    def _derive(self) -> tuple[float, torch.Tensor]:
+        """(||W||_ub, the h of the evaluation forward: 2 / (||W||_ub^2 + 1e-4) in the weight's precision)."""
+        norm = self.norm_bound()
+        sigma = torch.tensor(norm, dtype=self.weight.dtype, device=self.weight.device)
+        return norm, 2.0 / (sigma**2 + EPSILON)
 
     def step_size(self) -> torch.Tensor:
         """h = 2 / (||W||^2 + 1e-4) as the current mode computes it: training from
         ``train_iters`` warm-started iterations (gradient through the norm), evaluation from the
-        sound norm bound, cached."""
+        sound norm bound (derived once per weights)."""
         if self.training:
-            sigma = self._train_sigma()
-        else:
-            sigma = self.cached(self._eval_sigma)
-        return 2.0 / (sigma**2 + EPSILON)
+            return 2.0 / (self._train_sigma() ** 2 + EPSILON)
+        return self.derived(self._derive)[1]
 
-    @torch.no_grad()
     def eval_step_size(self) -> float:
         """The h of the evaluation-mode forward, in either mode (what the certifier bounds)."""
-        return float(2.0 / (self.cached(self._eval_sigma) ** 2 + EPSILON))
+        return float(self.derived(self._derive)[1])
+
+    def residual(self, x: torch.Tensor, weight, bias, step) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(x, self.weight, self.bias, self.step_size())
+
+    def forward64(self, x: torch.Tensor) -> torch.Tensor:
+        """The evaluation forward in float64, with the same float32 step h (the certifier's pass)."""
+        step = self.derived(self._derive)[1].double()
+        return self.residual(x.double(), self.weight.double(), self.bias.double(), step)
+
+    def upper_bound(self, in_shape: tuple[int, ...]) -> float:
+        """max(1, h ||W||_ub^2 - 1) with the h of the evaluation forward (computed from the layer's
+        own sound norm bound, so this is 1 up to rounding)."""
+        if tuple(in_shape) != tuple(self.u.shape[1:]):
+            raise ValueError(f"CPL layer built for inputs {tuple(self.u.shape[1:])} sees {tuple(in_shape)}")
+        norm, step = self.derived(self._derive)
+        return residual_bound(float(step), norm)
+
+    def _geometry(self) -> tuple[int, int, int]:
+        """(fan-in of W x, fan-in of W^T r, output positions)."""
+        raise NotImplementedError
+
+    def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
+        """z = x - h W^T r, r = ReLU(W x + b), as the forward computes it. With rho >= ||W||,
+        A >= || |W| || (also || |W^T| ||), B = ||b|| sqrt(P), g = gamma_{n+1} and gT = gamma_{nT}
+        (the fan-ins of W and W^T), per sample: the pre-activation is off by
+        e_y <= g (A ||x|| + B); ReLU passes that on (1-Lipschitz) and ||r'|| <= Y =
+        (rho + g A) ||x|| + (1 + g) B; the computed W^T r' is off by gT A Y and has norm
+        <= V = (rho + gT A) Y; the product with h adds u h V; the subtraction u (||x|| + (1 + u) h V).
+        The exact layer at the same x differs through r' - r by h rho e_y. All affine in ||x||."""
+        n_in, n_t, positions = self._geometry()
+        u, g_in, g_t = unit(dtype), gamma(n_in + 1, dtype), gamma(n_t, dtype)
+        rho, step = self.derived(self._derive)
+        a, h = abs_operator_norm(self.weight), float(step)
+        b = self.bias.detach().double().norm().item() * math.sqrt(positions)
+
+        def error(xn: float) -> float:
+            e_y = g_in * (a * xn + b)
+            y = (rho + g_in * a) * xn + (1 + g_in) * b
+            v = (rho + g_t * a) * y
+            return h * rho * e_y + h * g_t * a * y + u * h * v + u * (xn + (1 + u) * h * v)
+
+        outputs = math.prod(in_shape)
+        scale = max(1.0, self.weight.detach().abs().max().item())
+        tiny = underflow(2 * (n_in + n_t) + 6, max(outputs, self.weight.shape[0] * positions), dtype, scale * h)
+        return Rounding(error(1.0) - error(0.0), error(0.0) + tiny)
 
 
 class CPLConv(_CPL):
@@ -91,10 +139,8 @@ class CPLConv(_CPL):
         self._init((inner, channels, kernel_size, kernel_size), (channels, *in_hw))
 
     def norm_bound(self) -> float:
-        from .. import lipschitz  # late: lipschitz imports this package
-
         shape = tuple(self.u.shape[1:])
-        return lipschitz.conv_norm_bound(self.weight, shape, (1, 1), (self.padding,) * 2, method="fft")
+        return conv_norm_bound(self.weight, shape, (1, 1), (self.padding,) * 2, method="fft")
 
     def operator(self):
         return (
@@ -102,9 +148,13 @@ class CPLConv(_CPL):
             lambda v: F.conv_transpose2d(v, self.weight, padding=self.padding),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        res = F.relu(F.conv2d(x, self.weight, self.bias, padding=self.padding))
-        return x - self.step_size() * F.conv_transpose2d(res, self.weight, padding=self.padding)
+    def residual(self, x, weight, bias, step):
+        res = F.relu(F.conv2d(x, weight, bias, padding=self.padding))
+        return x - step * F.conv_transpose2d(res, weight, padding=self.padding)
+
+    def _geometry(self) -> tuple[int, int, int]:
+        inner, channels, k, _ = self.weight.shape
+        return channels * k * k, inner * k * k, math.prod(self.u.shape[2:])
 
 
 class CPLLinear(_CPL):
@@ -115,13 +165,15 @@ class CPLLinear(_CPL):
         self._init((inner, features), (features,))
 
     def norm_bound(self) -> float:
-        from .. import lipschitz
-
-        return lipschitz.spectral_norm_exact(self.weight)
+        return spectral_norm_exact(self.weight)
 
     def operator(self):
         return (lambda u: F.linear(u, self.weight), lambda v: F.linear(v, self.weight.t()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        res = F.relu(F.linear(x, self.weight, self.bias))
-        return x - self.step_size() * F.linear(res, self.weight.t())
+    def residual(self, x, weight, bias, step):
+        res = F.relu(F.linear(x, weight, bias))
+        return x - step * F.linear(res, weight.t())
+
+    def _geometry(self) -> tuple[int, int, int]:
+        inner, features = self.weight.shape
+        return features, inner, 1

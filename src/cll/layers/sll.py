@@ -6,9 +6,10 @@ perspective on Lipschitz neural networks", ICLR 2023, arXiv 2303.03169).
 with q = exp(q_param) > 0. Since T - W W^T is (weighted-Gershgorin) diagonally dominant, it is
 positive semidefinite and the layer is 1-Lipschitz: with M = T^{-1/2} W its Jacobian is
 I - 2 M^T D M (D diagonal in [0, 1]) and ||M|| <= 1. t^{-1} is a *safe* inverse (0 where t = 0, a
-dead unit), the fixed form of the paper's v2 (Appendix D). The certifier still bounds each layer
-by max(1, 2 ||M||_ub^2 - 1) from the weights (``cll.lipschitz``) rather than trusting the theorem
-through float rounding.
+dead unit), the fixed form of the paper's v2 (Appendix D). ``upper_bound`` still bounds each
+layer by max(1, 2 ||M||_ub^2 - 1) from the weights rather than trusting the theorem through float
+rounding; the evaluation forward's 1/t is derived once per weights in float32 and cached, so the
+forward, the bound and the certifier's float64 pass use the same values.
 
 Conv form: W is a 3x3 "same" convolution (inner channels x channels) and W W^T is the
 convolution of the kernel with itself over all (2k-1)^2 offsets; the absolute values are summed
@@ -24,13 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lipschitz.operators import ROUNDING_SLACK, abs_operator_norm, residual_bound
+from ..lipschitz.rounding import Rounding, gamma, underflow, unit
+from .basic import EvalCache
+
 
 def safe_inverse(t: torch.Tensor) -> torch.Tensor:
     """1/t where t > 0, else 0 (no inf/NaN for a unit whose weights are all zero)."""
     return torch.where(t > 0, 1.0 / torch.where(t > 0, t, torch.ones_like(t)), torch.zeros_like(t))
 
 
-class _SLL(nn.Module):
+class _SLL(EvalCache):
     def _init(self, weight_shape: tuple[int, ...]) -> None:
         inner = weight_shape[0]
         self.weight = nn.Parameter(torch.empty(weight_shape))
@@ -49,6 +54,78 @@ class _SLL(nn.Module):
         t = (self.gram_abs() * q[None, :] / q[:, None]).sum(1)
         return safe_inverse(t)
 
+    def residual(self, x: torch.Tensor, weight, bias, t_inv) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(x, self.weight, self.bias, self.cached(self.inverse_t))
+
+    def forward64(self, x: torch.Tensor) -> torch.Tensor:
+        """The evaluation forward in float64, with the same float32 1/t (the certifier's pass)."""
+        t_inv = self.derived(self.inverse_t).double()
+        return self.residual(x.double(), self.weight.double(), self.bias.double(), t_inv)
+
+    def _gram64(self) -> torch.Tensor:
+        """|W W^T| in float64 (summed over spatial offsets for the conv layer)."""
+        raise NotImplementedError
+
+    def _norm_m(self) -> float:
+        """An upper bound on ||M||, M = T^{-1/2} W with the evaluation forward's 1/t: ||M||^2 is bounded
+        by the weighted Gershgorin row sums of T^{-1/2} |W W^T| T^{-1/2} under the weights q_j sqrt(t_j):
+        max_i sum_j |G_ij| q_j / (q_i t_i), which is exactly 1 for the t of the theorem (Araujo et al.
+        2023) and 1 + rounding for the float32 t the forward uses. For the conv layer G sums |K K^T|
+        over all spatial offsets, an upper bound on every row of the zero-padded operator's Gram
+        matrix. No eigendecomposition; float64 sums of (inner * taps * cin) products, each off by
+        <= 2^-53 relative per operation, covered by the last factor."""
+        t_inv = self.derived(self.inverse_t).double()
+        live = t_inv > 0  # dead units (t = 0) have zero rows in M
+        if not live.any():
+            return 0.0
+        q = torch.exp(self.q.detach().double())
+        gram = self._gram64()[live][:, live]
+        rows = (gram * q[live][None, :]).sum(1) * t_inv[live] / q[live]
+        norm_sq = rows.max().item() * (1 + gram.shape[0] * self.weight[0].numel() * 2.3e-16 + ROUNDING_SLACK)
+        return math.sqrt(norm_sq)
+
+    def upper_bound(self, in_shape: tuple[int, ...]) -> float:
+        """max(1, 2 ||M||^2 - 1): the Jacobian is I - 2 M^T D M with D diagonal in [0, 1]."""
+        return residual_bound(2.0, self.derived(self._norm_m))
+
+    def _abs_m(self) -> float:
+        """An upper bound on || |M| ||, M's rows (output channels) scaled by sqrt(1/t)."""
+        t_inv = self.derived(self.inverse_t).double()
+        w = self.weight.detach().double()
+        return abs_operator_norm(w * t_inv.sqrt().view((-1,) + (1,) * (w.dim() - 1)))
+
+    def _geometry(self, in_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(fan-in of W x, fan-in of W^T s, output positions of W x)."""
+        raise NotImplementedError
+
+    def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
+        """z = x - 2 W^T s, s = (1/t) * ReLU(W x + b), as the forward computes it, written with
+        M = T^{-1/2} W (||M|| <= m, || |M| || <= A_M) so that no 1/t blows up: with
+        B_M = ||t^{-1/2} b|| sqrt(P), g = gamma_{n+1}, gT = gamma_{nT}, per sample the pre-activation
+        error weighted by t^{-1/2} is e <= g (A_M ||x|| + B_M); ||t^{-1/2} r'|| <= R = m ||x|| + B_M + e;
+        W^T (s' - s) = M^T t^{-1/2} (r' - r) + M^T t^{-1/2} r' d (|d| <= u, the product with 1/t) is
+        <= m (e + u R); the computed W^T s' is off by gT (1 + u) A_M R; the doubling is exact and the
+        subtraction adds u (||x|| + 2 ||v'||), ||v'|| <= (1 + u) R (m + gT A_M)."""
+        n_in, n_t, positions = self._geometry(in_shape)
+        u, g, g_t = unit(dtype), gamma(n_in + 1, dtype), gamma(n_t, dtype)
+        m, a_m = self.derived(self._norm_m), self.derived(self._abs_m)
+        t_inv = self.derived(self.inverse_t).double()
+        b_m = (t_inv.sqrt() * self.bias.detach().double()).norm().item() * math.sqrt(positions)
+
+        def error(xn: float) -> float:
+            e = g * (a_m * xn + b_m)
+            r = m * xn + b_m + e
+            v = (1 + u) * r * (m + g_t * a_m)
+            return 2 * (m * (e + u * r) + g_t * (1 + u) * a_m * r) + u * (xn + 2 * v)
+
+        scale = max(1.0, self.weight.detach().abs().max().item()) * max(1.0, t_inv.max().item())
+        outputs = max(math.prod(in_shape), self.weight.shape[0] * positions)
+        tiny = underflow(2 * (n_in + n_t) + 6, outputs, dtype, scale)
+        return Rounding(error(1.0) - error(0.0), error(0.0) + tiny)
+
 
 class SLLConv(_SLL):
     """z = x - 2 conv^T(t^{-1} ReLU(conv(x) + b)), for inputs (N, channels, H, W)."""
@@ -62,10 +139,17 @@ class SLLConv(_SLL):
         k = self.weight.shape[-1]
         return F.conv2d(self.weight, self.weight, padding=k - 1).abs().sum((2, 3))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t_inv = self.inverse_t()[None, :, None, None]
-        res = t_inv * F.relu(F.conv2d(x, self.weight, self.bias, padding=self.padding))
-        return x - 2 * F.conv_transpose2d(res, self.weight, padding=self.padding)
+    def _gram64(self) -> torch.Tensor:
+        w, k = self.weight.detach().double(), self.weight.shape[-1]
+        return F.conv2d(w, w, padding=k - 1).abs().sum((2, 3))
+
+    def residual(self, x, weight, bias, t_inv):
+        res = t_inv[None, :, None, None] * F.relu(F.conv2d(x, weight, bias, padding=self.padding))
+        return x - 2 * F.conv_transpose2d(res, weight, padding=self.padding)
+
+    def _geometry(self, in_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        inner, channels, k, _ = self.weight.shape
+        return channels * k * k, inner * k * k, math.prod(in_shape[1:])
 
 
 class SLLLinear(_SLL):
@@ -78,6 +162,14 @@ class SLLLinear(_SLL):
     def gram_abs(self) -> torch.Tensor:
         return (self.weight @ self.weight.t()).abs()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        res = self.inverse_t() * F.relu(F.linear(x, self.weight, self.bias))
-        return x - 2 * F.linear(res, self.weight.t())
+    def _gram64(self) -> torch.Tensor:
+        w = self.weight.detach().double()
+        return (w @ w.t()).abs()
+
+    def residual(self, x, weight, bias, t_inv):
+        res = t_inv * F.relu(F.linear(x, weight, bias))
+        return x - 2 * F.linear(res, weight.t())
+
+    def _geometry(self, in_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        inner, features = self.weight.shape
+        return features, inner, 1

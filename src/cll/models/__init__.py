@@ -8,7 +8,7 @@ the body's first layer (factor 1/std, ``input_lipschitz``); GloRo-family nets se
 pixels, as in the reference.
 The peers' families (SOC LipConvNets, CPL, SLL, Sandwich) are in ``cll.models.peers``.
 
-GloRo-family nets, as the CLL reference configures them (shared/spec/cll.md section 4; Leino, Wang,
+GloRo-family nets, as the CLL reference configures them (docs/recipes.md; Leino, Wang,
 Fredrikson, "Globally-Robust Neural Networks", ICML 2021, arXiv 2102.08452). ``C(out, k, s, p)``
 is a conv with bias followed by MaxMin; ``F(n)`` a dense layer followed by MaxMin; the head is the
 last dense layer. Sizes of the dense layers after Flatten follow from ``in_shape``.

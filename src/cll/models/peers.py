@@ -1,4 +1,4 @@
-"""The peers' model families, built from the layers in ``cll.layers`` (shared/spec/peers.md).
+"""The peers' model families, built from the layers in ``cll.layers`` (sizes: the papers cited below).
 
 ========== =============================================================================================
 LipConv-N  SOC LipConvNet (Singla & Feizi, ICML 2021): 5 stages of N/5 SOC convs + HH1; the last

@@ -1,0 +1,222 @@
+"""The certifier: certified radii, clean accuracy and certified robust accuracy (CRA) at each eps.
+
+One rule for every architecture (``radius.py``: the pairwise last-layer certificate of GloRo, CLL,
+SOC's LLN, CPL and SLL) with K_F always the sound ``cll.lipschitz.upper_bound_body``; the converged
+power-iteration estimate is reported beside it (``cra_estimate``, where one exists) to show what
+the sound bound costs.
+
+What exactly is certified
+-------------------------
+K_F bounds the Lipschitz constant of the network ``f`` in *exact* arithmetic: its float32
+parameters, and the tensors its evaluation forward derives from them once (SOC's kernel, CPL's
+step, SLL's 1/t, Sandwich's factors), read as real numbers. The margins z_j - z_i, however, come
+out of a floating-point forward pass, which for one layer of fan-in n can be off by gamma_{n+1}
+(|W||h| + |b|) (Higham 2002, eq. 3.5): with u = 2^-24 that shifts radii by a few percent of eps
+(a digits 4C3F) to ~15 % (a CIFAR-10 4C3F). Every layer therefore bounds its own rounding next to
+its forward (``rounding``), and each sample gets two sound certificates (``passes.py``), certified
+when either holds:
+
+1. the float32 pass ``model(x)`` itself, less a cheap worst-case bound on its rounding; it settles
+   every sample whose radius is not within that bound of an eps;
+2. for the others only (a few percent of the samples), the margins recomputed in float64, where
+   the same analysis at u = 2^-53 is ~1e-13 of the logit scale.
+
+A sample goes through float64 only if its float32 radius is <= some eps while an upper bound on
+its exact radius (for the predicted class and for any other class; labels used) is above it. A
+layer whose float32 bound is an estimate (the Sandwich conv's FFT) makes the float32 pass screen
+only: every sample it would certify is recomputed, and only the float64 certificate counts.
+
+The claim is then: the exact network ``f`` predicts the label everywhere in the l2 ball of radius
+eps. The deployed float32 model at a point x' of the ball differs from f(x') by its own rounding,
+which is only not covered when f's margin at x' is itself below float32 rounding; ``cll audit``
+checks attacked points in both precisions.
+
+``cra_estimate`` is the plain computation for comparison: float32 margins and the converged
+power-iteration estimate of K_F, no rounding term (null for the peers' families, whose layers power
+iteration does not follow). ``cra_unrounded`` (sound K_F, float32 margins, no rounding term)
+separates the cost of the sound bound from that of the rounding term.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import CllError
+from ..lipschitz import estimate_converged_body, upper_bound, upper_bound_layers
+from ..lipschitz.operators import row_distances
+from ..progress import Progress
+from ..results import fmt_number
+from .passes import Float32Pass, Float64Pass, full_precision, head_gap
+from .radius import certified_radius, radius_upper_bounds
+
+# The eps grid of the paper's tables, in [0,1]-pixel l2 units.
+DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
+GAP_LIMIT = 1e-3  # beside an estimated float32 bound: logits further apart are not one function
+
+
+def eps_key(eps: float) -> str:
+    """How an eps is written as a key in certify.json and tables: 4 significant digits."""
+    return fmt_number(eps)
+
+
+class Certifier:
+    """Sound per-sample radii of one model: K_F, the float32 pass with its rounding bound and, where
+    that bound cannot settle a decision, the float64 pass.
+
+    ``lip_body`` defaults to the sound K_F, the product of the per-layer bounds the rounding bounds
+    need anyway (the product ``upper_bound_body`` forms), so no bound is computed twice. Both
+    passes give a sound lower bound on the exact margins, so a sample is certified at eps when
+    either proves it (they agree but for a radius within ~1e-13 of eps). The float64 pass runs
+    only on the samples where it could change a decision at one of ``eps``; with ``eps`` None,
+    every sample is recomputed in float64."""
+
+    def __init__(self, model: nn.Module, lip_body: float | None = None, eps: Sequence[float] | None = None):
+        model.eval()
+        self.model = model
+        with full_precision():
+            shapes, bounds = upper_bound_layers(model)
+        self.layer_bounds = bounds
+        self.lip_body = math.prod(bounds) if lip_body is None else lip_body
+        self.forward32 = Float32Pass(model, shapes, bounds)
+        self.forward64 = Float64Pass(model, shapes, bounds)
+        self.distances = row_distances(model.head.weight.detach().double())
+        self.row_norms = model.head.weight.detach().double().norm(dim=1)
+        self.eps = None if eps is None else sorted(float(e) for e in eps)
+        self.max_gap = 0.0  # largest |float32 logit - float64 logit| seen, relative to the logit scale
+        self.recomputed = 0  # samples that went through the float64 pass
+
+    def _check_same_function(self, logits32, logits64, bound32, bound64) -> None:
+        """Both passes compute head(body(x)), each within its rounding bound of the exact logits, so
+        they differ by at most the sum of the two bounds (the float32 one being rigorous; an
+        estimated one is held to GAP_LIMIT of the logit scale instead). A larger gap means that
+        model(x) is not head(body(x)), or that a layer's rounding bound is wrong: never certify."""
+        gap = head_gap(logits32, logits64)
+        self.max_gap = max(self.max_gap, gap)
+        allowed = bound32 * (1 + 1e-6) + bound64 + 1e-300
+        within = ((logits32.double() - logits64).abs() <= allowed).all().item()
+        if not (within or (not self.forward32.rigorous and gap <= GAP_LIMIT)):
+            raise CllError(
+                f"the float64 forward pass head(body(x)) of {type(self.model).__name__} differs from "
+                f"model(x) by {gap:.3g} of the logit scale, more than their rounding bounds allow: the "
+                "model does not follow the certifier's interface (model(x) == model.head(model.body(x)))"
+            )
+
+    def _needs_float64(self, logits, logit_error, body_error, radius, y) -> torch.Tensor:
+        """Samples whose float64 radius could be above an eps that the float32 radius is not."""
+        if self.eps is None:
+            return torch.ones(len(logits), dtype=torch.bool, device=logits.device)
+        w = self.model.head.weight
+        reach_pred, reach_other = radius_upper_bounds(logits, w, self.lip_body, logit_error, body_error, self.distances)
+        # the exact argmax is the predicted class (radius <= reach_pred) or another one (<= reach_other);
+        # a sample predicted wrong can only be certified through another class
+        reach = torch.maximum(reach_pred, reach_other)
+        if y is not None:
+            reach = torch.where(logits.argmax(1) == y.to(logits.device), reach, reach_other)
+        need = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+        for e in self.eps:
+            need |= ~(radius > e) & (reach > e)
+        return need
+
+    @torch.no_grad()
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(float32 logits, predicted class, sound certified radius) for a batch ``x``; ``y`` (the
+        labels, optional) lets it skip the float64 pass for samples that cannot be certified."""
+        w = self.model.head.weight
+        logits32, logit_error, body_error = self.forward32(x)
+        pred, radius = certified_radius(logits32, w, self.lip_body, logit_error, body_error, self.distances)
+        if not self.forward32.rigorous:  # an estimated bound screens, it never certifies
+            radius = torch.zeros_like(radius)
+        index = self._needs_float64(logits32, logit_error, body_error, radius, y).nonzero().flatten()
+        if len(index):
+            logits64, logit_error64, body_error64 = self.forward64(x[index])
+            self._check_same_function(
+                logits32[index], logits64, logit_error[index] + self.row_norms * body_error[index, None],
+                logit_error64 + self.row_norms * body_error64[:, None],
+            )  # fmt: skip
+            pred64, radius64 = certified_radius(logits64, w, self.lip_body, logit_error64, body_error64, self.distances)
+            better = radius64 > radius[index]  # a positive radius fixes the class, so they agree
+            pred[index] = torch.where(better, pred64, pred[index])
+            radius[index] = torch.maximum(radius64, radius[index])
+            self.recomputed += len(index)
+        return logits32, pred, radius
+
+
+@torch.no_grad()
+def certify(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    eps: Sequence[float] = DEFAULT_EPS,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Certify ``model`` on ``batches`` of (x, y). Returns fractions (not percents):
+
+    ``clean_accuracy`` (float32 forward), ``cra`` {eps_key: fraction} (sound), ``cra_estimate``
+    (float32 margins with the converged power-iteration estimate of K_F, for comparison only; null
+    where no estimate exists), ``cra_unrounded`` (float32 margins, sound K_F, no rounding term),
+    ``lipschitz_constant`` (sound bound of the whole model), ``lipschitz_estimate`` (converged power
+    iteration, or null), ``lipschitz_body`` (sound K_F), ``n_samples``, ``rounding`` ("rigorous":
+    every certificate rests on a proved rounding bound), ``float32_rounding`` ("rigorous", or
+    "estimated" where the float32 pass only screens), ``float32_gap`` (largest |float32 - float64|
+    logit difference over the logit scale, over the samples recomputed) and ``float64_share`` (the
+    fraction of samples recomputed in float64). ``log``: where periodic progress lines go.
+    """
+    model.eval()
+    body_estimate = estimate_converged_body(model)
+    certifier = Certifier(model, eps=eps)
+    body_bound = certifier.lip_body
+    n = correct = 0
+    robust = dict.fromkeys(eps, 0)
+    robust_est = dict.fromkeys(eps, 0)
+    robust_unrounded = dict.fromkeys(eps, 0)
+    progress = Progress("certify", _length(batches), "images", log)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        logits, pred, radius = certifier(x, y)
+        pred32, radius32 = certified_radius(logits, model.head.weight, body_bound, distances=certifier.distances)
+        hit, hit32 = pred == y, pred32 == y
+        n += len(y)
+        correct += hit32.sum().item()
+        for e in eps:
+            robust[e] += (hit & (radius > e)).sum().item()
+            robust_unrounded[e] += (hit32 & (radius32 > e)).sum().item()
+            if body_estimate is not None:  # the estimate's radius: same margins, smaller K_F
+                robust_est[e] += (hit32 & (radius32 * (body_bound / body_estimate) > e)).sum().item()
+        progress.update(len(y))
+    if n == 0:
+        raise ValueError("no samples to certify")
+    return {
+        "clean_accuracy": correct / n,
+        "cra": {eps_key(e): robust[e] / n for e in eps},
+        "cra_estimate": None if body_estimate is None else {eps_key(e): robust_est[e] / n for e in eps},
+        "cra_unrounded": {eps_key(e): robust_unrounded[e] / n for e in eps},
+        "lipschitz_constant": upper_bound(model, body_bound),
+        "lipschitz_estimate": None if body_estimate is None else body_estimate * _head(model),
+        "lipschitz_body": body_bound,
+        "n_samples": n,
+        "rounding": "rigorous",
+        "float32_rounding": "rigorous" if certifier.forward32.rigorous else "estimated",
+        "float32_gap": certifier.max_gap,
+        "float64_share": certifier.recomputed / n,
+    }
+
+
+def _head(model: nn.Module) -> float:
+    return row_distances(model.head.weight.detach().double()).max().item()
+
+
+def _length(batches) -> int | None:
+    """Samples in ``batches`` where they say (a DataLoader over a sized data set)."""
+    try:
+        return len(batches.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return None
+
+
+__all__ = ["DEFAULT_EPS", "Certifier", "certified_radius", "certify", "eps_key", "radius_upper_bounds"]
