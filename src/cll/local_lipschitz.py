@@ -38,6 +38,9 @@ Two versions, named for what they guarantee:
     estimate that may over-claim, never used to certify. It also returns the paper's sparsity
     term, which pushes the pre-activation bounds out of the clipped units' active range.
 
+``certify_local`` counts certified points under K_F, the sound local bound and the estimate,
+with the certifier's rule, for tests and measurements.
+
 Differences from the paper's code: every conv/dense layer gets its masked norm (the code keeps
 per-sample singular vectors of a few layers in host memory and uses global norms for the others);
 the per-sample power iteration starts from the layer's persistent global iterate instead.
@@ -66,7 +69,7 @@ SAFETY = 1.01  # on every rounding term: covers the float64 evaluation of the te
 EIG_FACTOR = 16
 GRAM_CHUNK = 2**24  # float64 entries per batched masked-Gram step (128 MB)
 SPARSITY_SATURATION = 0.1  # the paper's code's weight of the clipped ReLU's saturation term
-ACTIVATIONS = (ClippedReLU, MaxMin)  # ClippedMaxMin is a MaxMin
+MASKABLE = (ClippedReLU, MaxMin)  # the activations with masks (ClippedMaxMin is a MaxMin)
 
 
 def _gamma(n: int) -> float:
@@ -234,7 +237,7 @@ def _propagate(
             n_linear += 1
             pending = (n_linear - 1, layer, shape, varies)
             varies = None
-        elif isinstance(layer, ACTIVATIONS):
+        elif isinstance(layer, MASKABLE):
             e_mask, varies, term = activation_masks(layer, lo, hi)
             if trace is not None:
                 trace.append((lo, hi, varies))
