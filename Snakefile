@@ -25,9 +25,11 @@ include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/audit.smk"
 
 
-# MLflow: create the store and the experiment once, before parallel jobs race to do it
-# (shared/spec/ecosystem.md section 3.2). Runs in the main process only, not in dry runs.
+# Say where each job's progress goes (its log file); MLflow: create the store and the experiment
+# once, before parallel jobs race to do it (shared/spec/ecosystem.md section 3.2). Runs in the main
+# process only, not in dry runs.
 onstart:
+    logger.info(progress_note())
     shell(track_init_command())
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -45,7 +47,7 @@ def write_run(run, epochs=3, config=CONFIG):
         {
             "epoch": e,
             "loss": 1.0 / e,
-            "accuracy": 0.5 + 0.1 * e,
+            "accuracy": 0.5 + 0.05 * e,
             "lipschitz_estimate": 10.0 + e,
             "lr": 1e-3,
             "seconds": 0.1,
@@ -105,9 +107,10 @@ def test_train_then_certify_log_into_one_run(tmp_path, store, capsys):
     (logged,) = runs_of(store, "exp")
     assert logged.data.tags["cll.run_dir"] == str(run.resolve())
     assert logged.data.tags["cll.stage"] == "certify"
-    assert logged.data.tags["mlflow.runName"] == "moons/moons-mlp/cll/eps0.15_p0.01/seed0"
+    assert logged.data.tags["mlflow.runName"] == "cll moons-mlp moons eps0.15 p0.01 seed0"  # no --method
     assert logged.data.params["p"] == "0.01" and logged.data.params["milestones"] == "null"
-    assert logged.data.metrics["clean_accuracy"] == 0.9 and logged.data.metrics["cra_0.1412"] == 0.81
+    assert logged.data.metrics["clean_accuracy"] == 0.9 and logged.data.metrics["cra_36_255"] == 0.81
+    assert logged.data.metrics["cra_0.15"] == 0.8 and logged.data.metrics["k_hf"] == 35.29
     assert logged.data.metrics["lipschitz_bound"] == 13.5
     history = store.get_metric_history(first, "train_loss")
     assert [m.step for m in history] == [1, 2, 3]  # not logged twice
@@ -248,9 +251,10 @@ def _start_server(tmp_path, port):
 
 @pytest.mark.slow
 def test_tracking_server_down_during_jobs_then_backfilled_by_aggregate(tmp_path, monkeypatch, capsys):
-    """The cluster case: train and certify jobs find no tracking server (each succeeds with one
-    warning), one certify job finds it up, and `cll aggregate --track` (the workflow's aggregate
-    step) logs the rest: one MLflow run per cell, none lost, none twice."""
+    """The cluster case: train and certify jobs (with the grid row's --method, as the workflow
+    runs them) find no tracking server (each succeeds with one warning), one certify job finds it
+    up, and `cll aggregate --track` (the workflow's aggregate step) logs the rest: one MLflow run
+    per cell, none lost, none twice."""
     port = _free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     monkeypatch.chdir(tmp_path)
@@ -290,15 +294,15 @@ def test_tracking_server_down_during_jobs_then_backfilled_by_aggregate(tmp_path,
         "lr=5.0e-3",
     ]
 
-    assert main(["train", "--out", first, "--track", "cluster", *sets, "p=0.25"]) == 0
-    assert main(["certify", "--run", first, "--track", "cluster"]) == 0
-    assert main(["train", "--out", second, "--track", "cluster", *sets, "p=0.01"]) == 0
+    assert main(["train", "--out", first, "--track", "cluster", "--method", "CLL", *sets, "p=0.25"]) == 0
+    assert main(["certify", "--run", first, "--track", "cluster", "--method", "CLL"]) == 0
+    assert main(["train", "--out", second, "--track", "cluster", "--method", "CLL", *sets, "p=0.01"]) == 0
     err = capsys.readouterr().err
     assert err.count("cll: warning: MLflow tracking skipped") == 3, err
 
     server = _start_server(tmp_path, port)
     try:
-        assert main(["certify", "--run", second, "--track", "cluster"]) == 0
+        assert main(["certify", "--run", second, "--track", "cluster", "--method", "CLL"]) == 0
         assert "warning" not in capsys.readouterr().err
         assert main(["aggregate", "--grid", str(grid_file), "--track", "cluster"]) == 0
         out, err = capsys.readouterr()
@@ -310,6 +314,9 @@ def test_tracking_server_down_during_jobs_then_backfilled_by_aggregate(tmp_path,
 
         client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
         runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
+        (summary_run,) = [r for r in runs if r.info.run_name == "summary"]  # aggregate's summary.csv
+        assert [a.path for a in client.list_artifacts(summary_run.info.run_id)] == ["summary.csv"]
+        runs = [r for r in runs if r != summary_run]
         assert sorted(r.data.tags["cll.run_dir"] for r in runs) == sorted(
             str(Path(d).resolve()) for d in (first, second)
         )
@@ -317,7 +324,209 @@ def test_tracking_server_down_during_jobs_then_backfilled_by_aggregate(tmp_path,
             assert run.data.tags["cll.stage"] == "certify"
             assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
             assert len(client.get_metric_history(run.info.run_id, "clean_accuracy")) == 1
-            assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["certify.json", "train.json"]
+            # the moons checkpoint is far below the 20 MB default: logged, for download from the UI
+            artifacts = sorted(a.path for a in client.list_artifacts(run.info.run_id))
+            assert artifacts == ["certify.json", "model.pt", "train.json"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------- names people read, audit, artifacts
+def write_audit(run, broken=0):
+    """audit.json as cll audit writes it (the fields tracking reads), with chosen numbers."""
+    per_eps = {
+        "0.15": {"sampled": 100, "correct": 95, "certified": 80, "attacked": 80, "broken": broken},
+        "0.1412": {"sampled": 100, "correct": 95, "certified": 81, "attacked": 81, "broken": 0},
+    }
+    audit = {
+        "per_eps": per_eps,
+        "own_radius": {"attacked": 90, "broken": 0},
+        "tightness": {"quantiles": {"min": 1.1, "median": 1.8, "max": 4.0}, "points": 90},
+        "lipschitz_tightness": 0.42,
+        "broken": broken,
+        "attacks": ["pgd"],
+    }
+    (run / "audit.json").write_text(json.dumps(audit))
+
+
+def test_metric_names_say_the_radius_as_the_tables_do():
+    assert tracking.metric_name("cra", "0.1412") == "cra_36_255"
+    assert tracking.metric_name("cra_estimate", "0.4235") == "cra_estimate_108_255"
+    assert tracking.metric_name("cra", "0.15") == "cra_0.15"
+    assert tracking.metric_name("cra", "0.2") == "cra_0.2"  # 51/255 too, but not one of the tables' radii
+
+
+def test_grid_jobs_name_the_run_by_method_and_cell_and_log_the_audit(tmp_path, store):
+    run = tmp_path / "run"
+    write_run(run)
+    run_id = tracking.track(run, "exp", "CLL")
+    write_certify(run)
+    write_audit(run)
+    assert tracking.track(run, "exp", "CLL") == run_id
+    logged = store.get_run(run_id)
+    assert logged.info.run_name == "CLL moons-mlp moons eps0.15 p0.01 seed0"
+    assert (logged.data.tags["cll.method"], logged.data.tags["cll.stage"]) == ("CLL", "audit")
+    metrics = logged.data.metrics
+    assert (metrics["audit_broken"], metrics["audit_broken_0.15"], metrics["audit_attacked_36_255"]) == (0, 0, 81)
+    assert (metrics["audit_own_radius_broken"], metrics["audit_tightness_median"]) == (0, 1.8)
+    assert metrics["audit_lipschitz_tightness"] == 0.42
+    assert "audit.json" in {a.path for a in store.list_artifacts(run_id)}
+    # a hand rerun without --method keeps the name the grid gave
+    write_certify(run, clean=0.95)
+    tracking.track(run, "exp")
+    assert store.get_run(run_id).info.run_name == "CLL moons-mlp moons eps0.15 p0.01 seed0"
+
+
+@pytest.mark.parametrize("limit, logged", [(None, True), ("0.001", False), ("0", False)])
+def test_checkpoint_is_logged_when_small(tmp_path, store, monkeypatch, limit, logged):
+    run = tmp_path / "run"
+    write_run(run)
+    (run / "model.pt").write_bytes(b"x" * 5000)  # 5 kB: under the default 20 MB, over 0.001 MB (1 kB)
+    if limit is not None:
+        monkeypatch.setenv("CLL_TRACK_CHECKPOINT_MB", limit)
+    run_id = tracking.track(run, "exp")
+    artifacts = {a.path: a.file_size for a in store.list_artifacts(run_id)}
+    assert ("model.pt" in artifacts) == logged
+    if logged:
+        assert artifacts["model.pt"] == 5000
+
+
+def test_bad_checkpoint_limit_is_one_warning(tmp_path, store, monkeypatch, capsys):
+    write_run(tmp_path / "run")
+    monkeypatch.setenv("CLL_TRACK_CHECKPOINT_MB", "twenty")
+    assert tracking.track(tmp_path / "run", "exp") is None
+    assert "CLL_TRACK_CHECKPOINT_MB='twenty' is not a number" in one_warning(capsys.readouterr().err)
+
+
+def test_tables_and_figures_go_into_the_summary_run(tmp_path, store, capsys):
+    """`cll aggregate/tables/figures --track` put summary.csv, the tables with the reproduction
+    counts as metrics, and the figures into one run named summary."""
+    from fake_results import GRID, with_published, write_fake_tree
+
+    grid_path, root = write_fake_tree(tmp_path, with_published(GRID))
+    assert main(["aggregate", "--grid", str(grid_path), "--results", str(root), "--track", "exp"]) == 0
+    summary = str(root / "summary.csv")
+    assert main(["tables", "--summary", summary, "--track", "exp"]) == 0
+    assert main(["figures", "--summary", summary, "--track", "exp"]) == 0
+    assert main(["tables", "--summary", summary, "--track", "exp"]) == 0  # a rebuild: the same run
+    assert "warning" not in capsys.readouterr().err
+    runs = runs_of(store, "exp")
+    (summary_run,) = [r for r in runs if r.info.run_name == "summary"]
+    assert len(runs) == 1 + 8  # the summary run and the fake tree's done cells, named by method
+    assert {r.info.run_name for r in runs} >= {"GloRo 4C3F digits eps0.15 p0.3 seed1", "summary"}
+    paths = {a.path for a in store.list_artifacts(summary_run.info.run_id)}
+    assert {"summary.csv", "tables", "figures"} <= paths
+    tables = {a.path for a in store.list_artifacts(summary_run.info.run_id, "tables")}
+    assert {"tables/digits.md", "tables/reproduction.md", "tables/moons.tex"} <= tables
+    figures = {a.path for a in store.list_artifacts(summary_run.info.run_id, "figures")}
+    assert "figures/slack_vs_k.png" in figures
+    metrics = summary_run.data.metrics
+    assert (metrics["reproduction_within_std"], metrics["reproduction_off"], metrics["reproduction_not_run"]) == (
+        1,
+        1,
+        2,
+    )
+
+
+# ------------------------------------------------------------------- the UI, in a real browser
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def _browse(url: str, profile: Path, screenshot: Path) -> str:
+    """The DOM of ``url`` after headless Chromium has rendered it (20 s of virtual time), and a
+    screenshot of the same page into ``screenshot``."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1800,1000",
+        "--run-all-compositor-stages-before-draw",
+        "--virtual-time-budget=30000",
+    ]
+    shot = subprocess.run(
+        [CHROMIUM, *flags, f"--user-data-dir={profile}-shot", f"--screenshot={screenshot}", url],
+        capture_output=True,
+        timeout=180,
+    )
+    assert shot.returncode == 0 and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, f"--user-data-dir={profile}-dom", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    return dom.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; .ci/run installs it)")
+def test_mlflow_ui_shows_metric_columns_and_a_run_chart(tmp_path, monkeypatch):
+    """Two grid-style runs (named by method, with certify and audit results) in a real `mlflow
+    server`, looked at in headless Chromium: the runs list with the metric columns cra_36_255,
+    clean_accuracy, k_hf, audit_tightness_median and the run names, and one run's chart of
+    train_loss over epochs. Screenshots go to $CLL_SCREENSHOTS (default: the test's tmp dir)."""
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    shots = Path(os.environ.get("CLL_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    server = _start_server(tmp_path, port)
+    try:
+        ids = []
+        for p, clean in ((0.01, 0.97), (0.25, 0.9)):
+            run = tmp_path / f"run{p}"
+            write_run(run, epochs=8, config={**CONFIG, "p": p})
+            write_certify(run, clean=clean)
+            write_audit(run)
+            ids.append(tracking.log_run_dir(run, "ui", "CLL"))
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        exp_id = client.get_experiment_by_name("ui").experiment_id
+        # the columns a person picks in the UI's Columns menu, stored as the UI's Share button
+        # stores a view (an experiment tag that ?viewStateShareKey= names)
+        columns = ["clean_accuracy", "cra_36_255", "cra_0.15", "k_hf", "lipschitz_constant", "audit_tightness_median"]
+        view = {"selectedColumns": [f"metrics.`{c}`" for c in columns]}
+        client.set_experiment_tag(exp_id, "mlflow.sharedViewState.cll", json.dumps(view))
+
+        runs_dom = _browse(
+            f"{uri}/#/experiments/{exp_id}/runs?viewStateShareKey=cll", tmp_path / "chrome", shots / "mlflow_runs.png"
+        )
+        for text in columns + ["CLL moons-mlp moons eps0.15 p0.01 seed0", "CLL moons-mlp moons eps0.15 p0.25 seed0"]:
+            assert text in runs_dom, text
+        query = {  # the state the UI's metric page keeps in its URL, JSON-encoded values
+            "runs": [ids[0]],
+            "metric": "train_loss",
+            "experiments": [exp_id],
+            "plot_metric_keys": ["train_loss", "train_accuracy"],
+            "plot_layout": {},
+            "x_axis": "step",
+            "y_axis_scale": "linear",
+            "line_smoothness": 1,
+            "show_point": True,
+            "deselected_curves": [],
+            "last_linear_y_axis_range": [],
+        }
+        chart = f"{uri}/#/metric/train_loss?" + urllib.parse.urlencode(
+            {
+                k: v if isinstance(v, str) and k in ("x_axis", "y_axis_scale") else json.dumps(v)
+                for k, v in query.items()
+            }
+        )
+        chart_dom = _browse(chart, tmp_path / "chrome", shots / "mlflow_run_chart.png")
+        assert "train_loss" in chart_dom and "CLL moons-mlp moons eps0.15 p0.01 seed0" in chart_dom
+        assert "(step=8)" in chart_dom  # the metric table below the chart: the last epoch's value
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -24,7 +24,7 @@ from helpers import check_pipeline_outputs
 
 from cll import data, layers, losses, models
 from cll.config import CHOICES, KEYS, load_config
-from cll.grid import load_grid
+from cll.grid import AUDIT_DEFAULTS, load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -70,6 +70,8 @@ def test_ci_grid_end_to_end(tmp_path):
     check_pipeline_outputs(results, cells)
     logs = "".join(p.read_text() for p in (tmp_path / "logs").rglob("*.log"))
     assert "warning" not in logs  # MLflow tracking worked in every job
+    assert "cll: each job writes its progress" in run.stdout + run.stderr
+    assert (results / "tables" / "reproduction.md").is_file()
 
     # MLflow: one run per cell (train and certify logged into the same run), with metrics
     import mlflow
@@ -77,15 +79,21 @@ def test_ci_grid_end_to_end(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name(grid.experiment)
     runs = client.search_runs([experiment.experiment_id])
-    figure_runs = [r for r in runs if r.info.run_name == "figures"]
-    runs = [r for r in runs if r.info.run_name != "figures"]
+    summary_runs = [r for r in runs if r.info.run_name == "summary"]
+    runs = [r for r in runs if r.info.run_name != "summary"]
     assert sorted(r.data.tags["cll.run_dir"] for r in runs) == sorted(str(c.path(results).resolve()) for c in cells)
-    assert len(figure_runs) == 1  # the grid's figures, as artifacts of one run
-    logged = {f.path for f in client.list_artifacts(figure_runs[0].info.run_id, "figures")}
-    assert {"figures/moons_boundaries.png", "figures/slack_vs_k.pdf"} <= logged
+    assert sorted(r.info.run_name for r in runs) == sorted(
+        f"{c.method} {c.arch} {c.dataset} eps{c.eps:g} p{c.p:g} seed{c.seed}" for c in cells
+    )
+    assert len(summary_runs) == 1  # the grid's summary.csv, tables and figures, as artifacts of one run
+    logged = {
+        f.path for folder in ("tables", "figures") for f in client.list_artifacts(summary_runs[0].info.run_id, folder)
+    }
+    assert {"figures/moons_boundaries.png", "figures/slack_vs_k.pdf", "tables/digits.md"} <= logged
     for r in runs:
-        assert r.data.tags["cll.stage"] == "certify"
-        assert {"clean_accuracy", "cra_0.1412", "lipschitz_constant", "train_loss"} <= set(r.data.metrics)
+        # the audit job logs last, unless the aggregate step's back-fill raced it
+        assert r.data.tags["cll.stage"] in ("certify", "audit")
+        assert {"clean_accuracy", "cra_36_255", "lipschitz_constant", "train_loss"} <= set(r.data.metrics)
         assert r.data.params["epochs"] in ("1", "2")
         history = client.get_metric_history(r.info.run_id, "train_loss")
         assert [m.step for m in history] == list(range(1, int(r.data.params["epochs"]) + 1))
@@ -118,7 +126,7 @@ def test_ci_grid_end_to_end(tmp_path):
     assert cell.path(results).joinpath("model.pt").stat().st_mtime_ns == models_before[cell]
     train_log = (tmp_path / "logs" / "train" / cell.path("x").relative_to("x/runs")).with_suffix(".log")
     assert "is already trained" in train_log.read_text()
-    assert len(client.search_runs([experiment.experiment_id])) == len(cells) + 1  # + the figures run
+    assert len(client.search_runs([experiment.experiment_id])) == len(cells) + 1  # + the summary run
 
     report = snakemake(tmp_path, "--report", "report.html", "--configfile", str(CI_GRID), env=env)
     assert report.returncode == 0, report.stderr[-3000:]
@@ -153,6 +161,16 @@ def test_paper_grid_dry_run_lists_every_runnable_cell(tmp_path):
         cfg = load_config(None, argv[argv.index("--set") + 1 :])
         assert cfg == cells[out].run_config(), out
 
+    # each audit job runs with its row's budget (GPU rows 1000 points, 100 steps, 5 restarts; moons
+    # the defaults)
+    audits = [line for line in run.stdout.splitlines() if line.startswith("Shell command: cll audit ")]
+    assert len(audits) == len(cells)
+    for line in audits:
+        argv = shlex.split(line.split(" > ", 1)[0])
+        cell = cells[argv[argv.index("--run") + 1]]
+        budget = {key: int(argv[argv.index(f"--{key}") + 1]) for key in ("n", "steps", "restarts")}
+        assert budget == ({"n": 1000, "steps": 100, "restarts": 5} if cell.dataset != "moons" else AUDIT_DEFAULTS)
+
 
 def _bad(mutate):
     def make(grid: dict) -> None:
@@ -169,8 +187,37 @@ def _bad(mutate):
         (_bad(lambda row: row.update(eps=-0.1)), "tables[1].rows[1].eps: -0.1 is less than"),
         (_bad(lambda row: row.pop("loss")), "tables[1].rows[1]: 'loss' is a required property"),
         (_bad(lambda row: row["set"].update(milestones=[3, 2])), "tables[1].rows[1]: milestones: [3, 2]"),
+        # a row's published numbers: fractions, a source, eps and cra together and of one length
+        (
+            _bad(lambda row: row.update(published={"source": "P", "clean": 39.8})),
+            "tables[1].rows[1].published.clean: 39.8 is greater than the maximum of 1",
+        ),
+        (
+            _bad(lambda row: row.update(published={"clean": 0.398})),
+            "tables[1].rows[1].published: 'source' is a required property",
+        ),
+        (
+            _bad(lambda row: row.update(published={"source": "P", "eps": ["36/255"]})),
+            "tables[1].rows[1].published: 'cra' is a dependency of 'eps'",
+        ),
+        (
+            _bad(lambda row: row.update(published={"source": "P", "eps": ["36/255"], "cra": [0.2, 0.1]})),
+            "tables[1].rows[1].published: eps ['36/255'] and cra [0.2, 0.1] must be lists of the same length",
+        ),
+        (_bad(lambda row: row.update(audit={"n": 0})), "tables[1].rows[1].audit.n: 0 is less than the minimum of 1"),
     ],
-    ids=["unknown-arch", "p-1.5", "eps-negative", "missing-loss", "run-config-check"],
+    ids=[
+        "unknown-arch",
+        "p-1.5",
+        "eps-negative",
+        "missing-loss",
+        "run-config-check",
+        "published-percent",
+        "published-no-source",
+        "published-eps-alone",
+        "published-lengths",
+        "audit-n-0",
+    ],
 )
 def test_bad_grid_stops_before_any_job(tmp_path, mutate, field):
     grid = yaml.safe_load(CI_GRID.read_text())

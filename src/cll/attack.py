@@ -388,6 +388,14 @@ def audit(
     own = count("attacked", "broken", "broken_float32", "broken_float64")
     ratios, unfound, lower = [], 0, 0.0
 
+    def inside(xt, radius):
+        """An attack radius whose float32 points provably stay within ``radius``: x + delta rounds by
+        <= u ||x + delta|| in l2 and the projection's own arithmetic by a few u of ||delta||."""
+        u = 2.0**-24
+        norm = xt.flatten(1).double().norm(dim=1)
+        r = torch.as_tensor(radius, dtype=torch.float64, device=xt.device)
+        return (r * (1 - 1e-5) - 4 * u * (norm + r)).clamp_min(0).to(xt.dtype)
+
     def broken_at(adv, xt, yt, radius):
         """(wrong in float32, wrong in float64) for attack points checked to lie inside ``radius``."""
         distance = (adv.double() - xt.double()).flatten(1).norm(dim=1)
@@ -409,9 +417,8 @@ def audit(
             if not targets.any():
                 continue
             xt, yt = xb[targets], yb[targets]
-            with torch.enable_grad():
-                # a hair inside the ball, so float32 projection rounding never leaves it
-                adv, _ = strongest(model, xt, yt, e * (1 - 1e-5), steps, restarts, generator)
+            with torch.enable_grad():  # a hair inside the ball: float32 rounding never leaves it
+                adv, _ = strongest(model, xt, yt, inside(xt, e), steps, restarts, generator)
             wrong32, wrong64 = broken_at(adv, xt, yt, torch.full((len(yt),), e, device=xt.device))
             cert = certified[targets]
             counts["attacked"] += cert.sum().item()
@@ -424,9 +431,8 @@ def audit(
         mine = (pred == yb) & correct & (radius > 0) & torch.isfinite(radius)
         if mine.any():
             xt, yt, rt = xb[mine], yb[mine], radius[mine].to(xb.dtype)
-            inside = rt * (1 - 1e-3)
             with torch.enable_grad():
-                adv, _ = strongest(model, xt, yt, inside, steps, restarts, generator)
+                adv, _ = strongest(model, xt, yt, inside(xt, radius[mine] * (1 - 1e-3)), steps, restarts, generator)
                 _nearest, distance = fmn_l2(model, xt, yt, steps, scale=rt)
             wrong32, wrong64 = broken_at(adv, xt, yt, radius[mine])
             own["attacked"] += len(yt)

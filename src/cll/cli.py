@@ -2,11 +2,11 @@
 
 cll train   --config run.yaml --out DIR [--set key=value ...]   -> DIR/model.pt, DIR/train.json
 cll certify --run DIR [--eps 36/255 ...] [--device auto]        -> DIR/certify.json
-cll audit   --run DIR [--eps ...] [--n 1000]                    -> DIR/audit.json (exit 1 if broken)
+cll audit   --run DIR [--eps ...] [--n 1000] [--track EXP]      -> DIR/audit.json (exit 1 if broken)
 cll list                                                        registered names and config keys
 cll track init --experiment NAME                                create the MLflow store + experiment
 cll aggregate --grid GRID.yaml [--results DIR] [--track EXP]    -> DIR/summary.csv (+ MLflow back-fill)
-cll tables  --summary DIR/summary.csv [--out DIR/tables]        -> {table}.csv, .md, .tex
+cll tables  --summary DIR/summary.csv [--out DIR/tables]        -> {table}.csv, .md, .tex, reproduction.*
 cll figures --summary DIR/summary.csv [--out DIR/figures]       -> slack_vs_k, cra_vs_p, moons_boundaries
 """
 
@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.track:  # after the files are written; a tracking failure is one warning line
         from . import tracking
 
-        tracking.track(args.out, args.track)
+        tracking.track(args.out, args.track, args.method)
 
 
 def _progress_line(line: str) -> None:
@@ -102,7 +102,7 @@ def cmd_certify(args: argparse.Namespace) -> None:
     if args.track:
         from . import tracking
 
-        tracking.track(args.run, args.track)
+        tracking.track(args.run, args.track, args.method)
 
 
 class CertificateBroken(CllError):
@@ -137,6 +137,10 @@ def cmd_audit(args: argparse.Namespace) -> None:
     )  # fmt: skip
     out.update(n_samples=len(picked), eps=list(eps), seed=cfg.seed, seconds=time.time() - t0)
     results.write_json(Path(args.run) / results.AUDIT, out)
+    if args.track:  # before a broken certificate fails the command: MLflow shows it too
+        from . import tracking
+
+        tracking.track(args.run, args.track, args.method)
     for key, c in out["per_eps"].items():
         print(
             f"{args.run}: eps {key}: {c['certified']} of {c['sampled']} certified, {c['attacked']} attacked, "
@@ -181,7 +185,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
-    from .aggregate import aggregate_grid
+    from .summary import aggregate_grid
 
     path, rows = aggregate_grid(args.grid, args.results)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "missing", "pending")}
@@ -192,17 +196,23 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     if args.track:  # log what jobs could not (tracker down or unreachable from the nodes)
         from . import tracking
 
-        runs = [path.parent / r["run_dir"] for r in rows if r["status"] != "pending"]
-        done = tracking.track_backfill(runs, args.track)
+        runs = {r["run_dir"]: r["method"] for r in rows if r["status"] != "pending"}  # a cell once
+        done = tracking.track_backfill([path.parent / d for d in runs], args.track, list(runs.values()))
         if done is not None:
             print(f"MLflow: {done[0]} runs logged now, {done[1]} already up to date ({tracking.tracking_uri()})")
+            tracking.track_summary([path], args.track, None)
 
 
 def cmd_tables(args: argparse.Namespace) -> None:
-    from .aggregate import make_tables
+    from .render import make_tables
 
     written = make_tables(args.summary, args.out)
     print(f"wrote {len(written)} table files to {written[0].parent if written else args.out}")
+    if args.track:  # the tables, and the reproduction counts as metrics, on the summary run
+        from . import tracking
+        from .render import reproduction_metrics
+
+        tracking.track_summary(written, args.track, "tables", reproduction_metrics(args.summary))
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
@@ -214,7 +224,7 @@ def cmd_figures(args: argparse.Namespace) -> None:
     if args.track and written:  # a tracking failure is one warning line
         from . import tracking
 
-        tracking.track_figures(written, args.track)
+        tracking.track_summary(written, args.track, "figures")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override config keys, e.g. --set p=0.01 epochs=10",
     )
     p.add_argument("--track", metavar="EXPERIMENT", help="also log the run into this MLflow experiment")
+    p.add_argument("--method", help="the grid row's method (e.g. CLL), for the MLflow run's name")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("certify", help="certify a trained run on its test set")
@@ -241,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, help="evaluation batch size (default: the run's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--track", metavar="EXPERIMENT", help="also log the result into this MLflow experiment")
+    p.add_argument("--method", help="the grid row's method (e.g. CLL), for the MLflow run's name")
     p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser("audit", help="attack the certified points of a test sample (exit 1 if any breaks)")
@@ -250,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=100, help="iterations per attack (default 100)")
     p.add_argument("--restarts", type=_positive_int, default=5, help="PGD restarts (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--track", metavar="EXPERIMENT", help="also log the result into this MLflow experiment")
+    p.add_argument("--method", help="the grid row's method (e.g. CLL), for the MLflow run's name")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("track", help="MLflow tracking ($MLFLOW_TRACKING_URI, default sqlite:///mlflow.db)")
@@ -272,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tables", help="poster-style tables (csv, md, tex) from summary.csv")
     p.add_argument("--summary", required=True, help="summary.csv written by cll aggregate")
     p.add_argument("--out", help="output folder (default: tables/ beside the summary)")
+    p.add_argument("--track", metavar="EXPERIMENT", help="also log the tables into this MLflow experiment")
     p.set_defaults(func=cmd_tables)
 
     p = sub.add_parser("figures", help="slack and decision-boundary figures (png, pdf) from summary.csv")

@@ -17,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import results
-from .aggregate import NO_VALUE, eps_columns, eps_label, read_summary
 from .errors import CllError
+from .render import NO_VALUE
+from .summary import eps_columns, read_summary
+from .tables import eps_label
 
 MOONS_POINTS = 3000  # test points drawn per moons panel
 MESH = 250  # mesh resolution of a decision-boundary panel

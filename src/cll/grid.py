@@ -23,6 +23,14 @@ A grid (``config/config.yaml``, ``config/paper.yaml``) is a YAML mapping::
             pending: "..."        # optional: the row is listed but not run (e.g. a missing arch)
             resources: {gpus: 1, runtime: 600, mem_mb: 16000}   # optional, per job (Slurm);
                                   # gpus > 1: data-parallel training under torchrun (cll.distributed)
+            published:            # optional: what the row's paper reports (fractions), shown
+              source: "Losch et al., GCPR 2023, poster, Tiny-ImageNet table"   # beside ours
+              clean: 0.398
+              eps: [36/255, 72/255, 108/255]
+              cra: [0.259, 0.165, 0.107]
+              k_hf: 10.6
+            audit: {n: 500, steps: 100, restarts: 5}   # optional: the row's audit jobs (`cll audit`
+                                  # flags; default AUDIT_DEFAULTS): more points and steps, longer jobs
 
 Every cell's run config is ``defaults`` + the row's ``set`` + its dataset/arch/loss/eps/p/seed,
 validated by ``cll.config`` exactly as ``cll train`` would, so a bad grid fails in one line before
@@ -39,12 +47,30 @@ import yaml
 
 from .config import RunConfig, build_config, parse_number
 from .errors import ConfigError
-from .results import run_dir
+from .results import fmt_number, run_dir
 
 GRID_KEYS = {"experiment", "results", "defaults", "tables"}
 TABLE_KEYS = {"name", "title", "rows"}
-ROW_KEYS = {"method", "dataset", "arch", "loss", "eps", "p", "seeds", "set", "baseline", "pending", "resources"}
+ROW_KEYS = {
+    "method",
+    "dataset",
+    "arch",
+    "loss",
+    "eps",
+    "p",
+    "seeds",
+    "set",
+    "baseline",
+    "pending",
+    "resources",
+    "published",
+    "audit",
+}
 RESOURCE_KEYS = {"gpus", "runtime", "mem_mb", "cpus"}
+PUBLISHED_KEYS = {"source", "clean", "eps", "cra", "k_hf"}
+# `cll audit` budget per cell unless a row's `audit` says otherwise: small enough for the demo grid
+# on a CPU (seconds per cell); the test points sampled, iterations per attack, PGD restarts.
+AUDIT_DEFAULTS = {"n": 100, "steps": 30, "restarts": 2}
 
 
 @dataclass(frozen=True)
@@ -63,6 +89,12 @@ class Cell:
     pending: str | None
     resources: dict = field(default_factory=dict, hash=False, compare=False)
     overrides: dict = field(default_factory=dict, hash=False, compare=False)
+    published: dict | None = field(default=None, hash=False, compare=False)  # see parse_published
+    audit: dict = field(default_factory=lambda: dict(AUDIT_DEFAULTS), hash=False, compare=False)
+
+    def audit_args(self) -> str:
+        """The `cll audit` flags of the cell's audit job: ``--n 100 --steps 30 --restarts 2``."""
+        return " ".join(f"--{key} {self.audit[key]}" for key in AUDIT_DEFAULTS)
 
     def path(self, results: str | Path) -> Path:
         return run_dir(results, self.dataset, self.arch, self.loss, self.eps, self.p, self.seed)
@@ -102,6 +134,53 @@ def _unknown(where: str, keys: Any, allowed: set[str]) -> None:
 
 def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
+
+
+def _fraction(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"{where}: {value!r} is not a fraction in [0, 1] (write 39.8 % as 0.398)")
+    return float(value)
+
+
+def parse_published(where: str, value: Any) -> dict:
+    """A row's ``published`` block: the numbers its paper reports, as fractions, and where they come
+    from. Returns ``{"source": str, "clean": float | None, "cra": {eps_key: float}, "k_hf": float |
+    None}``; ``eps`` and ``cra`` are parallel lists (CRA at each radius), keyed here like certify.json."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping with source and clean, eps + cra, k_hf")
+    _unknown(where, value, PUBLISHED_KEYS)
+    source = value.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError(f"{where}.source: missing; name the paper and table the numbers come from")
+    eps, cra = value.get("eps"), value.get("cra")
+    if (eps is None) != (cra is None):
+        raise ConfigError(f"{where}: eps and cra go together (cra[i] is the CRA at radius eps[i])")
+    if eps is not None and (not isinstance(eps, list) or not isinstance(cra, list) or not eps or len(eps) != len(cra)):
+        raise ConfigError(f"{where}: eps {eps!r} and cra {cra!r} must be lists of the same length")
+    if not {"clean", "cra", "k_hf"} & set(value):
+        raise ConfigError(f"{where}: gives no number; give clean, eps + cra, or k_hf")
+    by_eps = {}
+    for i, (radius, fraction) in enumerate(zip(eps or [], cra or [])):
+        radius = parse_number(f"{where}.eps[{i}]", radius)
+        if radius <= 0:
+            raise ConfigError(f"{where}.eps[{i}]: {radius!r} is not a radius > 0")
+        by_eps[fmt_number(radius)] = _fraction(f"{where}.cra[{i}]", fraction)
+    k = None if value.get("k_hf") is None else parse_number(f"{where}.k_hf", value["k_hf"])
+    if k is not None and not k > 0:
+        raise ConfigError(f"{where}.k_hf: {value['k_hf']!r} is not a constant > 0")
+    clean = None if value.get("clean") is None else _fraction(f"{where}.clean", value["clean"])
+    return {"source": source.strip(), "clean": clean, "cra": by_eps, "k_hf": k}
+
+
+def parse_audit(where: str, value: Any) -> dict:
+    """A row's ``audit`` setting over AUDIT_DEFAULTS: each of n, steps, restarts an integer >= 1."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping with n, steps and/or restarts")
+    _unknown(where, value, set(AUDIT_DEFAULTS))
+    for key, number in value.items():
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise ConfigError(f"{where}.{key}: {number!r} is not an integer >= 1")
+    return {**AUDIT_DEFAULTS, **value}
 
 
 def parse_grid(values: Any, check_names: bool = True) -> Grid:
@@ -150,6 +229,15 @@ def parse_grid(values: Any, check_names: bool = True) -> Grid:
             overrides = {**defaults, **(row.get("set") or {})}
             seeds = _as_list(row.get("seeds", [0]))
             pending = row.get("pending")
+            published = None
+            if row.get("published") is not None:
+                published = parse_published(f"{rwhere}.published", row["published"])
+                if len(_as_list(row["eps"])) > 1 or len(_as_list(row.get("p", []))) > 1:
+                    raise ConfigError(
+                        f"{rwhere}.published: the row expands into several eps or p; give one row per "
+                        "eps and p, each with its own published numbers"
+                    )
+            audit = parse_audit(f"{rwhere}.audit", row.get("audit", {}))
             for eps in _as_list(row["eps"]):
                 for p in _as_list(row.get("p", overrides.get("p", RunConfig.p))):
                     for seed in seeds:
@@ -169,6 +257,8 @@ def parse_grid(values: Any, check_names: bool = True) -> Grid:
                                 pending,
                                 resources,
                                 {k: v for k, v in overrides.items() if k != "p"},
+                                published,
+                                audit,
                             )
                             cfg = cell.run_config(check_names) if pending is None else None
                         except ConfigError as err:

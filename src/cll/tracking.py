@@ -1,19 +1,31 @@
 """MLflow tracking: a side channel fed from the files of a run directory.
 
 ``results/`` is the source of truth; MLflow only mirrors it so runs can be browsed and compared
-in ``mlflow ui``. Everything here reads the files that ``cll train`` and ``cll certify`` wrote
-(``train.json``, ``certify.json``) and logs them into ONE MLflow run per run directory:
+in ``mlflow ui``. Everything here reads the files that ``cll train``, ``cll certify`` and ``cll
+audit`` wrote (``train.json``, ``certify.json``, ``audit.json``) and logs them into ONE MLflow run
+per run directory, named by method and cell (``CLL 8C2F tinyimagenet eps1 p0.025 seed1``; the
+method is the grid row's, ``--method``, else the loss) and tagged ``cll.method``, ``cll.dataset``,
+``cll.arch``, ``cll.loss``, ``cll.eps``, ``cll.p``, ``cll.seed``:
 
 - params: the resolved run config (``train.json["config"]``);
 - per-epoch metrics (step = epoch): ``train_loss``, ``train_accuracy``,
   ``train_lipschitz_estimate``, ``lr``, ``epoch_seconds``;
-- final metrics: ``lipschitz_bound``, ``train_wall_time`` (train.json); ``clean_accuracy``,
-  ``cra_<eps>``, ``cra_estimate_<eps>``, ``lipschitz_constant``, ``lipschitz_estimate``,
-  ``lipschitz_body``, ``n_samples``, ``certify_seconds`` (certify.json); ``k_hf`` for CLL runs;
-- artifacts: ``train.json`` and ``certify.json``.
+- final metrics, named for the radius as the tables write it (``metric_name``: ``cra_36_255`` for
+  36/255, ``cra_0.15`` for 0.15): ``clean_accuracy``, ``cra_<r>``, ``cra_estimate_<r>``,
+  ``lipschitz_constant`` (the sound bound), ``lipschitz_estimate``, ``lipschitz_body``,
+  ``n_samples``, ``certify_seconds`` (certify.json); ``k_hf`` for CLL runs (K^(h∘f) = 1/sigma);
+  ``lipschitz_bound``, ``train_wall_time`` (train.json); from audit.json ``audit_attacked_<r>``
+  (certified points attacked at radius r), ``audit_broken_<r>`` (of those, misclassified inside
+  the radius: any is a failed certificate), ``audit_own_radius_broken``, ``audit_broken`` (all),
+  ``audit_tightness_median`` (nearest adversarial distance / certified radius, median over points)
+  and ``audit_lipschitz_tightness`` (Lipschitz lower bound found / certified bound);
+- artifacts: ``train.json``, ``certify.json``, ``audit.json``, and ``model.pt`` when it is at most
+  ``$CLL_TRACK_CHECKPOINT_MB`` megabytes (default 20; 0 never), so small models can be downloaded
+  from the UI and loaded with ``cll.api.load_run``.
 
-The grid's figures go into one more run of the experiment, named ``figures`` (``cll figures
---track``), replaced on every rebuild.
+The grid's summary.csv, tables (with the reproduction summary, also as ``reproduction_*``
+metrics) and figures go into one more run of the experiment, named ``summary`` (``cll aggregate
+--track``, ``cll tables --track``, ``cll figures --track``), updated on every rebuild.
 
 The run is found again by the tag ``cll.key`` (a hash of the run directory's absolute path and its
 config), so ``cll certify --track`` adds to the run that ``cll train --track`` created, and a rerun
@@ -52,8 +64,11 @@ from pathlib import Path
 from typing import Any
 
 from . import results
+from .tables import STANDARD_EPS
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+CHECKPOINT_MB = 20.0  # default of $CLL_TRACK_CHECKPOINT_MB: largest model.pt logged as an artifact
+SUMMARY_RUN = "summary"  # name and cll.key of the run holding the grid's tables and figures
 KEY_TAG = "cll.key"
 DIR_TAG = "cll.run_dir"
 FILES_TAG = "cll.files"
@@ -64,6 +79,7 @@ EPOCH_METRICS = {  # train.json epoch field -> metric name
     "lr": "lr",
     "seconds": "epoch_seconds",
 }
+FILES = (results.TRAIN, results.CERTIFY, results.AUDIT)  # the JSON files mirrored, as artifacts too
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 
 
@@ -119,20 +135,44 @@ def _param_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _run_name(config: dict) -> str:
-    """The cell part of the run directory: ``digits/4C3F/cll/eps0.15_p0.3/seed0``."""
-    rel = results.run_dir(
-        "", config["dataset"], config["arch"], config["loss"], config["eps"], config["p"], config["seed"]
-    )
-    return rel.relative_to("runs").as_posix()
+def run_name(config: dict, method: str | None = None) -> str:
+    """``CLL 8C2F tinyimagenet eps1 p0.025 seed1``: the method (else the loss), then the cell."""
+    eps, p = results.fmt_number(config["eps"]), results.fmt_number(config["p"])
+    return f"{method or config['loss']} {config['arch']} {config['dataset']} eps{eps} p{p} seed{config['seed']}"
 
 
-def _final_metrics(train: dict | None, cert: dict | None) -> dict[str, float]:
+def metric_name(prefix: str, eps_key: str) -> str:
+    """The metric of a radius as people say it: ``cra_36_255`` for 36/255 (the tables' radii),
+    else the radius itself, ``cra_0.15``."""
+    return f"{prefix}_{STANDARD_EPS.get(eps_key, eps_key).replace('/', '_')}"
+
+
+def _audit_metrics(audit: dict) -> dict[str, Any]:
+    """The audit's headline numbers (``cll.attack.audit``): broken certificates (in all, per radius,
+    at the points' own radius), certified points attacked per radius, and its two tightness
+    measures: the median over points of (nearest adversarial distance found / certified radius)
+    and (Lipschitz lower bound found / certified bound), both 1 when tight."""
+    quantiles = (audit.get("tightness") or {}).get("quantiles") or {}
+    out: dict[str, Any] = {
+        "audit_broken": audit.get("broken"),
+        "audit_own_radius_broken": (audit.get("own_radius") or {}).get("broken"),
+        "audit_tightness_median": quantiles.get("median"),
+        "audit_lipschitz_tightness": audit.get("lipschitz_tightness"),
+    }
+    for key, c in (audit.get("per_eps") or {}).items():
+        out[metric_name("audit_attacked", key)] = c.get("attacked")
+        out[metric_name("audit_broken", key)] = c.get("broken")
+    return out
+
+
+def _final_metrics(train: dict | None, cert: dict | None, audit: dict | None = None) -> dict[str, float]:
     out: dict[str, Any] = {}
     if train:
         out["lipschitz_bound"] = train.get("lipschitz_bound")
         out["train_wall_time"] = train.get("wall_time")
         out["k_hf"] = train.get("k_hf")
+    if audit:
+        out.update(_audit_metrics(audit))
     if cert:
         for key in (
             "clean_accuracy",
@@ -145,9 +185,9 @@ def _final_metrics(train: dict | None, cert: dict | None) -> dict[str, float]:
             out[key] = cert.get(key)
         out["certify_seconds"] = cert.get("seconds")
         for eps, value in (cert.get("cra") or {}).items():
-            out[f"cra_{eps}"] = value
+            out[metric_name("cra", eps)] = value
         for eps, value in (cert.get("cra_estimate") or {}).items():
-            out[f"cra_estimate_{eps}"] = value
+            out[metric_name("cra_estimate", eps)] = value
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -156,24 +196,35 @@ def _run_key(run_dir: Path, config: dict) -> str:
     return hashlib.sha1(f"{run_dir}\n{json.dumps(config, sort_keys=True)}".encode()).hexdigest()[:20]
 
 
-def _files_digest(run_dir: Path) -> str:
-    """The ``cll.files`` tag: a digest of train.json and certify.json as they are now."""
-    digest = hashlib.sha1()
-    for name in (results.TRAIN, results.CERTIFY):
+def checkpoint_limit_mb() -> float:
+    """``$CLL_TRACK_CHECKPOINT_MB`` (default 20): model.pt files up to this size are logged; 0: none."""
+    text = os.environ.get("CLL_TRACK_CHECKPOINT_MB", "")
+    try:
+        return float(text) if text.strip() else CHECKPOINT_MB
+    except ValueError:
+        raise ValueError(f"CLL_TRACK_CHECKPOINT_MB={text!r} is not a number of megabytes") from None
+
+
+def _files_digest(run_dir: Path, method: str | None) -> str:
+    """The ``cll.files`` tag: a digest of the run's JSON files as they are now (and its method)."""
+    digest = hashlib.sha1(f"{method}\0".encode())
+    for name in FILES:
         path = run_dir / name
         digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-") + b"\0")
     return digest.hexdigest()[:20]
 
 
-def log_run_dir(run_dir: str | Path, experiment: str) -> str:
+def log_run_dir(run_dir: str | Path, experiment: str, method: str | None = None) -> str:
     """Mirror a run directory into its MLflow run (created on first use); return the run id.
-    Raises on any tracking error: callers that must not fail use :func:`track`."""
+    ``method``: the grid row's method, for the run's name. Raises on any tracking error: callers
+    that must not fail use :func:`track`."""
     from mlflow.entities import Metric, Param, RunTag
 
     run_dir = Path(run_dir).resolve()
-    digest = _files_digest(run_dir)  # before reading: a file rewritten meanwhile is logged again later
+    digest = _files_digest(run_dir, method)  # before reading: a file rewritten meanwhile is logged again later
     train = results.read_json(run_dir / results.TRAIN)
     cert = results.read_json(run_dir / results.CERTIFY)
+    audit = results.read_json(run_dir / results.AUDIT)
     if train is None:
         raise FileNotFoundError(f"{run_dir / results.TRAIN} is missing (run cll train first)")
     config = train["config"]
@@ -184,6 +235,7 @@ def log_run_dir(run_dir: str | Path, experiment: str) -> str:
     found = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
     if found and found[0].data.tags.get(FILES_TAG) == digest:
         return found[0].info.run_id  # up to date
+    name = run_name(config, method)
     if found:
         run = found[0]
     else:
@@ -192,12 +244,14 @@ def log_run_dir(run_dir: str | Path, experiment: str) -> str:
             DIR_TAG: str(run_dir),
             **{f"cll.{k}": str(config[k]) for k in ("dataset", "arch", "loss", "eps", "p", "seed")},
         }
-        run = client.create_run(exp_id, run_name=_run_name(config), tags=tags)
+        run = client.create_run(exp_id, run_name=name, tags=tags)
     run_id = run.info.run_id
 
     now = int(time.time() * 1000)
     params = [Param(k, _param_text(v)) for k, v in sorted(config.items()) if k not in run.data.params]
-    tags = [RunTag("cll.stage", "certify" if cert else "train")]
+    tags = [RunTag("cll.stage", "audit" if audit else "certify" if cert else "train")]
+    if method is not None:  # a hand run (no --method) keeps the name a grid job gave it
+        tags += [RunTag("cll.method", method), RunTag("mlflow.runName", name)]
     metrics = []
     logged = {m.step for m in client.get_metric_history(run_id, EPOCH_METRICS["loss"])}
     for row in train.get("epochs", []):
@@ -208,26 +262,39 @@ def log_run_dir(run_dir: str | Path, experiment: str) -> str:
             for field, name in EPOCH_METRICS.items()
             if isinstance(row.get(field), (int, float))
         ]
-    metrics += [Metric(k, v, now, 0) for k, v in _final_metrics(train, cert).items() if run.data.metrics.get(k) != v]
+    final = _final_metrics(train, cert, audit)
+    metrics += [Metric(k, v, now, 0) for k, v in final.items() if run.data.metrics.get(k) != v]
     for i in range(0, max(len(metrics), 1), _BATCH):
         client.log_batch(
             run_id, metrics=metrics[i : i + _BATCH], params=params if i == 0 else [], tags=tags if i == 0 else []
         )
-    for name in (results.TRAIN, results.CERTIFY):
-        if (run_dir / name).is_file():
-            client.log_artifact(run_id, str(run_dir / name))
+    for file in FILES:
+        if (run_dir / file).is_file():
+            client.log_artifact(run_id, str(run_dir / file))
+    _log_checkpoint(client, run_id, run_dir / results.MODEL)
     client.set_terminated(run_id, "FINISHED")
     client.set_tag(run_id, FILES_TAG, digest)  # last: a run interrupted before this is redone
     return run_id
 
 
-def backfill(run_dirs: list[str | Path], experiment: str) -> tuple[int, int]:
+def _log_checkpoint(client, run_id: str, path: Path) -> None:
+    """model.pt as an artifact if it is at most checkpoint_limit_mb() (and not logged as it is)."""
+    limit = checkpoint_limit_mb()
+    if limit <= 0 or not path.is_file() or path.stat().st_size > limit * 1e6:
+        return
+    logged = {a.path: a.file_size for a in client.list_artifacts(run_id)}
+    if logged.get(path.name) != path.stat().st_size:
+        client.log_artifact(run_id, str(path))
+
+
+def backfill(run_dirs: list[str | Path], experiment: str, methods: list[str | None] | None = None) -> tuple[int, int]:
     """Log every run directory (with a train.json) whose files MLflow does not have yet; return
-    (logged, already up to date). One search lists the experiment's runs, so an up-to-date grid
-    costs one request. Raises on the first tracking error (the tracker is down): callers that
-    must not fail use :func:`track_backfill`."""
-    dirs = [Path(d).resolve() for d in run_dirs]
-    dirs = [d for d in dirs if (d / results.TRAIN).is_file()]
+    (logged, already up to date). ``methods``: each directory's grid method (run names). One
+    search lists the experiment's runs, so an up-to-date grid costs one request. Raises on the
+    first tracking error (the tracker is down): callers that must not fail use :func:`track_backfill`."""
+    methods = methods or [None] * len(run_dirs)
+    pairs = [(Path(d).resolve(), m) for d, m in zip(run_dirs, methods)]
+    pairs = [(d, m) for d, m in pairs if (d / results.TRAIN).is_file()]
     client = _client()
     exp_id = _experiment_id(client, experiment)
     synced: dict[str, str | None] = {}
@@ -241,53 +308,60 @@ def backfill(run_dirs: list[str | Path], experiment: str) -> tuple[int, int]:
         if not token:
             break
     logged = 0
-    for run_dir in dirs:
+    for run_dir, method in pairs:
         train = results.read_json(run_dir / results.TRAIN)
-        if synced.get(_run_key(run_dir, train["config"])) == _files_digest(run_dir):
+        if synced.get(_run_key(run_dir, train["config"])) == _files_digest(run_dir, method):
             continue
-        log_run_dir(run_dir, experiment)
+        log_run_dir(run_dir, experiment, method)
         logged += 1
-    return logged, len(dirs) - logged
+    return logged, len(pairs) - logged
 
 
-def track_backfill(run_dirs: list[str | Path], experiment: str) -> tuple[int, int] | None:
+def track_backfill(
+    run_dirs: list[str | Path], experiment: str, methods: list[str | None] | None = None
+) -> tuple[int, int] | None:
     """:func:`backfill` that never raises: a failure prints one warning line, returns None."""
     try:
-        return backfill(run_dirs, experiment)
+        return backfill(run_dirs, experiment, methods)
     except Exception as err:
         warn(err)
         return None
 
 
-def track(run_dir: str | Path, experiment: str) -> str | None:
+def track(run_dir: str | Path, experiment: str, method: str | None = None) -> str | None:
     """:func:`log_run_dir` that never raises: a failure prints one warning line, returns None."""
     try:
-        return log_run_dir(run_dir, experiment)
+        return log_run_dir(run_dir, experiment, method)
     except Exception as err:
         warn(err)
         return None
 
 
-def log_figures(paths: list[Path], experiment: str) -> str:
-    """Log figure files as artifacts of the experiment's ``figures`` run (created on first use)."""
+def log_summary(paths: list[Path], experiment: str, folder: str | None, metrics: dict[str, float] | None = None) -> str:
+    """Log files (summary.csv, tables, figures) as artifacts under ``folder`` (None: the top) of the
+    experiment's ``summary`` run (created on first use), and ``metrics`` (the reproduction counts)."""
     client = _client()
     exp_id = _experiment_id(client, experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = 'figures'", max_results=1)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{SUMMARY_RUN}'", max_results=1)
     run_id = (
         found[0].info.run_id
         if found
-        else client.create_run(exp_id, run_name="figures", tags={KEY_TAG: "figures"}).info.run_id
+        else client.create_run(exp_id, run_name=SUMMARY_RUN, tags={KEY_TAG: SUMMARY_RUN}).info.run_id
     )
     for path in paths:
-        client.log_artifact(run_id, str(path), artifact_path="figures")
+        client.log_artifact(run_id, str(path), artifact_path=folder)
+    for key, value in (metrics or {}).items():
+        client.log_metric(run_id, key, float(value))
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
-def track_figures(paths: list[Path], experiment: str) -> str | None:
-    """:func:`log_figures` that never raises (one warning line instead)."""
+def track_summary(
+    paths: list[Path], experiment: str, folder: str | None, metrics: dict[str, float] | None = None
+) -> str | None:
+    """:func:`log_summary` that never raises (one warning line instead)."""
     try:
-        return log_figures(paths, experiment)
+        return log_summary(paths, experiment, folder, metrics)
     except Exception as err:
         warn(err)
         return None

@@ -1,6 +1,7 @@
 # From every certify.json of the grid to summary.csv, then the tables and the figures. Cheap and
 # file-bound: local rules (never sent to a cluster). aggregate also logs into MLflow whatever the
-# train and certify jobs could not (a tracking server down or unreachable from the nodes).
+# train and certify jobs could not (a tracking server down or unreachable from the nodes); summary.csv,
+# the tables and the figures go into the experiment's `summary` run.
 
 
 rule aggregate:
@@ -34,8 +35,9 @@ rule tables:
         "../../envs/report.yaml"
     params:
         out=output_dir,
+        experiment=EXPERIMENT,
     shell:
-        "cll tables --summary {input:q} --out {params.out:q} > {log} 2>&1"
+        "cll tables --summary {input:q} --out {params.out:q} --track {params.experiment:q} > {log} 2>&1"
 
 
 rule figures:

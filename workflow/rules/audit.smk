@@ -3,11 +3,10 @@
 # A certificate broken by the attack fails the job: exit status 1 and one line,
 # "cll: error: BROKEN CERTIFICATE in <run>: ...", in the job's log; the tables then are not built.
 #
-# The sample and the attack budget are set here, small enough for the demo grid on a CPU
-# (a few seconds per cell). A larger audit of one run by hand: cll audit --run DIR --n 5000.
-AUDIT_SAMPLES = 100  # test points per cell (the whole test set where it is smaller)
-AUDIT_STEPS = 30  # iterations per attack
-AUDIT_RESTARTS = 2  # PGD restarts (APGD-DLR and APGD-CE run once each)
+# The sample and the attack budget (--n, --steps, --restarts) are the row's `audit` setting in the
+# grid, by default cll.grid.AUDIT_DEFAULTS: 100 points, 30 steps, 2 restarts, small enough for the
+# demo grid on a CPU (a few seconds per cell). A larger audit of one run by hand:
+# cll audit --run DIR --n 5000.
 
 
 rule audit:
@@ -28,11 +27,11 @@ rule audit:
         cpus_per_task=resource("cpus", 1),
     params:
         run=run_dir_of,
-        n=AUDIT_SAMPLES,
-        steps=AUDIT_STEPS,
-        restarts=AUDIT_RESTARTS,
+        budget=audit_args,
+        experiment=EXPERIMENT,
+        method=method_of,
     shell:
-        "cll audit --run {params.run:q} --n {params.n} --steps {params.steps} --restarts {params.restarts}"
+        "cll audit --run {params.run:q} {params.budget} --track {params.experiment:q} --method {params.method:q}"
         " > {log} 2>&1"
 
 

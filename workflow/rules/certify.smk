@@ -20,5 +20,6 @@ rule certify:
     params:
         run=run_dir_of,
         experiment=EXPERIMENT,
+        method=method_of,
     shell:
-        "cll certify --run {params.run:q} --track {params.experiment:q} > {log} 2>&1"
+        "cll certify --run {params.run:q} --track {params.experiment:q} --method {params.method:q} > {log} 2>&1"

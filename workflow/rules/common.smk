@@ -18,6 +18,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from cll import results as cll_results
@@ -141,6 +142,11 @@ def run_dir_of(wildcards):
     return str(cell_of(wildcards).path(RESULTS))
 
 
+def method_of(wildcards):
+    """The cell's method (its grid row's), which names its MLflow run."""
+    return cell_of(wildcards).method
+
+
 def yaml_value(value):
     """A value as `cll train --set` parses it back (YAML flow style: 1.0e-06, [400, 600], per_logit)."""
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -166,6 +172,11 @@ def set_args(wildcards):
         dataset=cell.dataset, arch=cell.arch, loss=cell.loss, eps=cell.eps, p=cell.p, seed=cell.seed, **cell.overrides
     )
     return " ".join(shlex.quote(f"{key}={yaml_value(value)}") for key, value in values.items())
+
+
+def audit_args(wildcards):
+    """`--n N --steps S --restarts R` of a cell's audit job: its row's `audit` setting."""
+    return cell_of(wildcards).audit_args()
 
 
 def train_launcher(wildcards):
@@ -213,13 +224,24 @@ def audit_files():
 
 
 def table_files():
-    """results/tables/<name>.{csv,md,tex} per table of the grid; the CSVs go into the report."""
+    """results/tables/<name>.{csv,md,tex} per table of the grid, and reproduction.{csv,md} (our
+    numbers against the published ones, over all tables); the CSVs go into the report."""
     files = []
     for table in GRID.tables:
         stem = f"{RESULTS}/tables/{table['name']}"
         files.append(report(f"{stem}.csv", caption="../report/tables.rst", category="Tables"))
         files += [f"{stem}.md", f"{stem}.tex"]
-    return files
+    stem = f"{RESULTS}/tables/reproduction"
+    files.append(report(f"{stem}.csv", caption="../report/reproduction.rst", category="Reproduction"))
+    return files + [f"{stem}.md"]
+
+
+def progress_note():
+    """The line the workflow prints as it starts: where each job's progress goes (its log file)."""
+    return (
+        f"cll: each job writes its progress (per epoch or batch: rate, ETA) to its log, "
+        f"logs/<rule>/{CELL_PATH}.log, shown as `log:` in the job's block below; follow one with tail -f"
+    )
 
 
 def track_init_command():

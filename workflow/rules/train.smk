@@ -26,6 +26,8 @@ rule train:
         run=run_dir_of,
         set=set_args,
         experiment=EXPERIMENT,
+        method=method_of,
     shell:
         # {params.launch}: `cll train`, or torchrun for a multi-GPU cell (common.smk: train_launcher)
-        "{params.launch} --out {params.run:q} --track {params.experiment:q} --set {params.set} > {log} 2>&1"
+        "{params.launch} --out {params.run:q} --track {params.experiment:q} --method {params.method:q}"
+        " --set {params.set} > {log} 2>&1"

@@ -131,13 +131,13 @@ class EvalCache(nn.Module):
         """``make()`` with gradient in training mode; ``derived(make)`` in evaluation mode."""
         return make() if self.training else self.derived(make)
 
-    def derived(self, make):
+    def derived(self, make, name: str | None = None):
         """What the evaluation forward derives from the parameters (``make()``, no gradient), in either
-        mode, computed once per set of weights (one entry per ``make`` function)."""
+        mode, computed once per set of weights (one entry per ``name``, default ``make``'s name)."""
         key = self._key()
         if self._cache is None or self._cache_key != key:
             self._cache, self._cache_key = {}, key
-        name = make.__name__
+        name = name or make.__name__
         if name not in self._cache:
             with torch.no_grad():
                 self._cache[name] = make()

@@ -140,9 +140,13 @@ class SOC(EvalCache):
         return self.series(x.double(), kernel.double(), self.bias.double(), self.eval_terms)
 
     def _rho(self, in_shape: tuple[int, ...]) -> float:
-        """rho >= ||conv_A|| for the evaluation kernel: Schur's test, tightened by the circular-
-        convolution norm (FFT) only where its Taylor remainder exceeds 1e-9 (an eigendecomposition
-        per frequency of c x c matrices, c up to 2048 in LipConv nets)."""
+        """rho >= ||conv_A|| for the evaluation kernel (once per weights and input shape)."""
+        return self.derived(lambda: self._rho_bound(in_shape), name=f"rho{tuple(in_shape)}")
+
+    def _rho_bound(self, in_shape: tuple[int, ...]) -> float:
+        """Schur's test, tightened by the circular-convolution norm (FFT) only where its Taylor
+        remainder exceeds 1e-9 (an eigendecomposition per frequency of c x c matrices, c up to 2048
+        in LipConv nets)."""
         kernel = self.derived(self.kernel)
         rho = schur_bound(kernel)
         if taylor_remainder(rho, self.eval_terms) > 1e-9:
