@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,19 @@ def _up(t: torch.Tensor) -> torch.Tensor:
 
 def _down(t: torch.Tensor) -> torch.Tensor:
     return torch.nextafter(t, torch.full_like(t, -math.inf))
+
+
+@contextmanager
+def _no_cudnn():
+    """Native convolutions: cuDNN may pick FFT or Winograd algorithms, whose rounding the
+    inner-product bound does not describe. (Set directly: ``cudnn.flags()`` reads the legacy TF32
+    getter, which raises once the new precision switches are set.)"""
+    enabled = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = enabled
 
 
 def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -331,7 +345,7 @@ class LocalBound:
         on its inputs over the ball and the mask D of its outputs that may vary."""
         if not eps >= 0:
             raise ValueError(f"eps must be a number >= 0, got {eps}")
-        with torch.backends.cudnn.flags(enabled=False):
+        with _no_cudnn():
             lip, _ = _propagate(self.model.body, x, float(eps), True, self._masked_norm, trace=trace)
         return lip
 
@@ -415,7 +429,7 @@ def certify_local(
 
     model.eval()
     bound = bound or LocalBound(model)
-    with torch.backends.cudnn.flags(enabled=False):
+    with _no_cudnn():
         shapes, layer_bounds = lipschitz.upper_bound_layers(model)
     k_global = math.prod(layer_bounds)
     w = model.head.weight
