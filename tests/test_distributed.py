@@ -136,12 +136,23 @@ def _compare(single: Path, parallel: Path) -> dict:
     return out
 
 
+# Local-Lip-B: per-sample local estimates, a sparsity term, thresholds projected after each step
+LOCAL_LIP_B = [
+    *(c for c in CONFIG if not c.startswith(("loss=", "p=", "lip_penalty="))),
+    "loss=local_lip_b",
+    "activation=clipped_maxmin",
+    "eps_warmup=0.5",
+    "lip_penalty=0",
+]
+
+
 @pytest.mark.slow(seconds=20)
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("config", [[*CONFIG, "lip_penalty_form=batch"], LOCAL_LIP_B], ids=["cll", "local_lip_b"])
+def test_two_processes_match_one(tmp_path, config):
     """The batch form of the K penalty (a max over the batch's labels) is the one that differs
     per rank unless the ranks share the global batch's labels; the global form depends on
-    weights and iterates only, which the primitives test covers."""
-    config = [*CONFIG, "lip_penalty_form=batch"]
+    weights and iterates only, which the primitives test covers. Local-Lip-B's loss is a batch
+    mean of per-sample terms and a mean sparsity term over the slice's bounds."""
     single = subprocess.run(
         [sys.executable, "-m", "cll.cli", "train", "--out", "single", "--set", *config],
         cwd=tmp_path,
@@ -161,9 +172,14 @@ def test_two_processes_match_one(tmp_path):
 
     # Tolerances: one process with 2 threads instead of 1 differs from itself by as much (float32
     # sums in another order; Adam's normalisation magnifies the noise of near-zero gradients):
-    # measured 9e-6 on the loss, 2e-4 on the weights, 1e-2 on an iterate's entries.
+    # measured 9e-6 on the loss, 2e-4 on the weights, 1e-2 on an iterate's entries. Local-Lip-B's
+    # masks are thresholded bounds, which such noise flips: there 4e-5 on the loss, 3e-4 on K, 5e-4
+    # on the iterates' directions, and a bias entry near 0 (max |b| ~ 4e-3 after 8 steps) moves by
+    # one Adam step (1e-3) in the other direction (relative to the largest entry: up to ~0.06).
+    cll = "loss=cll" in config
     diff = _compare(tmp_path / "single", tmp_path / "parallel")
     print(f"2 processes vs 1: {diff}")
-    assert diff["loss"] < 1e-4 and diff["lipschitz_estimate"] < 1e-4 and diff["bound"] < 1e-4, diff
-    assert diff["accuracy"] <= 1 / 100, diff  # at most one argmax flip over an epoch
-    assert diff["weights"] < 2e-3 and diff["iterates"] < 1e-3, diff
+    k_tol = 1e-4 if cll else 1e-3
+    assert diff["loss"] < 1e-4 and diff["lipschitz_estimate"] < k_tol and diff["bound"] < k_tol, diff
+    assert diff["accuracy"] < 1.5 / 100, diff  # at most one argmax flip over an epoch (of 100)
+    assert diff["weights"] < (2e-3 if cll else 0.1) and diff["iterates"] < (1e-3 if cll else 2e-3), diff

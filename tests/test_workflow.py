@@ -23,7 +23,7 @@ import pytest
 import yaml
 from helpers import check_pipeline_outputs
 
-from cll import data, losses, models, workflow
+from cll import data, layers, losses, models, workflow
 from cll.config import KEYS, load_config, rule
 from cll.errors import ConfigError
 from cll.grid import AUDIT_DEFAULTS, load_grid, parse_grid
@@ -144,10 +144,11 @@ def test_paper_grid_dry_run_lists_every_runnable_cell(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     grid = load_grid(PAPER_GRID)
     cells = {str(c.path(grid.results)): c for c in grid.runnable()}
-    # Tiny-ImageNet: GloRo, CLL eps 0.5, SOC LipConv-10/20, CLL LipConv-20, SLL, LBDN 3 seeds each,
-    # CLL eps 1.0 9 seeds; CIFAR-100: SOC, CLL LipConv-20, CPL, CLL CPL-XL, SLL 3 seeds each, CLL
-    # SLL-XL 9 seeds; moons 4 slacks (Local-Lip-B is pending)
-    assert len(cells) == 30 + 24 + 4
+    # Tiny-ImageNet: GloRo, Local-Lip-B, CLL eps 0.5, SOC LipConv-10/20, CLL LipConv-20, SLL, LBDN
+    # 3 seeds each, CLL eps 1.0 9 seeds; CIFAR-100: SOC, CLL LipConv-20, CPL, CLL CPL-XL, SLL 3 seeds
+    # each, CLL SLL-XL 9 seeds; moons 4 slacks
+    assert len(cells) == 33 + 24 + 4
+    assert len(grid.runnable()) == len(grid.cells)  # no row is pending
     counts = job_counts(run.stdout)
     assert counts["train"] == counts["certify"] == len(cells)
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
@@ -286,6 +287,7 @@ def test_schema_agrees_with_the_package():
     assert choices
     for key, allowed in choices.items():
         assert run_config[key]["enum"] == list(allowed), key
+    assert run_config["activation"]["enum"] == layers.ACTIVATIONS.names()
     for where, sub in _walk(schema):
         if sub.get("type") == "object":
             assert sub.get("additionalProperties") is False, where

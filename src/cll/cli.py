@@ -174,10 +174,11 @@ def cmd_track_init(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from . import data, losses, models
+    from . import data, layers, losses, models
     from .config import KEYS, describe
 
     print("architectures:", ", ".join(models.names()))
+    print("activations:  ", ", ".join(layers.ACTIVATIONS.names()))
     print("losses:       ", ", ".join(losses.names()))
     print("datasets:     ", ", ".join(data.dataset_names()))
     print("config keys:  ", ", ".join(KEYS))

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .values import Choice, Flag, Number, Numbers, Rule, Text
+from .values import Choice, Flag, Number, Numbers, OneOrMore, Rule, Text
 from .values import parse_number as parse_number  # re-exported: cll.config.parse_number is public
 
 REQUIRED_VALUE = object()  # setting() default of a key every run config must give
@@ -62,7 +62,9 @@ class RunConfig:
         NAME,
         "architecture: GloRo family 2C2F, 4C3F, 6C2F, 8C2F, moons-mlp; peers LipConv-N, CPL-*, SLL-*, Sandwich",
     )
-    loss: str = setting(REQUIRED_VALUE, NAME, "loss: cll, gloro, ce; the peers' own soc_cr, cpl_hinge, sll_offset_ce")
+    loss: str = setting(
+        REQUIRED_VALUE, NAME, "loss: cll, gloro, ce; the peers' own soc_cr, cpl_hinge, sll_offset_ce; local_lip_b"
+    )
     # ---- the certificate and the loss ----
     eps: float = setting(0.15, POSITIVE, "training eps (L2 radius, [0,1] pixels): CLL's sigma and GloRo's margin")
     p: float = setting(0.3, Number(0, 1, open_low=True, open_high=True), "CLL slack: K^(h o f) = log((2-p)/p)/eps")
@@ -79,7 +81,13 @@ class RunConfig:
     k_scale_power: float = setting(10.0, NON_NEGATIVE, "power of that schedule")
     trades: float = setting(0.0, NON_NEGATIVE, "GloRo: 0 = bottom-class cross-entropy, > 0 = TRADES weight")
     eps_warmup: float = setting(
-        1.0, NON_NEGATIVE, "GloRo: fraction of training over which eps ramps 0 -> eps (power 5)"
+        1.0,
+        NON_NEGATIVE,
+        "gloro, local_lip_b: fraction of training over which eps ramps 0 -> eps (gloro: power 5; local_lip_b: "
+        "linear, and its CE weight kappa 1 -> 0 alongside)",
+    )
+    sparsity: float = setting(
+        0.01, NON_NEGATIVE, "local_lip_b: weight of the sparsity term on the clipped activations' bounds"
     )
     cr_gamma: float = setting(0.0, NON_NEGATIVE, "soc_cr: weight of SOC's certificate regulariser")
     hinge_margin: float = setting(0.7, NON_NEGATIVE, "cpl_hinge: margin of CPL's multi-class hinge")
@@ -89,6 +97,15 @@ class RunConfig:
         "auto", Choice(("auto", "linear", "lln")), "classifier head; auto = lln for the peers' losses, else linear"
     )
     width: float = setting(1.0, POSITIVE, "factor on every layer width of the architecture (1 = the paper's)")
+    activation: str = setting(
+        "maxmin",
+        NAME,
+        "activation of the GloRo-family nets: maxmin, or Local-Lip-B's clipped_maxmin, clipped_relu "
+        "(learnable thresholds)",
+    )
+    clip_init: float | list = setting(
+        1.0, OneOrMore(NON_NEGATIVE), "initial threshold of the clipped activations: one, or one per activation layer"
+    )
     # ---- Lipschitz control ----
     lip_penalty: float = setting(1e-4, NON_NEGATIVE, "lambda of the penalty lambda * K^lip_pow (0 = off)")
     lip_pow: float = setting(2.0, POSITIVE, "power of that penalty")
@@ -111,15 +128,15 @@ class RunConfig:
     momentum: float = setting(0.9, NON_NEGATIVE, "sgd momentum")
     schedule: str = setting(
         "multistep",
-        Choice(("multistep", "constant", "cosine", "triangular")),
+        Choice(("multistep", "constant", "cosine", "triangular", "exp")),
         "learning-rate schedule, stepped per iteration",
     )
     milestones: list | None = setting(
         None,
-        Numbers(AT_LEAST_ONE, increasing=True, null="50%, 75%, 97.5% of epochs"),
-        "multistep: epochs at which the learning rate drops",
+        Numbers(AT_LEAST_ONE, increasing=True, null="multistep 50%, 75%, 97.5% of epochs; exp 60%"),
+        "multistep: epochs at which the learning rate drops; exp: [the epoch the decay starts]",
     )
-    gamma: float = setting(0.1, NON_NEGATIVE, "multistep: factor of each drop")
+    gamma: float = setting(0.1, NON_NEGATIVE, "multistep: factor of each drop; exp: the factor reached at the end")
     # ---- data ----
     data_root: str | None = setting(
         None, Text("a directory path", null="$CLL_DATA, else ./data"), "folder holding the data sets"
@@ -154,6 +171,20 @@ class RunConfig:
 SETTINGS = {f.name: f for f in fields(RunConfig)}
 KEYS = list(SETTINGS)
 REQUIRED = tuple(k for k, f in SETTINGS.items() if f.default is MISSING and f.default_factory is MISSING)
+NAMES = ("dataset", "arch", "loss", "activation")  # keys whose values are registered names (cll list)
+
+
+def registered_names() -> dict[str, list[str]]:
+    """Each key of NAMES -> the names registered for it (imports torch: the registries live in
+    torch-heavy modules)."""
+    from . import data, layers, losses, models
+
+    return {
+        "dataset": data.dataset_names(),
+        "arch": models.names(),
+        "loss": losses.names(),
+        "activation": layers.ACTIVATIONS.names(),
+    }
 
 
 def default(key: str) -> Any:
@@ -168,9 +199,8 @@ def rule(key: str) -> Rule:
 
 def build_config(values: dict[str, Any], check_names: bool = True) -> RunConfig:
     """Validate a mapping of keys to values and fill in the defaults. ``check_names=False`` skips
-    the registry look-up of dataset/arch/loss (it imports torch), for callers that checked the
-    names already: the workflow's grid schema lists them, and a test keeps it equal to the
-    registries."""
+    the registry look-up of the NAMES keys (it imports torch), for callers that checked the names
+    already: the workflow's grid schema lists them, and a test keeps it equal to the registries."""
     if not isinstance(values, dict):
         raise ConfigError(f"a run config must be a mapping of keys to values, got {type(values).__name__}")
     for key in values:
@@ -190,12 +220,9 @@ def build_config(values: dict[str, Any], check_names: bool = True) -> RunConfig:
 
 
 def _check_names(cfg: RunConfig) -> None:
-    """dataset, arch and loss must be registered names."""
-    from . import data, losses, models  # late: the registries import torch-heavy modules
-
-    for key, allowed in (("dataset", data.dataset_names()), ("arch", models.names()), ("loss", losses.names())):
-        value = getattr(cfg, key)
-        Choice(tuple(allowed)).check(key, value)
+    """dataset, arch, loss and activation must be registered names."""
+    for key, allowed in registered_names().items():
+        Choice(tuple(allowed)).check(key, getattr(cfg, key))
 
 
 # ------------------------------------------------------------------------------ --set

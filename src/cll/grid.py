@@ -49,7 +49,18 @@ from typing import Any
 
 import yaml
 
-from .config import KEYS, POSITIVE, RunConfig, build_config, default, format_override, rule, run_config_schema
+from .config import (
+    KEYS,
+    NAMES,
+    POSITIVE,
+    RunConfig,
+    build_config,
+    default,
+    format_override,
+    registered_names,
+    rule,
+    run_config_schema,
+)
 from .errors import ConfigError
 from .results import fmt_number, run_dir
 from .values import NUMBER_TEXT, parse_number
@@ -145,14 +156,6 @@ def _one_or_more(schema: dict, description: str) -> dict:
     return {"description": description, "anyOf": [schema, {"type": "array", "minItems": 1, "items": schema}]}
 
 
-def registered_names() -> dict[str, list[str]]:
-    """dataset, arch and loss -> the registered names (imports torch: the registries live in
-    torch-heavy modules)."""
-    from . import data, losses, models
-
-    return {"dataset": data.dataset_names(), "arch": models.names(), "loss": losses.names()}
-
-
 def grid_schema() -> dict:
     """The JSON schema of a grid, with the registered names (which imports torch). The workflow
     reads the copy ``make schema`` writes to workflow/schemas/config.schema.yaml, which a test keeps
@@ -162,6 +165,8 @@ def grid_schema() -> dict:
         **run_config_schema(exclude=set(ROW_KEYS)),
         "description": f"Run-config keys (cll list), except {', '.join(ROW_KEYS)}, which a row sets.",
     }
+    for key in set(NAMES) - set(ROW_KEYS):  # registered names a `set` may give (activation)
+        run_config["properties"][key] = {**run_config["properties"][key], "enum": names[key]}
     row = {
         "type": "object",
         "additionalProperties": False,

@@ -1,11 +1,13 @@
 """Training losses: CLL (pairwise and per-logit), GloRo (bottom class, TRADES), cross-entropy,
-and the peers' own losses: SOC's cross-entropy with certificate regularisation, CPL's multi-class
-hinge, SLL's (and LBDN's) offset cross-entropy.
+the peers' own losses: SOC's cross-entropy with certificate regularisation, CPL's multi-class
+hinge, SLL's (and LBDN's) offset cross-entropy, and Local-Lip-B's loss on a local bound.
 
 Every loss is called as ``loss(logits, target, head_weight, lip_body, progress)``:
 ``logits`` (N, C), ``target`` (N,) int64, ``head_weight`` the classifier's W (C, d), ``lip_body``
 the body's Lipschitz estimate K_F (a scalar tensor, refreshed by power iteration earlier in the
 same step, with gradient), ``progress`` the fraction of training done in [0, 1] (for schedules).
+A loss with a ``local_estimate(model, x, progress)`` method (Local-Lip-B) receives what that
+returns in place of K_F: per-sample local constants and a sparsity term (``cll.local_lipschitz``).
 
 The K penalty ``lambda * K^pow`` is a separate term (``lipschitz_penalty``), added by the trainer
 for any loss, as in the CLL reference code (github.com/mlosch/CLL, ``GlobalLipschitzDecay``),
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lipschitz.operators import max_row_distance, row_distances
+from .local_lipschitz import LocalEstimate, estimate_local
 from .registry import Registry
 
 LOSSES = Registry("loss")
@@ -235,6 +238,46 @@ class OffsetCrossEntropy(nn.Module):
         return self.temperature * F.cross_entropy(shifted / self.temperature, target)
 
 
+# ---------------------------------------------------------------- Local-Lip-B
+def worst_logits(logits: torch.Tensor, target: torch.Tensor, head_weight: torch.Tensor, lip: torch.Tensor, eps: float):
+    """z_j + eps * K(x) * ||W_j - W_t|| for j != t, z_t for the label t: the worst logits over the
+    ball B(x, eps) when the body is K(x)-Lipschitz on it (the ball-only BCP translation; Lee, Lee,
+    Park, "Lipschitz-Certifiable Training with a Tight Outer Bound", NeurIPS 2020). ``lip`` (N,)."""
+    return logits + eps * lip[:, None] * row_distances(head_weight, target)
+
+
+class LocalLipB(nn.Module):
+    """Local-Lip-B's loss (Huang, Zhang, Shi, Kolter, Anandkumar, NeurIPS 2021, arXiv 2111.01395):
+
+        kappa CE(z, y) + (1 - kappa) (CE(worst_logits(z, y, K(x), eps_t), y) + sparsity * S)
+
+    with K(x) the per-sample local estimate of the body on B(x, eps_t) and S its sparsity term
+    (``cll.local_lipschitz.estimate_local``, ``pi_iters`` power iterations). eps_t ramps linearly
+    0 -> eps and kappa 1 -> 0 over the first ``eps_warmup`` fraction of training, as the paper's
+    code does per iteration. Its BCP head refines the last layer's worst case with the interval
+    box; that refinement is an iteration that returns a feasible point (a lower value) unless it
+    converges, so the ball-only form is used here, the one the certificate uses."""
+
+    needs_lipschitz = False
+
+    def __init__(self, eps: float, sparsity: float, eps_warmup: float, pi_iters: int):
+        super().__init__()
+        self.eps, self.sparsity, self.eps_warmup, self.pi_iters = eps, sparsity, eps_warmup, pi_iters
+
+    def ramp(self, progress: float) -> float:
+        """The fraction of the ramp done: eps_t = eps * ramp, kappa = 1 - ramp."""
+        return 1.0 if self.eps_warmup <= 0 else min(max(progress / self.eps_warmup, 0.0), 1.0)
+
+    def local_estimate(self, model: nn.Module, x: torch.Tensor, progress: float) -> LocalEstimate:
+        return estimate_local(model, x, self.eps * self.ramp(progress), self.pi_iters)
+
+    def forward(self, logits, target, head_weight, lip_body: LocalEstimate, progress: float = 1.0):
+        ramp = self.ramp(progress)
+        worst = worst_logits(logits, target, head_weight, lip_body.lip, self.eps * ramp)
+        robust = F.cross_entropy(worst, target) + self.sparsity * lip_body.sparsity
+        return (1 - ramp) * F.cross_entropy(logits, target) + ramp * robust
+
+
 # Peer losses are trained with a unit-row (LLN) head, as their code bases do; CLL, GloRo and CE
 # with an unconstrained linear head (the CLL reference's "vanilla" last layer).
 LLN_LOSSES = ("soc_cr", "cpl_hinge", "sll_offset_ce")
@@ -295,6 +338,11 @@ def _cpl_hinge(cfg) -> MultiMarginHinge:
 @LOSSES.register("sll_offset_ce")
 def _sll_offset_ce(cfg) -> OffsetCrossEntropy:
     return OffsetCrossEntropy(cfg.offset, cfg.temperature)
+
+
+@LOSSES.register("local_lip_b")
+def _local_lip_b(cfg) -> LocalLipB:
+    return LocalLipB(cfg.eps, cfg.sparsity, cfg.eps_warmup, cfg.pi_iters)
 
 
 def create(cfg) -> nn.Module:

@@ -71,6 +71,9 @@ def make_schedule(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_ep
         factor = lambda it: 0.5 * (1 + math.cos(math.pi * min(it / total, 1.0)))
     elif cfg.schedule == "triangular":  # CPL's: 0 -> lr at 40%, -> lr/20 at 80%, -> 0 at the end
         factor = lambda it: float(np.interp(it / total, [0, 0.4, 0.8, 1.0], [0, 1, 0.05, 0]))
+    elif cfg.schedule == "exp":  # Local-Lip-B's: constant, then exponential decay to lr * gamma at the end
+        start = (cfg.milestones[0] if cfg.milestones else 0.6 * cfg.epochs) * steps_per_epoch
+        factor = lambda it: cfg.gamma ** min(max(it - start, 0) / max(total - start, 1), 1.0)
     else:
         factor = lambda it: 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -114,7 +117,16 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     """The run's architecture for its data set, with the run's head (``auto``: the loss's own)."""
     info = data.dataset_info(cfg.dataset)
     head = losses.default_head(cfg.loss) if cfg.head == "auto" else cfg.head
-    return models.create(cfg.arch, info.num_classes, info.in_shape, head=head, mean=info.mean, width=cfg.width)
+    return models.create(
+        cfg.arch,
+        info.num_classes,
+        info.in_shape,
+        head=head,
+        mean=info.mean,
+        width=cfg.width,
+        activation=cfg.activation,
+        clip_init=cfg.clip_init,
+    )
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[RunConfig, torch.nn.Module]:
@@ -175,17 +187,25 @@ def make_step(
     logits the loss sees, the loss and the power-iteration K stay fp32 (the reference trains in fp32,
     docs/recipes.md, so no recipe turns it on). ``compile``: the body's forward through
     torch.compile; the power iterations stay eager. Both use model(x) == head(body(x)), the
-    interface the certifier relies on too."""
+    interface the certifier relies on too.
+
+    A loss with a ``local_estimate`` (Local-Lip-B) gets, in place of K_F, its per-sample estimate of
+    the body's local constant around the batch (``cll.local_lipschitz``). Layers with a
+    ``constrain_`` method (the clipped activations' thresholds) are projected back into their
+    range after every optimizer step."""
     needs_k = criterion.needs_lipschitz or cfg.lip_penalty > 0
+    local_estimate = getattr(criterion, "local_estimate", None)
+    constrained = [m for m in model.modules() if hasattr(m, "constrain_")]
     body = torch.compile(model.body) if cfg.compile else model.body
     amp = cfg.amp and device.type == "cuda"
 
     def step(x: torch.Tensor, y: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
         lip_body = lipschitz.estimate_body(model, cfg.pi_iters) if needs_k else None
+        local = local_estimate(model, x, progress) if local_estimate is not None else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             features = body(x)
         logits = model.head(features.float())
-        loss = criterion(logits, y, model.head.weight, lip_body, progress)
+        loss = criterion(logits, y, model.head.weight, lip_body if local is None else local, progress)
         if cfg.lip_penalty > 0:
             loss = loss + losses.lipschitz_penalty(
                 lip_body,
@@ -198,6 +218,8 @@ def make_step(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        for layer in constrained:
+            layer.constrain_()
         return loss.detach(), logits.detach()
 
     return step

@@ -203,4 +203,26 @@ class Numbers:
         return _nullable({"type": "array", **sizes, "items": self.item.schema()}, self.null)
 
 
-Rule = Number | Choice | Flag | Text | Numbers
+@dataclass(frozen=True)
+class OneOrMore:
+    """One number, or a non-empty list of them (one per layer, say)."""
+
+    item: Number
+
+    @property
+    def allowed(self) -> str:
+        return f"{self.item.allowed} or a non-empty list of {self.item.plural}"
+
+    def check(self, key: str, value: Any) -> Any:
+        if not isinstance(value, list):
+            return self.item.check(key, value)
+        _check(len(value) > 0, key, value, self.allowed)
+        v = [self.item.convert(key, x) for x in value]
+        _check(all(self.item.contains(x) for x in v), key, value, self.allowed)
+        return v
+
+    def schema(self) -> dict:
+        return {"anyOf": [self.item.schema(), {"type": "array", "minItems": 1, "items": self.item.schema()}]}
+
+
+Rule = Number | Choice | Flag | Text | Numbers | OneOrMore

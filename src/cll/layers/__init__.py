@@ -1,6 +1,7 @@
 """Building blocks of Lipschitz networks, one file per idea.
 
 ``activations``  MaxMin (GroupSort-2) and the Householder activation HH1
+``clipped``      clipped ReLU and clipped MaxMin with learnable thresholds (Local-Lip-B)
 ``basic``        zero channel padding, input normalisation, unit-row (LLN) heads
 ``soc``          skew-orthogonal convolution (Singla & Feizi, ICML 2021)
 ``cpl``          convex potential layers (Meunier et al., ICML 2022)
@@ -11,17 +12,22 @@ No layer here computes a certifying bound: ``cll.lipschitz`` bounds every layer 
 parameters (and refuses an unknown one), so "1-Lipschitz by construction" is always measured.
 """
 
+from ..registry import Registry
 from .activations import HouseHolder, MaxMin
 from .basic import Normalize, PaddingChannels, unit_row_head
+from .clipped import ClippedMaxMin, ClippedReLU
 from .cpl import CPLConv, CPLLinear
 from .sandwich import SandwichConv, SandwichLinear
 from .sll import SLLConv, SLLLinear
 from .soc import SOC
 
 __all__ = [
+    "ACTIVATIONS",
     "SOC",
     "CPLConv",
     "CPLLinear",
+    "ClippedMaxMin",
+    "ClippedReLU",
     "HouseHolder",
     "MaxMin",
     "Normalize",
@@ -32,3 +38,10 @@ __all__ = [
     "SandwichLinear",
     "unit_row_head",
 ]
+
+# The activations a GloRo-family net can use (run-config key ``activation``), by name: each
+# builder takes (feature shape without the batch axis, clip_init: the initial threshold).
+ACTIVATIONS = Registry("activation")
+ACTIVATIONS.register("maxmin")(lambda shape, clip_init: MaxMin())
+ACTIVATIONS.register("clipped_maxmin")(ClippedMaxMin)
+ACTIVATIONS.register("clipped_relu")(ClippedReLU)

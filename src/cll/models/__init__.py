@@ -22,6 +22,11 @@ last dense layer. Sizes of the dense layers after Flatten follow from ``in_shape
 moons-mlp  F(10) F(20) F(40) F(40) F(20) F(10)  on 2-d inputs
 ======== ======================================================================================
 
+The activation is MaxMin unless the run asks for another registered one (``activation``:
+``clipped_maxmin`` or ``clipped_relu``, the clipped layers of Local-Lip-B, with thresholds
+initialised to ``clip_init``: one value, or one per activation layer). ``8C2F`` is the same
+network whatever the activation.
+
 Initialisation: Kaiming-normal weights, zero biases (the reference's ``init_weights``).
 """
 
@@ -33,11 +38,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..layers import MaxMin, Normalize, unit_row_head
+from ..errors import ConfigError
+from ..layers import ACTIVATIONS, Normalize, unit_row_head
 from ..lipschitz import PowerIteration
 from ..registry import Registry
 
 ARCHS = Registry("architecture")
+GLORO_FAMILY = ("2C2F", "4C3F", "6C2F", "8C2F", "moons-mlp")  # the archs built by gloro_net
 
 
 class LipschitzNet(nn.Module):
@@ -99,25 +106,37 @@ def gloro_net(
     head: str = "linear",
     mean: Sequence[float] | None = None,
     width: float = 1.0,
+    activation: str = "maxmin",
+    clip_init: float | Sequence[float] = 1.0,
 ) -> LipschitzNet:
     """Conv layers ``(out_channels, kernel, stride, padding)``, then dense widths, then the head;
-    MaxMin after every layer but the head; ``width`` scales the channel and dense sizes. ``mean``
-    is accepted and not used: the GloRo family is trained on raw [0,1] inputs, as in the reference."""
+    the activation after every layer but the head; ``width`` scales the channel and dense sizes.
+    ``mean`` is accepted and not used: the GloRo family is trained on raw [0,1] inputs, as in the
+    reference."""
+    n_act = len(convs) + len(dense)
+    inits = list(clip_init) if isinstance(clip_init, Sequence) else [clip_init] * n_act
+    if len(inits) != n_act:
+        raise ConfigError(f"clip_init: {len(inits)} values for the {n_act} activation layers of this architecture")
     layers: list[nn.Module] = []
-    channels = in_shape[0]
     convs = [(scaled(out, width), k, s, p) for out, k, s, p in convs]
     dense = [scaled(n, width) for n in dense]
+    x = torch.zeros(1, *in_shape)  # traces the feature shapes: activations hold one threshold per neuron
+
+    def add(layer: nn.Module) -> None:  # a conv/dense layer and its activation
+        nonlocal x
+        with torch.no_grad():
+            x = layer(x)
+        init = inits[sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in layers)]
+        layers.extend([layer, ACTIVATIONS.get(activation)(tuple(x.shape[1:]), init)])
+
     for out, k, s, p in convs:
-        layers += [nn.Conv2d(channels, out, k, stride=s, padding=p), MaxMin()]
-        channels = out
+        add(nn.Conv2d(x.shape[1], out, k, stride=s, padding=p))
     if len(in_shape) > 1:
         layers.append(nn.Flatten())
-    with torch.no_grad():  # the flattened width depends on the input size
-        width = nn.Sequential(*layers)(torch.zeros(1, *in_shape)).shape[1]
+        x = x.flatten(1)
     for n in dense:
-        layers += [nn.Linear(width, n), MaxMin()]
-        width = n
-    model = LipschitzNet(nn.Sequential(*layers), make_head(head, width, num_classes), in_shape)
+        add(nn.Linear(x.shape[1], n))
+    model = LipschitzNet(nn.Sequential(*layers), make_head(head, x.shape[1], num_classes), in_shape)
     model.apply(_init)
     return model
 
@@ -177,13 +196,28 @@ def create(
     head: str = "linear",
     mean: Sequence[float] | None = None,
     width: float = 1.0,
+    activation: str = "maxmin",
+    clip_init: float | Sequence[float] = 1.0,
 ) -> LipschitzNet:
     """Build a registered architecture; an unknown name fails with the list of known ones.
 
     ``head``: ``linear`` or ``lln``; ``mean``: the data set's channel mean, which the peers'
     families subtract (GloRo-family nets ignore it: raw [0,1] inputs, as in the reference);
-    ``width``: a factor on every layer width (tests and CPU runs use small ones)."""
-    return ARCHS.create(arch, num_classes=num_classes, in_shape=tuple(in_shape), head=head, mean=mean, width=width)
+    ``width``: a factor on every layer width (tests and CPU runs use small ones); ``activation``
+    and ``clip_init``: see the module docstring (GloRo-family nets only; the peers' families
+    have their own activations)."""
+    extra = {}
+    if activation != "maxmin":
+        ACTIVATIONS.get(activation)  # an unknown name fails with the list of known ones
+        if arch not in GLORO_FAMILY:
+            raise ConfigError(
+                f"activation: {activation!r} applies to the GloRo-family architectures "
+                f"({', '.join(GLORO_FAMILY)}); {arch} has its own activations"
+            )
+        extra = {"activation": activation, "clip_init": clip_init}
+    return ARCHS.create(
+        arch, num_classes=num_classes, in_shape=tuple(in_shape), head=head, mean=mean, width=width, **extra
+    )
 
 
 def names() -> list[str]:
