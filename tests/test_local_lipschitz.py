@@ -329,6 +329,31 @@ def test_certify_local_counts_agree_with_the_rules():
     assert out["local"][1e-2] > out["global"][1e-2]  # the masks pay off on this net
 
 
+def test_the_certifier_and_the_audit_use_the_local_bound():
+    """certify(local=True) counts what certify_local counts (the same rule, wired into the screened
+    certifier), the global CRA beside it; the audit attacks the local certificates and breaks none."""
+    from cll import attack, certify
+
+    model = make_net([(4, 3, 1, 1), (6, 3, 2, 1)], [8], (1, 6, 6), "clipped_relu", seed=12)
+    torch.manual_seed(13)
+    x = torch.rand(40, 1, 6, 6)
+    y = model(x).argmax(1)
+    eps = [1e-3, 1e-2]
+    reference = certify_local(model, x, y, eps, estimate_iters=50)
+    out = certify.certify(model, [(x, y)], eps, local=True, local_estimate_iters=50)
+    for e in eps:
+        key = certify.eps_key(e)
+        assert round(out["cra"][key] * 40) == reference["local"][e]
+        assert round(out["cra_global"][key] * 40) == reference["global"][e]
+        assert round(out["cra_estimate"][key] * 40) == reference["estimate"][e]
+    assert out["cra"][certify.eps_key(1e-2)] > out["cra_global"][certify.eps_key(1e-2)] and out["local_share"] > 0
+    audited = attack.audit(model, x, y, eps, steps=10, restarts=1, local=True)
+    plain = attack.audit(model, x, y, eps, steps=10, restarts=1)
+    key = certify.eps_key(1e-2)
+    assert audited["per_eps"][key]["certified"] == reference["local"][1e-2] > plain["per_eps"][key]["certified"]
+    assert audited["broken"] == 0
+
+
 @pytest.mark.workflow(seconds=75)
 @pytest.mark.timeout(900)
 def test_digits_run_through_the_workflow_is_certified_and_audited(tmp_path):

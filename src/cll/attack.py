@@ -330,6 +330,7 @@ def audit(
     seed: int = 0,
     batch_size: int = 500,
     log: Callable[[str], None] | None = None,
+    local: bool = False,
 ) -> dict:
     """Attack the certificates of (x, y) and measure how tight they are.
 
@@ -351,14 +352,18 @@ def audit(
        (the certified bound): ``lipschitz_tightness`` = lower / upper, never above 1 for a sound
        bound (``bound_broken`` if it is).
 
+    ``local``: the certificates at each eps include the sound local ones (Local-Lip-B,
+    ``cll.certify.LocalCertifier``), which the attack at eps then tests too.
+
     Returns a dict with ``per_eps`` {eps_key: counts}, ``own_radius`` (counts), ``tightness``,
     ``lipschitz_lower``, ``lipschitz_upper``, ``lipschitz_tightness``, ``bound_broken``, ``broken``
     (the total of broken certificates), ``attacks`` and ``lipschitz_body``."""
-    from .certify import Certifier, eps_key
+    from .certify import Certifier, LocalCertifier, eps_key
     from .lipschitz import upper_bound_head
     from .progress import Progress, fmt_time
 
     certifier = Certifier(model, eps=eps)
+    local_certifier = LocalCertifier(certifier) if local else None
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     names = attack_names(steps, restarts) + [f"fmn-l2 ({steps} steps)", f"pair ascent ({steps} steps)"]
@@ -409,7 +414,10 @@ def audit(
         correct = logits.argmax(1) == yb
         for e in eps:
             counts = per_eps[eps_key(e)]
-            certified = (pred == yb) & (radius > e)
+            if local_certifier is None:
+                certified = (pred == yb) & (radius > e)
+            else:
+                certified = local_certifier(xb, yb, pred, radius, e)[0]
             targets = certified | correct
             counts["sampled"] += len(yb)
             counts["correct"] += correct.sum().item()
