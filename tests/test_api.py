@@ -131,6 +131,7 @@ def test_example_certifies_and_audits_a_trained_checkpoint(tmp_path, capsys):
     assert f"sound Lipschitz bound of the logit differences: {got['upper_bound']:.6g}" in lines
 
 
+@pytest.mark.slow
 def test_example_on_a_missing_run_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(EXAMPLE), str(tmp_path / "nope")], capture_output=True, text=True, timeout=120
