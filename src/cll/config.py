@@ -152,6 +152,12 @@ class RunConfig:
         Numbers(POSITIVE, least=1),
         "radii at which cll certify reports CRA (default 36/255, 72/255, 108/255)",
     )
+    local_eval_iters: int = setting(
+        2000,
+        AT_LEAST_ONE,
+        "local_lip_b: power iterations per masked norm of the paper's estimate-based certificate, reported "
+        "beside the sound one (cll certify; the paper: 2000)",
+    )
     # ---- runtime ----
     device: str = setting("auto", Choice(("auto", "cpu", "cuda")), "auto = CUDA when visible, else CPU")
     checkpoint_every: int = setting(1, AT_LEAST_ONE, "epochs between checkpoints (the last epoch always saves)")
