@@ -309,6 +309,7 @@ def bench_certify(cfg: RunConfig, model: torch.nn.Module, device: torch.device, 
             "bound_seconds": round(bound, 4),
             "ratio_to_inference_plus_bound": round(cert / (inf + bound), 3),
             "float64_share": out["float64_share"],  # samples the certifier recomputed in float64
+            "float64_resumed_share": out["float64_resumed_share"],  # ... from its restart layer on
             "target_ratio": TARGETS["certify_ratio"],
             "peak_mem_mb": peak_mem_mb(device),
         }

@@ -131,17 +131,52 @@ def logit_error(head: Head, features: torch.Tensor, dtype: torch.dtype) -> torch
     return TERM_SAFETY * (gamma(d + 1, dtype) * size + head.tiny * TINY[dtype])
 
 
+def layer_costs(body: nn.Sequential, shapes) -> list[float]:
+    """Floating-point operations of each body layer on one sample (torch's FLOP counter: products
+    and convolutions; 1 for a layer without any)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(body.parameters(), None)
+    device = param.device if param is not None else "cpu"
+    costs = []
+    with torch.no_grad():
+        for layer, shape in zip(body, shapes):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                layer(torch.zeros(1, *shape, device=device))
+            costs.append(max(1.0, float(counter.get_total_flops())))
+    return costs
+
+
+def restart_layer(costs: list[float], share: float = 0.3) -> int | None:
+    """The first layer from which the rest of the body costs at most ``share`` of the whole: where a
+    float64 pass may start from the float32 activations (None if that is the first layer)."""
+    total, suffix = sum(costs), 0.0
+    start = len(costs)
+    for index in reversed(range(len(costs))):
+        suffix += costs[index]
+        if suffix > share * total:
+            break
+        start = index
+    return start if 0 < start < len(costs) else None
+
+
 class Float32Pass:
     """The float32 pass ``model(x)`` with a per-sample bound on its rounding.
 
     ``rigorous`` is False when a body layer's float32 bound is an estimate (the Sandwich conv's
-    ``torch.fft``): the pass then only screens samples out, never certifies."""
+    ``torch.fft``): the pass then only screens samples out, never certifies. With ``restart``, each
+    call also keeps the (float32) input of that body layer and the bound on its error so far
+    (``restart_input``, ``restart_error``), from which a float64 pass may go on."""
 
-    def __init__(self, model: nn.Module, shapes, bounds):
+    def __init__(self, model: nn.Module, shapes, bounds, restart: int | None = None):
         self.model = model
         self.terms = body_terms(model.body, shapes, bounds, torch.float32)
         self.rigorous = all(t.rounding.rigorous for t in self.terms)
         self.head = head_terms(model.head)
+        self.restart = restart
+        self.restart_input: torch.Tensor | None = None
+        self.restart_error: torch.Tensor | None = None
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,6 +190,8 @@ class Float32Pass:
             def hook(_module, inputs):
                 if index in wanted:  # the input norm of a layer that rounds, per sample
                     norms[index] = norm_upper_bound(inputs[0])
+                if index == self.restart:
+                    seen["restart"] = inputs[0]
 
             return hook
 
@@ -186,6 +223,8 @@ class Float32Pass:
             )
         err = torch.zeros(len(x), dtype=torch.float64, device=x.device)
         for index, terms in enumerate(self.terms):
+            if index == self.restart:
+                self.restart_input, self.restart_error = seen["restart"], err
             err = carry(err, terms, norms.get(index))
         return logits, logit_error(self.head, seen["head"][0], torch.float32), err
 
@@ -217,12 +256,16 @@ class Float64Pass:
         self.head = head_terms(model.head)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits (N, C), logit_error (N, C), body_error (N,)), all float64."""
+    def __call__(
+        self, x: torch.Tensor, start: int = 0, error: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (N, C), logit_error (N, C), body_error (N,)), all float64. ``start``: begin at that
+        body layer, ``x`` being its computed input and ``error`` (N,) a bound on that input's error
+        (the float32 pass's ``restart_error``): the float64 pass from there on."""
         h = x.double()
-        err = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+        err = torch.zeros(len(x), dtype=torch.float64, device=x.device) if error is None else error.double()
         with full_precision():
-            for layer, terms in zip(self.layers, self.terms):
+            for layer, terms in list(zip(self.layers, self.terms))[start:]:
                 norm = norm_upper_bound(h) if terms.rounding.alpha > 0 else None
                 err = carry(err, terms, norm)
                 h = layer(h)

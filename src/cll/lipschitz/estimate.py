@@ -212,11 +212,12 @@ def estimate_body(model: nn.Module, n_iter: int, update: bool = True) -> torch.T
     return k * model.input_lipschitz
 
 
-def estimate_converged_body(model: nn.Module, tol: float = 1e-7) -> float | None:
-    """K_F from power iteration run to convergence, times the body's exactly known factors: a lower
-    estimate (log it, never certify). None where the body has layers power iteration does not follow
-    (the peers' families): no number is better than one that is not what its name says."""
-    sigmas = model.power.converge(tol)
+def estimate_converged_body(model: nn.Module, tol: float = 1e-7, max_iter: int = 10_000) -> float | None:
+    """K_F from power iteration run to convergence (or ``max_iter`` iterations), times the body's
+    exactly known factors: a lower estimate (log it, never certify). None where the body has layers
+    power iteration does not follow (the peers' families): no number is better than one that is not
+    what its name says."""
+    sigmas = model.power.converge(tol, max_iter)
     return math.prod(sigmas) * model.power.factor if model.power.complete else None
 
 
