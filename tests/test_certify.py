@@ -263,8 +263,10 @@ def test_float64_only_where_it_decides_gives_the_same_certificates(trained_run, 
     _, pred, radius = screened(x, y)
     for e in eps:
         assert torch.equal((pred == y) & (radius > e), (pred_all == y) & (radius_all > e))
-    # the float32 bound cannot settle a sample whose radius is that close to an eps: recomputed
+    # the float32 bound cannot settle a sample whose radius is that close to an eps: recomputed, first
+    # from the restart layer on (the dense layers), then from the input where that does not settle it
     assert 0 < screened.recomputed < len(x)
+    assert screened.forward32.restart is not None and screened.resumed >= screened.recomputed
 
 
 def test_rounding_term_is_subtracted_from_the_margin():
