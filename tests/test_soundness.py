@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_peers import FAMILIES, blobs, tiny
+from test_peers import FAMILIES, blobs, tiny, trained_tiny
 from torch import nn
 
 from cll import certify, lipschitz, models
@@ -139,27 +139,8 @@ _TRAINED: dict[str, nn.Module] = {}
 def _trained_peer(family: str) -> nn.Module:
     """A tiny net of the family trained 10 steps on blobs (cached per family for this module)."""
     if family not in _TRAINED:
-        _TRAINED[family] = _train_peer(family)
+        _TRAINED[family] = trained_tiny(family, 10).eval()
     return _TRAINED[family]
-
-
-def _train_peer(family: str) -> nn.Module:
-    torch.manual_seed(0)
-    shape = (3, 32, 32)
-    model = tiny(family, 3, shape, head="lln")
-    x, y = blobs(48, shape)
-    from cll import losses
-
-    criterion = losses.OffsetCrossEntropy(2.12, 0.25)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _step in range(10):
-        idx = torch.randint(0, len(x), (16,))
-        loss = criterion(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
