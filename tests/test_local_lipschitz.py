@@ -332,7 +332,7 @@ def test_certify_local_counts_agree_with_the_rules():
 def test_the_certifier_and_the_audit_use_the_local_bound():
     """certify(local=True) counts what certify_local counts (the same rule, wired into the screened
     certifier), the global CRA beside it; the audit attacks the local certificates and breaks none."""
-    from cll import attack, certify
+    from cll import audit, certify
 
     model = make_net([(4, 3, 1, 1), (6, 3, 2, 1)], [8], (1, 6, 6), "clipped_relu", seed=12)
     torch.manual_seed(13)
@@ -347,8 +347,8 @@ def test_the_certifier_and_the_audit_use_the_local_bound():
         assert round(out["cra_global"][key] * 40) == reference["global"][e]
         assert round(out["cra_estimate"][key] * 40) == reference["estimate"][e]
     assert out["cra"][certify.eps_key(1e-2)] > out["cra_global"][certify.eps_key(1e-2)] and out["local_share"] > 0
-    audited = attack.audit(model, x, y, eps, steps=10, restarts=1, local=True)
-    plain = attack.audit(model, x, y, eps, steps=10, restarts=1)
+    audited = audit.audit(model, x, y, eps, steps=10, restarts=1, local=True)
+    plain = audit.audit(model, x, y, eps, steps=10, restarts=1)
     key = certify.eps_key(1e-2)
     assert audited["per_eps"][key]["certified"] == reference["local"][1e-2] > plain["per_eps"][key]["certified"]
     assert audited["broken"] == 0

@@ -273,7 +273,7 @@ def test_the_audit_catches_a_bound_ten_percent_too_small():
     nearly tight (nearest adversarial point / radius ~1.1), so a K_F scaled by 0.9 certifies radii
     that an attack at each point's own radius breaks; the true bound breaks nothing. (GloRo-family
     nets are looser, ratio >= 2 on a trained digits 4C3F: no attack can see 10 % there.)"""
-    from cll.attack import audit
+    from cll.audit import audit
     from cll.lipschitz import bound
 
     model = _trained_peer("lipconv")

@@ -44,8 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import attack, lipschitz
+from . import audit as audit_module
 from . import certify as certifier
+from . import lipschitz
 from .config import RunConfig, parse_number
 from .errors import CllError, ConfigError
 from .models import LipschitzNet, create
@@ -216,6 +217,6 @@ def audit(
 
     def run() -> dict[str, Any]:
         model.eval()
-        return attack.audit(model, x, y, radii, steps=steps, restarts=restarts, seed=seed)
+        return audit_module.audit(model, x, y, radii, steps=steps, restarts=restarts, seed=seed)
 
     return {**_supported(model, run), "n_samples": have}

@@ -120,7 +120,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from . import attack, data, results
+    from . import audit, data, results
     from .train import load_run, resolve_device
     from .values import parse_number
 
@@ -136,9 +136,9 @@ def cmd_audit(args: argparse.Namespace) -> None:
     order = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(cfg.seed))
     picked = sorted(order[: args.n].tolist())
     x, y = map(torch.cat, zip(*DataLoader(Subset(test_set, picked), batch_size=1000)))
-    _progress_line(attack.audit_plan(len(picked), eps, args.steps, args.restarts))
+    _progress_line(audit.audit_plan(len(picked), eps, args.steps, args.restarts))
     t0 = time.time()
-    out = attack.audit(
+    out = audit.audit(
         model, x.to(device), y.to(device), eps, steps=args.steps, restarts=args.restarts, seed=cfg.seed,
         log=_progress_line, local=_local(cfg),
     )  # fmt: skip

@@ -148,7 +148,7 @@ def metric_name(prefix: str, eps_key: str) -> str:
 
 
 def _audit_metrics(audit: dict) -> dict[str, Any]:
-    """The audit's headline numbers (``cll.attack.audit``): broken certificates (in all, per radius,
+    """The audit's headline numbers (``cll.audit.audit``): broken certificates (in all, per radius,
     at the points' own radius), certified points attacked per radius, and its two tightness
     measures: the median over points of (nearest adversarial distance found / certified radius)
     and (Lipschitz lower bound found / certified bound), both 1 when tight."""
