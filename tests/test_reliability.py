@@ -150,7 +150,10 @@ def test_audit_rule_is_in_the_workflow(tmp_path):
     lines = [line for line in commands if line.startswith("cll audit --run ")]
     certify = [line for line in commands if line.startswith("cll certify --run ")]
     assert len(lines) == len(certify) == 4
-    assert all("--n 100" in line and "audit" in line.split(" > ")[1] for line in lines)
+    # Each row's audit budget reaches its command (moons rows n=100, digits rows n=50).
+    for line in lines:
+        budget = "--n 100 --steps 10" if "/moons/" in line else "--n 50 --steps 10"
+        assert budget in line and "audit" in line.split(" > ")[1], line
 
 
 # ----------------------------------------------------------------------- resume after kill -9
