@@ -15,8 +15,9 @@ experiment folder; cll: the same run config, ``REFERENCE_RECIPES``), random inpu
 of ``--steps`` after ``--warmup``; images/s = batch / median step.
 certify: 1000 random test images of an 8C2F after a few training steps (batch 64): the reference's
 epoch-end convergence (``post_training_hook``) + its eval pass with RobustAccuracy at 36/255, against
-cll's epoch-end convergence (``estimate_converged_body``) + ``certify.certify`` (the sound bound, the
-float32 screening and the float64 pass).
+cll's epoch-end convergence (``estimate_converged_body``) + ``certify.certify`` of the run's weights
+loaded as `cll certify` loads them (the sound bound, the float32 screening and the float64 pass);
+``certify_s`` is the second part alone.
 
 stdout: one JSON line per measurement and one ``summary`` line per arch and measurement (medians,
 their ratio, peak RSS of both sides, load average); stderr: progress and a Markdown table.
@@ -85,6 +86,8 @@ def cll_train(arch: str, warmup: int, steps: int) -> dict:
 
 
 def cll_certify(arch: str) -> dict:
+    """What `cll train` does at an epoch end (converge the iterates) and what `cll certify` does
+    after it (load the run's weights into a fresh model, certify), after a few training steps."""
     import torch
 
     import bench
@@ -99,11 +102,12 @@ def cll_certify(arch: str) -> dict:
     for _ in range(CERT_TRAIN_STEPS):  # a trained state: weights and iterates moved by training
         step(*train.to_device(*bench.random_batch(cfg, CERT_TRAIN_BATCH, gen), device), 0.5)
     batches = [bench.random_batch(cfg, CERT_BATCH, gen) for _ in range(CERT_N // CERT_BATCH)]
-    model.eval()
     t0 = time.perf_counter()
-    lipschitz.estimate_converged_body(model, cfg.pi_tol)  # cll's epoch-end convergence
+    lipschitz.estimate_converged_body(model, cfg.pi_tol)  # the epoch end of cll.train.train
     t1 = time.perf_counter()
-    out = certify.certify(model, batches, device=device)
+    run = train.build_model(cfg)  # as cll.train.load_run builds the model `cll certify` certifies
+    run.load_state_dict(model.state_dict())
+    out = certify.certify(run, batches, device=device)
     t2 = time.perf_counter()
     return {
         "total_s": round(t2 - t0, 3),
