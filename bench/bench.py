@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -50,6 +51,7 @@ QUICK_BIG_PARAMS = 3_000_000
 QUICK_WIDTH = 0.25
 QUICK_BOUND_PARAMS = 3_000_000
 TARGETS = {"pi_share": 0.10, "certify_ratio": 1.2, "dryrun_seconds": 3.0}
+POOL = 4  # random training batches, stepped through in turn
 
 
 def log(msg: str) -> None:
@@ -182,28 +184,30 @@ def bench_train(
     cfg: RunConfig, model: torch.nn.Module, device: torch.device, warmup: int, steps: int, pi_reps: int
 ) -> dict:
     """The training step of cll.train (train.make_step: PI with gradient, forward, loss, backward,
-    optimizer step) on one random batch, and the power iterations alone (forward + backward)."""
+    optimizer step) on a pool of random batches, and the power iterations alone (forward +
+    backward). The figure is the median step, as the reference harness reports it."""
     gen = torch.Generator().manual_seed(0)
     model = train.prepare_model(model, cfg, device)
     model.train()
     criterion = losses.create(cfg)
     optimizer = train.make_optimizer(cfg, model)
     step = train.make_step(cfg, model, criterion, optimizer, device)
-    x, y = random_batch(cfg, cfg.batch_size, gen)
-    x, y = train.to_device(x, y, device)
+    # a pool of POOL batches, stepped through in turn (as shared/bench-ref/ref_cll_bench.py does)
+    pool = [train.to_device(*random_batch(cfg, cfg.batch_size, gen), device) for _ in range(POOL)]
     timer = Timer(device)
 
-    for _ in range(warmup):
-        step(x, y, 0.5)
+    for i in range(warmup):
+        step(*pool[i % POOL], 0.5)
     reset_peak(device)
-    t0 = timer.now()
-    for _ in range(steps):
-        step(x, y, 0.5)
-    step_total = timer.now() - t0
+    times = []
+    for i in range(steps):
+        t0 = timer.now()
+        step(*pool[i % POOL], 0.5)
+        times.append(timer.now() - t0)
 
     # the power iterations' share: their forward (estimate_body) and the backward through them
     # (the K penalty differentiates them; inside the step it is part of loss.backward())
-    fwd_times, fb_times = [], []
+    fwd_times, fb_times = [], []  # pi_reps 0: not measured
     for _ in range(pi_reps):
         t0 = timer.now()
         k = lipschitz.estimate_body(model, cfg.pi_iters)
@@ -213,20 +217,22 @@ def bench_train(
         fwd_times.append(t1 - t0)
         fb_times.append(t2 - t0)
     # the median: on a CPU a batch-1 kernel's time swings with the allocator's state
-    pi_fwd, pi_fb = statistics.median(fwd_times), statistics.median(fb_times)
+    pi_fwd, pi_fb = (statistics.median(t) if t else math.nan for t in (fwd_times, fb_times))
     optimizer.zero_grad(set_to_none=True)
-    step_s = step_total / steps
+    step_s = statistics.median(times)
 
     rec = base("train", cfg.arch, device, cfg.batch_size)
     rec.update(
         {
-            "images_per_s": round(cfg.batch_size * steps / step_total, 1),
-            "seconds": round(step_total, 4),
+            "images_per_s": round(cfg.batch_size / step_s, 1),
+            "seconds": round(sum(times), 4),
             "steps": steps,
             "step_ms": round(1e3 * step_s, 2),
-            "pi_share": round(pi_fb / step_s, 4),
-            "pi_ms": round(1e3 * pi_fb, 2),
-            "pi_fwd_ms": round(1e3 * pi_fwd, 2),
+            "step_ms_min": round(1e3 * min(times), 2),
+            "step_ms_max": round(1e3 * max(times), 2),
+            "pi_share": None if math.isnan(pi_fb) else round(pi_fb / step_s, 4),
+            "pi_ms": None if math.isnan(pi_fb) else round(1e3 * pi_fb, 2),
+            "pi_fwd_ms": None if math.isnan(pi_fwd) else round(1e3 * pi_fwd, 2),
             "pi_iters": cfg.pi_iters,
             "loss": cfg.loss,
             "amp": cfg.amp,

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
+from helpers import plain_maxmin
 
 from cll import cli
-from cll.config import load_config
+from cll.config import build_config, load_config
 from cll.train import train
 
 FAST = ["batch_size=250", "lr=0.01", "epochs=60"]  # a few seconds per run on one CPU core
@@ -159,3 +160,42 @@ def test_compile_and_amp_options_train_the_same_model_on_cpu(tmp_path, monkeypat
     assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Sequential)
     assert [e["loss"] for e in both["epochs"]] == [e["loss"] for e in plain["epochs"]]
     assert both["lipschitz_bound"] == plain["lipschitz_bound"]
+
+
+@pytest.mark.parametrize("form", ["pairwise", "per_logit"])
+def test_training_step_matches_the_unoptimised_path(form, monkeypatch):
+    # the step as prepare_model lays it out (channels-last, MaxMin's own backward, malloc keeping
+    # freed memory) against the plain one (NCHW, autograd through maximum/minimum/cat): the same
+    # losses and K trajectory to float noise. Half of every image is zero: with the zero initial
+    # biases, MaxMin's pairs tie there (the tie rule of its gradient is exercised).
+    from cll import lipschitz, losses
+    from cll.layers import MaxMin
+    from cll.train import build_model, make_optimizer, make_step, prepare_model
+
+    cfg = build_config(
+        {"dataset": "cifar10", "arch": "6C2F", "loss": "cll", "cll_form": form, "width": 0.25, "lip_penalty": 1e-6}
+    )
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 16, 3, 32, 32, generator=gen)
+    x[..., 16:] = 0.0
+    y = torch.randint(0, 10, (4, 16), generator=gen)
+
+    def trajectory(fast: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        model = prepare_model(model, cfg, torch.device("cpu")) if fast else model
+        optimizer = make_optimizer(cfg, model)
+        step = make_step(cfg, model, losses.create(cfg), optimizer, torch.device("cpu"))
+        out = []
+        for xb, yb in zip(x, y):
+            xb = xb.contiguous(memory_format=torch.channels_last) if fast else xb
+            loss, _ = step(xb, yb, 0.5)
+            with torch.no_grad():
+                out += [loss.item(), lipschitz.estimate_body(model, 0, update=False).item()]
+        return out
+
+    fast = trajectory(True)
+    with monkeypatch.context() as patch:
+        patch.setattr(MaxMin, "forward", lambda self, x: plain_maxmin(x))
+        plain = trajectory(False)
+    assert fast == pytest.approx(plain, rel=1e-5), (fast, plain)

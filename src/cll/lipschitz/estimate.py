@@ -165,12 +165,15 @@ class PowerIteration(nn.Module):
         share a kernel call) and the host reads the estimates of all of them in one transfer per
         block of iterations (1, 2, 4, ... up to ``check_every``), not one per iteration and layer:
         on a GPU every read is a sync. The iterates of a block are kept, so each layer stops at
-        the first iteration that met the tolerance, with the result of checking at every one."""
+        the first iteration that met the tolerance, with the result of checking at every one.
+        A u that is checked is also the next iteration's start: its image A u serves both, so an
+        iteration costs two operator applications, not three."""
         ops = [linear_operator(layer, shape) for layer, shape in self._layers]
         us = self.iterates()
         if not ops:
             return []
-        sigma = torch.stack([forward(u).norm().double() for (forward, _), u in zip(ops, us)]).tolist()
+        ys = [forward(u) for (forward, _), u in zip(ops, us)]  # A u of every current iterate
+        sigma = torch.stack([y.norm().double() for y in ys]).tolist()
         active, done_iter, block = list(range(len(ops))), 0, 1
         while active and done_iter < max_iter:
             block = min(block, check_every, max_iter - done_iter)
@@ -179,10 +182,11 @@ class PowerIteration(nn.Module):
             for _ in range(block):
                 for i in active:
                     forward, adjoint = ops[i]
-                    v = adjoint(forward(us[i]))
+                    v = adjoint(ys[i])
                     us[i] = v / (v.norm() + 1e-30)
+                    ys[i] = forward(us[i])
                     trail[i].append(us[i])
-                    values[i].append(forward(us[i]).norm().double())
+                    values[i].append(ys[i].norm().double())
             done_iter += block
             read = torch.stack([torch.stack(values[i]) for i in active]).tolist()  # one transfer
             still = []
