@@ -381,12 +381,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--amp", action="store_true", help="train with amp: true (bf16 autocast; cuda only)")
     ap.add_argument("--compile", action="store_true", help="train with compile: true (torch.compile)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument(
+        "--cert-images", type=int, help="images certified per arch, in batches of up to 1000 (default 10000; quick 100)"
+    )
     args = ap.parse_args(argv)
     unknown = [a for a in args.arch or [] if a not in names]
     if unknown:
         ap.error(f"--arch {unknown[0]!r} is not registered; allowed: {', '.join(names)}")
     if args.batch is not None and args.batch < 1:
         ap.error(f"--batch {args.batch}: expected an integer >= 1")
+    if args.cert_images is not None and args.cert_images < 1:
+        ap.error(f"--cert-images {args.cert_images}: expected an integer >= 1")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -397,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only or ["train", "certify", "bound", "dryrun"])
     quick_cpu = args.quick and device.type == "cpu"
     warmup, steps, pi_reps = (1, 2, 1) if args.quick else (3, 10, 11)
-    n_cert, cert_batch = (100, 100) if args.quick else (10000, 1000)
+    n_cert = args.cert_images or (100 if args.quick else 10000)
+    cert_batch = min(n_cert, 1000)
     log(
         f"# torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} cpus, "
         f"threads {torch.get_num_threads()}, device {device}, quick={args.quick}"

@@ -14,6 +14,7 @@ from cll.config import build_config
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+import vs_reference  # noqa: E402
 from vs_reference import COMMON, REFERENCE_RECIPES  # noqa: E402
 
 
@@ -21,6 +22,30 @@ def test_reference_recipes_are_run_configs():
     for arch, values in REFERENCE_RECIPES.items():
         cfg = build_config({**COMMON, **values, "arch": arch})
         assert cfg.loss == "cll" and cfg.pi_iters == 5
+
+
+def test_side_by_side_summary_takes_medians_and_says_who_is_faster(monkeypatch, capsys):
+    """compare(): both sides alternate, medians, ratio > 1 when cll is faster (img/s up, seconds down)."""
+    fake = {
+        ("reference", "train"): iter([{"img_per_s": v, "peak_rss_mb": 9.0} for v in (100, 300, 200)]),
+        ("cll", "train"): iter([{"img_per_s": v, "peak_rss_mb": 5.0} for v in (500, 400, 450)]),
+        ("reference", "certify"): iter(
+            [{"total_s": t, "converge_s": t - 20, "eval_s": 20, "peak_rss_mb": 9.0} for t in (80, 90, 70)]
+        ),
+        ("cll", "certify"): iter(
+            [{"total_s": t + 5, "converge_s": 5, "certify_s": t, "peak_rss_mb": 5.0} for t in (10, 16, 11)]
+        ),
+    }
+    monkeypatch.setattr(vs_reference, "reference", lambda args, what, arch: next(fake["reference", what]))
+    monkeypatch.setattr(vs_reference, "ours", lambda args, what, arch: next(fake["cll", what]))
+    args = type("Args", (), {"runs": 3, "threads": 2})()
+    train = vs_reference.compare(args, "train", "4C3F")
+    assert (train["reference_img_per_s"], train["cll_img_per_s"], train["speedup"]) == (200, 450, 2.25)
+    cert = vs_reference.compare(args, "certify", "8C2F")
+    assert (cert["reference_total_s"], cert["cll_total_s"], cert["speedup"]) == (80, 16, 5.0)
+    assert (cert["cll_certify_s"], cert["speedup_vs_cll_certify"]) == (11, round(80 / 11, 3))
+    assert cert["reference_peak_rss_mb"] == 9.0 and cert["cll_peak_rss_mb"] == 5.0
+    assert len(capsys.readouterr().out.splitlines()) == 2 * (6 + 1)  # a line per measurement + summary
 
 
 @pytest.mark.slow
