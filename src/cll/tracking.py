@@ -49,7 +49,8 @@ seconds of retries and one warning line. The store is ``$MLFLOW_TRACKING_URI`` i
 
 Parallel jobs against a fresh sqlite file race in MLflow's schema migration and in experiment
 creation (two jobs each create the tables or the experiment; one fails); ``init`` (``cll track
-init``) creates both once, before the jobs start. This is the only module that imports mlflow, and only inside functions.
+init``) creates both once, before the jobs start.
+This is the only module that imports mlflow, and only inside functions.
 """
 
 from __future__ import annotations
