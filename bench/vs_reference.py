@@ -20,7 +20,9 @@ loaded as `cll certify` loads them (the sound bound, the float32 screening and t
 ``certify_s`` is the second part alone.
 
 stdout: one JSON line per measurement and one ``summary`` line per arch and measurement (medians,
-their ratio, peak RSS of both sides, load average); stderr: progress and a Markdown table.
+their ratio ``speedup``, peak RSS of both sides, load average; for certify also each phase's median
+and ``speedup_vs_cll_certify``, the reference's convergence + eval against ``certify_s`` alone);
+stderr: progress and a Markdown table.
 """
 
 from __future__ import annotations
