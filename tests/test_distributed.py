@@ -126,6 +126,7 @@ def _compare(single: Path, parallel: Path) -> dict:
     out["weights"] = max(
         ((sa[k].double() - sb[k].double()).abs().max() / sa[k].double().abs().max()).item() for k in weights
     )
+    out["weights_abs"] = max((sa[k].double() - sb[k].double()).abs().max().item() for k in weights)
     # the power-iteration iterates are unit vectors, compared by direction
     out["iterates"] = max(
         1
@@ -175,11 +176,13 @@ def test_two_processes_match_one(tmp_path, config):
     # measured 9e-6 on the loss, 2e-4 on the weights, 1e-2 on an iterate's entries. Local-Lip-B's
     # masks are thresholded bounds, which such noise flips: there 4e-5 on the loss, 3e-4 on K, 5e-4
     # on the iterates' directions, and a bias entry near 0 (max |b| ~ 4e-3 after 8 steps) moves by
-    # one Adam step (1e-3) in the other direction (relative to the largest entry: up to ~0.06).
+    # one Adam step (lr 1e-3) in the other direction: relative to that bias up to 0.2 (measured), so
+    # there a tensor passes within 10 % of its largest entry or within two Adam steps.
     cll = "loss=cll" in config
     diff = _compare(tmp_path / "single", tmp_path / "parallel")
     print(f"2 processes vs 1: {diff}")
     k_tol = 1e-4 if cll else 1e-3
     assert diff["loss"] < 1e-4 and diff["lipschitz_estimate"] < k_tol and diff["bound"] < k_tol, diff
     assert diff["accuracy"] < 1.5 / 100, diff  # at most one argmax flip over an epoch (of 100)
-    assert diff["weights"] < (2e-3 if cll else 0.1) and diff["iterates"] < (1e-3 if cll else 2e-3), diff
+    weights_ok = diff["weights"] < 2e-3 if cll else (diff["weights"] < 0.1 or diff["weights_abs"] < 2 * 1.0e-3)
+    assert weights_ok and diff["iterates"] < (1e-3 if cll else 2e-3), diff
