@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from cll import certify
 from cll.cli import main
 
 
@@ -41,3 +42,19 @@ def plain_maxmin(x: torch.Tensor) -> torch.Tensor:
     pairs = x.unflatten(1, (x.shape[1] // 2, 2))
     a, b = pairs[:, :, 0], pairs[:, :, 1]
     return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+
+def screened_decides_as_float64(model, x: torch.Tensor, y: torch.Tensor) -> certify.Certifier:
+    """Place three eps a hair (1e-9, far above float64 noise, far below the float32 bound) above
+    sample radii (quantiles 0.2, 0.5, 0.8 of the certified ones) and check that the screened
+    certifier decides every sample as the certifier without eps (float64 for every sample) does.
+    Returns the screened certifier, for the caller's checks of what it recomputed."""
+    _, pred_all, radius_all = certify.Certifier(model)(x)
+    certified = radius_all[(pred_all == y) & (radius_all > 0)]
+    assert len(certified) > 10, "too few certified samples to place eps among their radii"
+    eps = [certified.sort().values[int(q * len(certified))].item() * (1 + 1e-9) for q in (0.2, 0.5, 0.8)]
+    screened = certify.Certifier(model, eps=eps)
+    _, pred, radius = screened(x, y)
+    for e in eps:
+        assert torch.equal((pred == y) & (radius > e), (pred_all == y) & (radius_all > e))
+    return screened

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import screened_decides_as_float64
 from test_peers import FAMILIES, blobs, tiny, trained_tiny
 from torch import nn
 
@@ -150,14 +151,7 @@ def test_peers_take_the_screened_path_with_the_float64_decisions(family):
     not all, and its float32 pass certifies by itself where its analysis is rigorous."""
     model = _trained_peer(family)
     x, y = blobs(64, (3, 32, 32), seed=2)
-    _, pred_all, radius_all = certify.Certifier(model)(x)
-    certified = radius_all[(pred_all == y) & (radius_all > 0)]
-    assert len(certified) > 10
-    eps = [certified.sort().values[int(q * len(certified))].item() * (1 + 1e-9) for q in (0.2, 0.5, 0.8)]
-    screened = certify.Certifier(model, eps=eps)
-    _, pred, radius = screened(x, y)
-    for e in eps:
-        assert torch.equal((pred == y) & (radius > e), (pred_all == y) & (radius_all > e))
+    screened = screened_decides_as_float64(model, x, y)
     assert 0 < screened.recomputed < len(x)
     assert screened.forward32.rigorous == (family != "sandwich")
 

@@ -261,6 +261,15 @@ def _start_server(tmp_path, port):
     pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
 
 
+def _stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, SIGKILL if it has not ended 20 s later."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
 @pytest.mark.slow(seconds=30)
 def test_tracking_server_down_during_jobs_then_backfilled_by_aggregate(tmp_path, monkeypatch, capsys):
     """The cluster case: train and certify jobs (with the grid row's --method, as the workflow
@@ -340,11 +349,7 @@ def test_tracking_server_down_during_jobs_then_backfilled_by_aggregate(tmp_path,
             artifacts = sorted(a.path for a in client.list_artifacts(run.info.run_id))
             assert artifacts == ["certify.json", "model.pt", "train.json"]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        _stop_server(server)
 
 
 # ----------------------------------------------------------- names people read, audit, artifacts
@@ -540,8 +545,4 @@ def test_mlflow_ui_shows_metric_columns_and_a_run_chart(tmp_path, monkeypatch):
         assert "train_loss" in chart_dom and "CLL moons-mlp moons eps0.15 p0.01 seed0" in chart_dom
         assert "(step=8)" in chart_dom  # the metric table below the chart: the last epoch's value
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        _stop_server(server)
