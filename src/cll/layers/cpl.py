@@ -77,10 +77,6 @@ class _CPL(EvalCache):
             return 2.0 / (self._train_sigma() ** 2 + EPSILON)
         return self.derived(self._derive)[1]
 
-    def eval_step_size(self) -> float:
-        """The h of the evaluation-mode forward, in either mode (what the certifier bounds)."""
-        return float(self.derived(self._derive)[1])
-
     def residual(self, x: torch.Tensor, weight, bias, step) -> torch.Tensor:
         raise NotImplementedError
 
