@@ -56,6 +56,8 @@ CERT_ARCH, CERT_N, CERT_BATCH, CERT_TRAIN_BATCH, CERT_TRAIN_STEPS = "8C2F", 1000
 TARGETS = {"train": 1.5, "certify": 5.0}  # cll / reference
 
 
+# bench.log and bench.emit again: the driver imports neither bench.py nor torch (it only starts the
+# two sides' processes, so neither side's figures pay for the other's imports)
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
