@@ -1,4 +1,4 @@
-# The cll workflow: one train and one certify job per runnable cell of a grid, then summary.csv,
+# The cll workflow: one train, one certify and one audit job per runnable cell of a grid, then summary.csv,
 # the tables and the figures. Every job is one `cll ...` command (printed with -p; paste it to rerun).
 #
 #   snakemake --cores 2 all_tables                                   # the embedded demo (make demo)

@@ -191,18 +191,38 @@ def test_a_certificate_never_depends_on_the_batch():
     assert torch.allclose(radius, split, rtol=1e-5, atol=1e-9)
 
 
+class Probe(nn.Identity):
+    """An identity layer (bound 1, exact) that records the precision settings it runs under."""
+
+    exact_bound = True
+
+    def __init__(self, read):
+        super().__init__()
+        self.read, self.seen = read, []
+
+    def forward(self, x):
+        self.seen.append(self.read())
+        return x
+
+    def upper_bound(self, in_shape):
+        return 1.0
+
+    def rounding(self, in_shape, dtype):
+        return lipschitz.Rounding(0.0, 0.0)
+
+
 def test_the_certifier_runs_at_full_precision_whatever_the_caller_set():
     """Each precision switch set lower (bf16/TF32 inside float32 products): inside the certifier's
     passes every switch reads full precision, the decisions equal the default ones, and the caller's
     setting is back afterwards."""
     torch.manual_seed(0)
-    model = models.create("4C3F", 10, (1, 8, 8), width=0.25).eval()
-    x, eps = torch.rand(64, 1, 8, 8), [0.01, 0.02]
-    reference = certify.Certifier(model, eps=eps)(x)[2]
     b = torch.backends
     switches = [b.mkldnn.matmul, b.mkldnn.conv, b.cuda.matmul, b.cudnn.conv]
-    seen = []
-    model.body[0].register_forward_pre_hook(lambda *_: seen.append(tuple(s.fp32_precision for s in switches)))
+    probe = Probe(lambda: tuple(s.fp32_precision for s in switches))
+    model = models.create("4C3F", 10, (1, 8, 8), width=0.25).eval()
+    model.body = nn.Sequential(probe, *model.body)
+    x, eps = torch.rand(64, 1, 8, 8), [0.01, 0.02]
+    reference = certify.Certifier(model, eps=eps)(x)[2]
     lowered = [(b.mkldnn.matmul, "bf16"), (b.mkldnn.conv, "bf16"), (b.cuda.matmul, "tf32"), (b.cudnn.conv, "tf32")]
     for switch, value in [(None, "medium"), *lowered]:  # None: torch.set_float32_matmul_precision
         before = [s.fp32_precision for s in switches]
@@ -212,9 +232,9 @@ def test_the_certifier_runs_at_full_precision_whatever_the_caller_set():
             switch.fp32_precision = value
         setting = [s.fp32_precision for s in switches]
         try:
-            seen.clear()
+            probe.seen.clear()
             assert torch.equal(certify.Certifier(model, eps=eps)(x)[2], reference), value
-            assert seen and all(s == ("ieee",) * 4 for s in seen), (switch, seen)
+            assert probe.seen and all(s == ("ieee",) * 4 for s in probe.seen), (switch, probe.seen)
             assert [s.fp32_precision for s in switches] == setting  # restored
         finally:
             torch.set_float32_matmul_precision("highest")

@@ -31,7 +31,7 @@ function here fail with one line naming it, never counting it as 1-Lipschitz): `
 ``nn.Identity``, and cll's own ``MaxMin``, ``HouseHolder``, ``Normalize``, ``PaddingChannels`` and
 the SOC, CPL, SLL and Sandwich layers of ``cll.layers``.
 
-This module only calls ``cll.lipschitz``, ``cll.certify``, ``cll.attack``, ``cll.models`` and
+This module only calls ``cll.lipschitz``, ``cll.certify``, ``cll.audit``, ``cll.models`` and
 ``cll.train``: it is the documented entry point, not a second implementation.
 """
 
@@ -46,11 +46,12 @@ from torch import nn
 
 from . import audit as audit_module
 from . import certify as certifier
-from . import lipschitz
+from . import checks, lipschitz
 from .config import RunConfig, parse_number
 from .errors import CllError, ConfigError
 from .models import LipschitzNet, create
 from .train import load_run as _load_run
+from .values import PAPER_EPS
 
 __all__ = [
     "UnsupportedModel",
@@ -62,7 +63,7 @@ __all__ = [
     "upper_bound",
 ]
 
-DEFAULT_EPS = ("36/255", "72/255", "108/255")  # the poster's radii
+DEFAULT_EPS = PAPER_EPS  # the poster's radii, 36/255, 72/255, 108/255
 
 create_model = create  # create_model("4C3F", num_classes=10, in_shape=(1, 8, 8)): a registered architecture
 
@@ -101,11 +102,14 @@ def lipschitz_net(
 
 
 def _check_interface(model: nn.Module) -> None:
+    """A LipschitzNet whose model(x) is the function its bound describes (``cll.checks``: no hooks,
+    an exact nn.Linear head, no replaced forwards, float32 weights)."""
     if not isinstance(model, LipschitzNet):
         raise UnsupportedModel(
             f"cll certifies a LipschitzNet (a sequential body, a linear head, in_shape); got "
             f"{type(model).__name__}: wrap your layers with cll.api.lipschitz_net(layers, in_shape)"
         )
+    checks.check_model(model)
 
 
 def _check_layers(model: LipschitzNet) -> None:
@@ -195,7 +199,7 @@ def audit(
 ) -> dict[str, Any]:
     """Attack the certified points among the first ``n`` points of ``loader`` at each radius and
     at their own certified radius (PGD-l2 with ``restarts`` restarts, APGD-l2 with the DLR and CE
-    losses, ``steps`` iterations each) and measure how tight the certificates are (``cll.attack
+    losses, ``steps`` iterations each) and measure how tight the certificates are (``cll.audit
     .audit``). Returns ``{"per_eps": {eps key: counts}, "own_radius", "tightness",
     "lipschitz_tightness", "broken": total, ..., "n_samples"}``; ``broken`` > 0 means a certificate
     was refuted (an attack point inside the radius that the model misclassifies, or a Lipschitz

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .attack import attack_names, fmn_l2, lipschitz_lower_bound, logit_spread, margin_loss, strongest
+from .checks import check_input
 
 
 def audit_plan(n: int, eps: list[float], steps: int, restarts: int) -> str:
@@ -100,6 +101,7 @@ def audit(
     from .progress import Progress, fmt_time
 
     certifier = Certifier(model, eps=eps)
+    check_input(model, x)  # before the first attack: every bound holds at model.in_shape only
     local_certifier = LocalCertifier(certifier) if local else None
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

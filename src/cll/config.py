@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .values import Choice, Flag, Number, Numbers, OneOrMore, Rule, Text
+from .values import PAPER_EPS, Choice, Flag, Number, Numbers, OneOrMore, Rule, Text
 from .values import parse_number as parse_number  # re-exported: cll.config.parse_number is public
 
 REQUIRED_VALUE = object()  # setting() default of a key every run config must give
@@ -148,7 +148,7 @@ class RunConfig:
     eval_batch_size: int = setting(1000, AT_LEAST_ONE, "batch size of evaluation and certification")
     # ---- evaluation ----
     certify_eps: list = setting(
-        [36 / 255, 72 / 255, 108 / 255],
+        list(PAPER_EPS),
         Numbers(POSITIVE, least=1),
         "radii at which cll certify reports CRA (default 36/255, 72/255, 108/255)",
     )

@@ -133,9 +133,8 @@ def _draw_boundary(ax, row: dict, run_dir: Path, show_eps: bool) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from .certify import certified_radius
+    from .certify import Certifier
     from .data import load_dataset
-    from .lipschitz import upper_bound_body
     from .train import load_run
 
     cfg, model = load_run(run_dir)
@@ -148,7 +147,7 @@ def _draw_boundary(ax, row: dict, run_dir: Path, show_eps: bool) -> None:
     mesh = torch.as_tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=torch.float32)
     with torch.no_grad():
         z = model(mesh).double()
-        pred, radius = certified_radius(model(x), model.head.weight, upper_bound_body(model))
+    _, pred, radius = Certifier(model, eps=[cfg.eps])(x, y)  # the certifier's own, rounding included
     gap = (z[:, 1] - z[:, 0]).reshape(gx.shape).numpy()
     ax.contourf(gx, gy, (gap > 0).astype(float), levels=[-0.5, 0.5, 1.5], colors=["#dbe8f5", "#fde5cc"])
     if gap.min() < 0 < gap.max():

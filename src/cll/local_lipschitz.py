@@ -51,7 +51,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -59,15 +58,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import lipschitz
+from .checks import WeightsGuard, check_input
 from .layers import ClippedMaxMin, ClippedReLU, MaxMin
-from .lipschitz.operators import EXPLICIT_MAX_ENTRIES
+from .lipschitz.operators import EXPLICIT_MAX_ENTRIES, top_eigenvalue_bound
+from .lipschitz.rounding import full_precision
 
 UNIT = 2.0**-53  # float64 unit roundoff
 TINY = 2.0**-1000  # covers underflow of a product or sum (far above float64's smallest normal)
 SAFETY = 1.01  # on every rounding term: covers the float64 evaluation of the term itself
-# Backward error of LAPACK's symmetric eigensolver, taken as EIG_FACTOR * r * u * ||G|| for an r x r
-# matrix (the usual p(r) u ||G|| with a modest polynomial p; the lipschitz module takes ~r u).
-EIG_FACTOR = 16
 GRAM_CHUNK = 2**24  # float64 entries per batched masked-Gram step (128 MB)
 SPARSITY_SATURATION = 0.1  # the paper's code's weight of the clipped ReLU's saturation term
 MASKABLE = (ClippedReLU, MaxMin)  # the activations with masks (ClippedMaxMin is a MaxMin)
@@ -84,19 +82,6 @@ def _up(t: torch.Tensor) -> torch.Tensor:
 
 def _down(t: torch.Tensor) -> torch.Tensor:
     return torch.nextafter(t, torch.full_like(t, -math.inf))
-
-
-@contextmanager
-def _no_cudnn():
-    """Native convolutions: cuDNN may pick FFT or Winograd algorithms, whose rounding the
-    inner-product bound does not describe. (Set directly: ``cudnn.flags()`` reads the legacy TF32
-    getter, which raises once the new precision switches are set.)"""
-    enabled = torch.backends.cudnn.enabled
-    torch.backends.cudnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.enabled = enabled
 
 
 def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -280,8 +265,9 @@ def _masked_norm_bound(a: torch.Tensor, e: torch.Tensor | None, d: torch.Tensor 
     The smaller Gram matrix G of B = E A D (r x r, r = min(m, n), inner size k = max(m, n)) is
     formed in float64: its products are exact (float32 x float32) and each entry's sum is within
     gamma_k of exact, so ||G~ - G||_2 <= ||G~ - G||_F <= gamma_k || |B|^T |B| ||_F <= gamma_k r
-    ||B||^2 (|| |B| ||_F = ||B||_F <= sqrt(r) ||B||_2). eigvalsh returns the eigenvalues of G~ within
-    EIG_FACTOR r u ||G~||. Hence ||B||^2 <= max|lambda~| (1 + 2 EIG_FACTOR r u) / (1 - gamma_k r)."""
+    ||B||^2 (|| |B| ||_F = ||B||_F <= sqrt(r) ||B||_2), and lambda_max(G~) <= b, b the proved bound of
+    ``lipschitz.operators.top_eigenvalue_bound`` (from G~'s computed eigendecomposition, no assumed
+    eigensolver accuracy). Hence ||B||^2 <= b / (1 - gamma_k r); the square root is rounded up."""
     m, n = a.shape
     count = len(e) if e is not None else len(d)
     e = a.new_ones(count, m, dtype=torch.bool) if e is None else e
@@ -299,9 +285,8 @@ def _masked_norm_bound(a: torch.Tensor, e: torch.Tensor | None, d: torch.Tensor 
             g = (a * dc[:, None, :]) @ a.t() * ec[:, :, None] * ec[:, None, :]
         else:  # D A^T E A D
             g = (a.t() * ec[:, None, :]) @ a * dc[:, :, None] * dc[:, None, :]
-        ev = torch.linalg.eigvalsh(g)
-        tops.append(torch.maximum(ev[:, -1], -ev[:, 0]))
-    lam = torch.cat(tops) * (1 + 2 * EIG_FACTOR * r * UNIT) / (1 - _gamma(k) * r)
+        tops.append(top_eigenvalue_bound(g))
+    lam = torch.cat(tops) / (1 - _gamma(k) * r)
     top = _up(torch.sqrt(_up(lam)) * (1 + 2 * UNIT))
     out = top[-1:].expand(count).clone() if not masked.all() else top.new_empty(count)
     out[rows[: masked.sum()]] = top[: masked.sum()]
@@ -314,12 +299,14 @@ class LocalBound:
     radius eps around each row of x, never above the global K_F of ``lipschitz.upper_bound_body``.
 
     The layers' global bounds and explicit matrices are computed on first use and kept: build one
-    per trained model (they are stale once the weights change) and call it for every batch and
-    eps. Runs without gradient, in float64 on the model's device, cuDNN off (its FFT and Winograd
-    convolutions round differently from the inner products the rounding bound describes)."""
+    per trained model and call it for every batch and eps (a call after the weights changed is
+    refused, as are hooks and inputs of another shape: ``cll.checks``). Runs without gradient, in
+    float64 on the model's device, under ``full_precision`` (no autocast, no cuDNN: its FFT and
+    Winograd convolutions round differently from the inner products the rounding bound describes)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, guard: WeightsGuard | None = None):
         self.model = model
+        self.guard = WeightsGuard(model) if guard is None else guard
         self._global: dict[int, float] = {}
         self._matrix: dict[int, torch.Tensor | None] = {}
 
@@ -345,7 +332,9 @@ class LocalBound:
         on its inputs over the ball and the mask D of its outputs that may vary."""
         if not eps >= 0:
             raise ValueError(f"eps must be a number >= 0, got {eps}")
-        with _no_cudnn():
+        self.guard.check()
+        check_input(self.model, x)
+        with full_precision():
             lip, _ = _propagate(self.model.body, x, float(eps), True, self._masked_norm, trace=trace)
         return lip
 
@@ -429,11 +418,11 @@ def certify_local(
 
     model.eval()
     bound = bound or LocalBound(model)
-    with _no_cudnn():
+    with full_precision():
         shapes, layer_bounds = lipschitz.upper_bound_layers(model)
     k_global = math.prod(layer_bounds)
     w = model.head.weight
-    logits, logit_error, body_error = Float64Pass(model, shapes, layer_bounds)(x)
+    logits, logit_error, body_error = Float64Pass(model, shapes, layer_bounds, bound.guard)(x)
     pred, radius = certified_radius(logits, w, k_global, logit_error, body_error)
     logits32 = model(x)
     hit = pred == y

@@ -175,15 +175,6 @@ _ESTIMATE_LEGEND = (
 
 
 _LEGEND = (
-    "sound: the certified CRA of the table above (sound Lipschitz bound, float64 margins "
-    "less their rounding bound). est.: the same test points with the converged "
-    "power-iteration estimate of K and plain float32 margins; not a certificate, "
-    "since power iteration approaches the norm from below. K bound / est.: the ratio "
-    "of the two constants of the model (mean over seeds)."
-)
-
-
-_LEGEND = (
     "Percent of the test set; mean over seeds, ± sample standard deviation when there are "
     "several; (±x.x): difference to the baseline method in percentage points. "
     "CRA r: certified robust accuracy at L2 radius r. K^(h∘f): log((2-p)/p)/ε for CLL, "

@@ -25,9 +25,10 @@ from . import results
 from .config import parse_number
 from .errors import ConfigError
 from .summary import eps_columns
+from .values import PAPER_EPS
 
 # The poster's radii (36/255, 72/255, 108/255), by their eps key, with the label their column gets.
-STANDARD_EPS = {results.fmt_number(n / 255): f"{n}/255" for n in (36, 72, 108)}
+STANDARD_EPS = {results.fmt_number(e): f"{round(e * 255)}/255" for e in PAPER_EPS}
 
 
 # A row's reproduction verdict: the worst over the published numbers we have (clean, CRA at each

@@ -13,6 +13,10 @@ from typing import Any
 
 from .errors import ConfigError
 
+# The radii of the poster's tables, in [0,1]-pixel l2 units: the default of every eps list (run
+# config certify_eps, cll.certify, cll.api) and the radii the tables write as n/255.
+PAPER_EPS = (36 / 255, 72 / 255, 108 / 255)
+
 
 def parse_number(key: str, value: Any) -> float:
     """A float, also from a fraction string such as '36/255'."""

@@ -56,16 +56,17 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ..checks import WeightsGuard
 from ..errors import CllError
 from ..lipschitz import estimate_converged_body, upper_bound, upper_bound_layers
 from ..lipschitz.operators import row_distances
 from ..progress import Progress
 from ..results import fmt_number
+from ..values import PAPER_EPS
 from .passes import Float32Pass, Float64Pass, full_precision, head_gap, layer_costs, restart_layer
 from .radius import certified_radius, radius_upper_bounds
 
-# The eps grid of the paper's tables, in [0,1]-pixel l2 units.
-DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
+DEFAULT_EPS = PAPER_EPS  # the eps grid of the paper's tables
 ESTIMATE_ITERS = 100  # power iterations refining the stored iterates for cra_estimate
 GAP_LIMIT = 1e-3  # beside an estimated float32 bound: logits further apart are not one function
 
@@ -79,22 +80,25 @@ class Certifier:
     """Sound per-sample radii of one model: K_F, the float32 pass with its rounding bound and, where
     that bound cannot settle a decision, the float64 pass.
 
-    ``lip_body`` defaults to the sound K_F, the product of the per-layer bounds the rounding bounds
-    need anyway (the product ``upper_bound_body`` forms), so no bound is computed twice. Both
-    passes give a sound lower bound on the exact margins, so a sample is certified at eps when
-    either proves it (they agree but for a radius within ~1e-13 of eps). The float64 pass runs
-    only on the samples where it could change a decision at one of ``eps``; with ``eps`` None,
-    every sample is recomputed in float64."""
+    K_F is the product of the per-layer bounds the rounding bounds need anyway (the product
+    ``upper_bound_body`` forms), so no bound is computed twice. Both passes give a sound lower
+    bound on the exact margins, so a sample is certified at eps when either proves it (they agree
+    but for a radius within ~1e-13 of eps). The float64 pass runs only on the samples where it
+    could change a decision at one of ``eps``; with ``eps`` None, every sample is recomputed in
+    float64. The model is checked when the certifier is built and at every pass (``cll.checks``:
+    no hooks, plain head and body, float32 weights, inputs at ``in_shape``); its weights are copied,
+    and a call after they changed is refused (the bound would be that of the old weights)."""
 
-    def __init__(self, model: nn.Module, lip_body: float | None = None, eps: Sequence[float] | None = None):
+    def __init__(self, model: nn.Module, eps: Sequence[float] | None = None):
         model.eval()
         self.model = model
+        self.guard = WeightsGuard(model)
         with full_precision():
             shapes, bounds = upper_bound_layers(model)
         self.layer_bounds = bounds
-        self.lip_body = math.prod(bounds) if lip_body is None else lip_body
-        self.forward32 = Float32Pass(model, shapes, bounds)
-        self.forward64 = Float64Pass(model, shapes, bounds)
+        self.lip_body = math.prod(bounds)
+        self.forward32 = Float32Pass(model, shapes, bounds, self.guard)
+        self.forward64 = Float64Pass(model, shapes, bounds, self.guard)
         if self.forward32.rigorous:  # a float64 pass may then go on from the float32 activations
             with full_precision():
                 self.forward32.restart = restart_layer(layer_costs(model.body, shapes))
@@ -186,7 +190,8 @@ class LocalCertifier:
     def __init__(self, certifier: Certifier, estimate_iters: int | None = None):
         from ..local_lipschitz import LocalBound  # heavy, and only for Local-Lip-B runs
 
-        self.certifier, self.bound, self.estimate_iters = certifier, LocalBound(certifier.model), estimate_iters
+        self.certifier, self.estimate_iters = certifier, estimate_iters
+        self.bound = LocalBound(certifier.model, certifier.guard)
         self.computed = 0  # samples x eps whose local bound was computed
 
     def __call__(self, x, y, pred, radius, eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -203,8 +208,10 @@ class LocalCertifier:
             self.computed += len(todo)
             k = self.bound(x[todo], eps)
             logits, logit_error, body_error = self.certifier.forward64(x[todo])
-            _, local = certified_radius(logits, w, k, logit_error, body_error, self.certifier.distances)
-            sound[todo] = local > eps
+            # the float64 margins less their rounding decide the class themselves: a float32 argmax
+            # on a near-tie says nothing about the exact one
+            pred64, local = certified_radius(logits, w, k, logit_error, body_error, self.certifier.distances)
+            sound[todo] = (pred64 == y[todo]) & (local > eps)
             if estimate is None:
                 return sound, None
             k_est = estimate_local(model, x[todo], eps, self.estimate_iters, update=False).lip

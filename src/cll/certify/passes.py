@@ -27,72 +27,19 @@ run under ``full_precision`` (no TF32, no bf16 inside float32 matmuls or convolu
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import CertificationRefused, WeightsGuard, check_input
 from ..errors import CllError
 from ..lipschitz.bound import layer_rounding
-from ..lipschitz.rounding import TINY, Rounding, gamma, norm_upper_bound
+from ..lipschitz.rounding import TINY, Rounding, full_precision, gamma, norm_upper_bound
 
 TERM_SAFETY = 1.01  # safety factor on every rounding term (see the module docstring)
-
-# every fp32_precision switch of torch's backends (torch >= 2.9): "ieee" = full float32
-_PRECISION_SWITCHES = (
-    "",
-    "cuda.matmul",
-    "cudnn",
-    "cudnn.conv",
-    "cudnn.rnn",
-    "mkldnn",
-    "mkldnn.matmul",
-    "mkldnn.conv",
-    "mkldnn.rnn",
-)
-
-
-def _switches() -> list[object]:
-    found = []
-    for path in _PRECISION_SWITCHES:
-        obj = torch.backends
-        for part in filter(None, path.split(".")):
-            obj = getattr(obj, part, None)
-        if obj is not None and hasattr(obj, "fp32_precision"):
-            found.append(obj)
-    return found
-
-
-@contextmanager
-def full_precision():
-    """Plain float32 (and float64) arithmetic whatever the caller set: every backend's fp32_precision
-    "ieee" (no TF32, no bf16 passes inside float32 products; torch >= 2.9, else the legacy matmul
-    precision "highest" and TF32 off), cuDNN and NNPACK off; everything restored afterwards. (The
-    legacy getters raise once the new switches disagree, so they are used only without them.)"""
-    switches = _switches()
-    cudnn = torch.backends.cudnn.enabled
-    if switches:
-        saved = [(obj, "fp32_precision", obj.fp32_precision, "ieee") for obj in switches]
-    else:  # pragma: no cover (torch < 2.9)
-        legacy = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")
-        saved = [(obj, name, getattr(obj, name), False) for obj, name in legacy]
-        matmul = torch.get_float32_matmul_precision()
-    try:
-        for obj, name, _, value in saved:
-            setattr(obj, name, value)
-        if not switches:  # pragma: no cover
-            torch.set_float32_matmul_precision("highest")
-        torch.backends.cudnn.enabled = False  # (cudnn.flags() reads the legacy TF32 getter)
-        with torch.backends.nnpack.flags(enabled=False):
-            yield
-    finally:
-        torch.backends.cudnn.enabled = cudnn
-        if not switches:  # pragma: no cover
-            torch.set_float32_matmul_precision(matmul)
-        for obj, name, value, _ in reversed(saved):
-            setattr(obj, name, value)
 
 
 class LayerTerms(NamedTuple):
@@ -101,8 +48,16 @@ class LayerTerms(NamedTuple):
 
 
 def body_terms(body: nn.Sequential, shapes, bounds, dtype: torch.dtype) -> list[LayerTerms]:
-    """The one per-layer term builder of both passes."""
-    return [LayerTerms(b, layer_rounding(layer, s, dtype)) for layer, s, b in zip(body, shapes, bounds)]
+    """The one per-layer term builder of both passes; refuses a rounding bound that is not a pair of
+    finite numbers >= 0 (a negative or NaN term would make every margin look larger)."""
+    terms = [LayerTerms(b, layer_rounding(layer, s, dtype)) for layer, s, b in zip(body, shapes, bounds)]
+    for index, (layer, t) in enumerate(zip(body, terms)):
+        if not all(math.isfinite(v) and v >= 0 for v in (t.rounding.alpha, t.rounding.beta)):
+            raise CllError(
+                f"body[{index}] ({type(layer).__name__}): its {dtype} rounding bound {tuple(t.rounding[:2])} "
+                "is not a pair of finite numbers >= 0"
+            )
+    return terms
 
 
 def carry(err: torch.Tensor, terms: LayerTerms, norm: torch.Tensor | None) -> torch.Tensor:
@@ -161,16 +116,24 @@ def restart_layer(costs: list[float], share: float = 0.3) -> int | None:
     return start if 0 < start < len(costs) else None
 
 
+def _refuse_dtype(where: str, dtype: torch.dtype, wanted: torch.dtype) -> CertificationRefused:
+    return CertificationRefused(
+        f"{where} computed in {dtype}, not {wanted}: something outside the certifier changed the "
+        f"arithmetic (autocast, a dtype cast in a layer); the rounding bounds hold for {wanted} only"
+    )
+
+
 class Float32Pass:
     """The float32 pass ``model(x)`` with a per-sample bound on its rounding.
 
     ``rigorous`` is False when a body layer's float32 bound is an estimate (the Sandwich conv's
     ``torch.fft``): the pass then only screens samples out, never certifies. With ``restart``, each
     call also keeps the (float32) input of that body layer and the bound on its error so far
-    (``restart_input``, ``restart_error``), from which a float64 pass may go on."""
+    (``restart_input``, ``restart_error``), from which a float64 pass may go on. ``guard`` (the
+    certifier's) is checked at every call: no hooks, same weights, the input at ``in_shape``."""
 
-    def __init__(self, model: nn.Module, shapes, bounds, restart: int | None = None):
-        self.model = model
+    def __init__(self, model: nn.Module, shapes, bounds, guard: WeightsGuard, restart: int | None = None):
+        self.model, self.guard = model, guard
         self.terms = body_terms(model.body, shapes, bounds, torch.float32)
         self.rigorous = all(t.rounding.rigorous for t in self.terms)
         self.head = head_terms(model.head)
@@ -181,19 +144,23 @@ class Float32Pass:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(float32 logits, logit_error (N, C), body_error (N,)), the bounds in float64."""
+        self.guard.check()
+        check_input(self.model, x)
         body, head = self.model.body, self.model.head
+        calls: list[nn.Module] = []  # the body layers in the order they ran: one entry per call
         norms: dict[int, torch.Tensor] = {}
         seen: dict[str, tuple] = {}
         wanted = {i for i, t in enumerate(self.terms) if t.rounding.alpha > 0}
 
-        def record(index):
-            def hook(_module, inputs):
-                if index in wanted:  # the input norm of a layer that rounds, per sample
-                    norms[index] = norm_upper_bound(inputs[0])
-                if index == self.restart:
-                    seen["restart"] = inputs[0]
-
-            return hook
+        def record(module, inputs):  # per call, not per module: a layer may appear twice in the body
+            index, h = len(calls), inputs[0]
+            calls.append(module)
+            if h.dtype != torch.float32:
+                raise _refuse_dtype(f"the input of body[{index}]", h.dtype, torch.float32)
+            if index in wanted:  # the input norm of a layer that rounds, per sample
+                norms[index] = norm_upper_bound(h)
+            if index == self.restart:
+                seen["restart"] = h
 
         def remember(name):
             def hook(_module, inputs, output):
@@ -201,7 +168,8 @@ class Float32Pass:
 
             return hook
 
-        handles = [layer.register_forward_pre_hook(record(i)) for i, layer in enumerate(body)]
+        unique = list({id(layer): layer for layer in body}.values())
+        handles = [layer.register_forward_pre_hook(record) for layer in unique]
         handles += [body.register_forward_hook(remember("body")), head.register_forward_hook(remember("head"))]
         try:
             with full_precision():
@@ -215,12 +183,15 @@ class Float32Pass:
             and seen["body"][0] is x
             and seen["head"][0] is seen["body"][1]
             and logits is seen["head"][1]
-            and len(norms) == len(wanted)
+            and len(calls) == len(body)
+            and all(called is layer for called, layer in zip(calls, body))
         ):
             raise CllError(
                 f"{type(self.model).__name__}(x) is not head(body(x)): the model does not follow the "
                 "certifier's interface (model(x) == model.head(model.body(x)))"
             )
+        if logits.dtype != torch.float32:
+            raise _refuse_dtype("the logits", logits.dtype, torch.float32)
         err = torch.zeros(len(x), dtype=torch.float64, device=x.device)
         for index, terms in enumerate(self.terms):
             if index == self.restart:
@@ -241,10 +212,10 @@ class Float64Pass:
 
     ``model`` follows the package's interface: ``model(x) == model.head(model.body(x))`` with a
     sequential ``body`` and a linear ``head`` (``head.weight`` may be a parametrisation: its
-    float32 value is the classifier certified)."""
+    float32 value is the classifier certified). ``guard`` as in ``Float32Pass``."""
 
-    def __init__(self, model: nn.Module, shapes, bounds):
-        self.model = model
+    def __init__(self, model: nn.Module, shapes, bounds, guard: WeightsGuard):
+        self.model, self.guard, self.shapes = model, guard, shapes
         self.terms = body_terms(model.body, shapes, bounds, torch.float64)
         if not all(t.rounding.rigorous for t in self.terms):
             raise CllError(f"{type(model).__name__}: a body layer has no proved float64 rounding bound")
@@ -261,14 +232,19 @@ class Float64Pass:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits (N, C), logit_error (N, C), body_error (N,)), all float64. ``start``: begin at that
         body layer, ``x`` being its computed input and ``error`` (N,) a bound on that input's error
-        (the float32 pass's ``restart_error``): the float64 pass from there on."""
+        (the float32 pass's ``restart_error``): the float64 pass from there on. ``x``: float32 (an
+        input or the float32 pass's activations) or float64."""
+        self.guard.check()
+        check_input(self.model, x, self.shapes[start], x.dtype if x.dtype == torch.float64 else torch.float32)
         h = x.double()
         err = torch.zeros(len(x), dtype=torch.float64, device=x.device) if error is None else error.double()
         with full_precision():
-            for layer, terms in list(zip(self.layers, self.terms))[start:]:
+            for index, (layer, terms) in enumerate(list(zip(self.layers, self.terms))[start:], start):
                 norm = norm_upper_bound(h) if terms.rounding.alpha > 0 else None
                 err = carry(err, terms, norm)
                 h = layer(h)
+                if h.dtype != torch.float64:
+                    raise _refuse_dtype(f"body[{index}] in the float64 pass", h.dtype, torch.float64)
             h = h.flatten(1) if h.dim() > 2 else h
             logits = F.linear(h, self.head_w, self.head_b)
         return logits, logit_error(self.head, h, torch.float64), err

@@ -8,8 +8,10 @@
 ``sll``          SDP-based Lipschitz layers (Araujo et al., ICLR 2023)
 ``sandwich``     Sandwich layers of LBDN (Wang & Manchester, ICML 2023)
 
-No layer here computes a certifying bound: ``cll.lipschitz`` bounds every layer type from its
-parameters (and refuses an unknown one), so "1-Lipschitz by construction" is always measured.
+Every layer bounds itself next to its forward (``upper_bound(in_shape)``, ``rounding(in_shape,
+dtype)``, ``forward64`` where it derives tensors from its parameters): a bound computed from the
+layer's actual parameters, never "1-Lipschitz by construction" taken on trust. ``cll.lipschitz``
+multiplies them (torch's own layer types have a table there) and refuses an unknown layer type.
 """
 
 from ..registry import Registry

@@ -11,17 +11,54 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
+import mpmath
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..errors import CllError
 from ..lipschitz.rounding import EXACT, Rounding, underflow, unit
 
-# Accuracy assumed of sin/cos, in units in the last place: CUDA documents <= 2 ulp for sinf/cosf,
-# glibc and SLEEF (PyTorch's vectorised CPU kernels) <= 1 ulp; twice the largest, for margin.
+# Accuracy required of sin/cos, in units in the last place, checked on the angles in use
+# (``trig_ulps``): CUDA documents <= 2 ulp for sinf/cosf, glibc and SLEEF (PyTorch's vectorised CPU
+# kernels) <= 1 ulp; twice the largest, for margin.
 TRIG_ULPS = 4
+TRIG_REFERENCE_BITS = 120  # precision of the mpmath reference values (mpmath ships with torch)
+# (mantissa bits p, exponent of the smallest normal number as m 2^e with 1/2 <= m < 1)
+_FORMATS = {torch.float32: (24, -125), torch.float64: (53, -1021)}
+
+
+@functools.lru_cache(maxsize=64)
+def _trig_ulps(values: tuple[float, ...], dtype: torch.dtype, device: str) -> float:
+    """The largest error, in ulps of ``dtype`` at the exact value, of torch's sin and cos at theta / 2
+    and theta for the angles ``values`` (exact in float64), computed as the forward does (a 1-D
+    tensor of the same length: same kernel, same vector/tail split). Exact values from mpmath at
+    TRIG_REFERENCE_BITS bits (off by < 2^-100 ulp). The ulp of y = m 2^e (1/2 <= m < 1) is
+    2^(max(e, e_min) - p), at most 2u |y| for a normal y."""
+    p, e_min = _FORMATS[dtype]
+    theta = torch.tensor(values, dtype=dtype, device=device)
+    computed = [f(t).double().tolist() for t in (theta / 2, theta) for f in (torch.sin, torch.cos)]
+    worst = 0.0
+    with mpmath.workprec(TRIG_REFERENCE_BITS):
+        for i, value in enumerate(values):
+            half, full = mpmath.mpf(value) / 2, mpmath.mpf(value)  # exact
+            exact = (mpmath.sin(half), mpmath.cos(half), mpmath.sin(full), mpmath.cos(full))
+            for got, y in zip((c[i] for c in computed), exact):
+                ulp = mpmath.ldexp(1, max(mpmath.frexp(y)[1] if y else e_min, e_min) - p)
+                worst = max(worst, float(abs(got - y) / ulp))
+    return worst
+
+
+def check_trig(theta: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise ``CllError`` unless torch's sin and cos in ``dtype`` on ``theta``'s device are within
+    TRIG_ULPS ulps at theta / 2 and theta for every angle of ``theta`` (cached per values)."""
+    values = tuple(theta.detach().to(dtype).double().flatten().tolist())
+    worst = _trig_ulps(values, dtype, str(theta.device))
+    if not worst <= TRIG_ULPS:
+        raise CllError(f"sin/cos in {dtype} on {theta.device} are off by {worst:.3g} ulps > TRIG_ULPS = {TRIG_ULPS}")
 
 
 def _pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +180,9 @@ class HouseHolder(nn.Module):
 
     def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
         """The network certified uses the exact sin and cos of the float32 angles. Computed, the
-        trigonometric values are off by mu <= 2 TRIG_ULPS u relative, and each of the line test
+        trigonometric values are off by mu <= 2 TRIG_ULPS u relative: checked here, on these very
+        angles, by ``check_trig`` (theta / 2 is exact in binary floating point, barring underflow of a
+        subnormal theta, which the check, made against the exact theta / 2, also covers). Each of the line test
         a sin(theta/2) - b cos(theta/2) and the two reflected coordinates (two products and a sum)
         by eta = (1 + mu)(1 + u)^2 - 1 times |a| + |b|. Where the branch taken is the exact one, the
         pair is off by <= sqrt2 eta (|a| + |b|); where the rounded test took the other branch, the
@@ -151,5 +190,6 @@ class HouseHolder(nn.Module):
         reflection across the line moves a point by twice its distance |f| to it). Per pair at most
         (2 + sqrt2) eta (|a| + |b|) <= (2 + 2 sqrt2) eta ||(a, b)||, hence alpha = 5 eta over all pairs."""
         u = unit(dtype)
+        check_trig(self.theta, dtype)
         eta = (1 + 2 * TRIG_ULPS * u) * (1 + u) ** 2 - 1
         return Rounding(5 * eta, underflow(4, math.prod(in_shape), dtype))

@@ -34,10 +34,11 @@ def float32_value(x: float) -> float:
 
 
 class Normalize(nn.Module):
-    """(x - mean) / std, mean per channel, std a scalar (SOC's 0.2507; 1 = mean shift only).
+    """(x - mean) / std, mean per channel, std a nonzero finite scalar (SOC's 0.2507; 1 = mean shift
+    only).
 
     ``std`` is kept as its float32 value: the network certified divides by what the float32 forward
-    divides by."""
+    divides by. Its factor is 1/|std| (a negative std flips signs, which changes no norm)."""
 
     exact_bound = True
 
@@ -45,10 +46,12 @@ class Normalize(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.tensor([float(m) for m in mean]))
         self.std = float32_value(std)
+        if not (math.isfinite(self.std) and self.std != 0):
+            raise ValueError(f"Normalize: std {std!r} must be a finite number other than 0 (in float32)")
 
     @property
     def lipschitz(self) -> float:
-        return 1.0 / self.std
+        return 1.0 / abs(self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.view((1, -1) + (1,) * (x.dim() - 2))) / self.std
@@ -57,11 +60,12 @@ class Normalize(nn.Module):
         return self.lipschitz * (1 + ROUNDING_SLACK)
 
     def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
-        """A subtraction and a division per entry: <= gamma_2 |x - mean| / std, and
-        ||x - mean|| <= ||x|| + ||mean|| sqrt(H W)."""
-        g, pixels = gamma(2, dtype), math.prod(in_shape[1:])
+        """A subtraction and a division per entry; CUDA divides a tensor by a Python scalar as
+        ``x * fl(1/std)`` (a rounded reciprocal and a product), so three roundings are allowed, not
+        two: <= gamma_3 |x - mean| / |std|, and ||x - mean|| <= ||x|| + ||mean|| sqrt(H W)."""
+        g, pixels = gamma(3, dtype), math.prod(in_shape[1:])
         mean = self.mean.double().norm().item() * math.sqrt(pixels)
-        return Rounding(g / self.std, g * mean / self.std + underflow(2, math.prod(in_shape), dtype))
+        return Rounding(g * self.lipschitz, g * mean * self.lipschitz + underflow(3, math.prod(in_shape), dtype))
 
 
 class PaddingChannels(nn.Module):
@@ -100,16 +104,16 @@ class EvalCache(nn.Module):
     """A layer that caches what its evaluation-mode forward derives from the parameters (SOC's
     rescaled kernel, CPL's step, SLL's 1/t, Sandwich's orthogonal factors), so that the forward
     passes, the sound bound and the float64 pass of the certifier all see the *same* derived
-    float32 tensors. The cache never outlives the weights it came from: it is keyed by the
-    storage and in-place version of every parameter and buffer of the layer (an optimizer step,
-    ``load_state_dict``, ``.to()`` and a deep copy all change the key), and it is also dropped on
-    ``train()``/``eval()`` switches and by ``load_state_dict`` (a hook that receives the module,
-    so a deep copy's hook clears the copy's cache, not the original's)."""
+    float32 tensors. The cache never outlives the weights it came from: it keeps a copy of every
+    parameter and buffer of the layer and is used only while they are bit for bit the same
+    (whatever wrote them: an optimizer step, ``load_state_dict``, ``.to()``, ``p.data``), and it is
+    also dropped on ``train()``/``eval()`` switches and by ``load_state_dict`` (a hook that receives
+    the module, so a deep copy's hook clears the copy's cache, not the original's)."""
 
     def __init__(self):
         super().__init__()
         self._cache: dict | None = None
-        self._cache_key: tuple | None = None
+        self._cache_key: list[torch.Tensor] | None = None  # the weights the cache was made from
         self._register_load_state_dict_pre_hook(EvalCache._drop_on_load, with_module=True)
 
     @staticmethod
@@ -123,9 +127,16 @@ class EvalCache(nn.Module):
         self.clear_cache()
         return super().train(mode)
 
-    def _key(self) -> tuple:
-        tensors = [*self.parameters(recurse=False), *self.buffers(recurse=False)]
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    def _weights(self) -> list[torch.Tensor]:
+        return [*self.parameters(recurse=False), *self.buffers(recurse=False)]
+
+    def _is_current(self) -> bool:
+        """The cache was made from exactly the present weights: compared bit for bit, since a write
+        through ``p.data`` (or ``set_``) changes neither a tensor's storage nor its version."""
+        if self._cache_key is None:
+            return False
+        now = self._weights()
+        return len(now) == len(self._cache_key) and all(map(same_tensor, now, self._cache_key))
 
     def cached(self, make):
         """``make()`` with gradient in training mode; ``derived(make)`` in evaluation mode."""
@@ -134,11 +145,26 @@ class EvalCache(nn.Module):
     def derived(self, make, name: str | None = None):
         """What the evaluation forward derives from the parameters (``make()``, no gradient), in either
         mode, computed once per set of weights (one entry per ``name``, default ``make``'s name)."""
-        key = self._key()
-        if self._cache is None or self._cache_key != key:
-            self._cache, self._cache_key = {}, key
+        if self._cache is None or not self._is_current():
+            self._cache, self._cache_key = {}, [t.detach().clone() for t in self._weights()]
         name = name or make.__name__
         if name not in self._cache:
             with torch.no_grad():
                 self._cache[name] = make()
         return self._cache[name]
+
+
+def same_tensor(t: torch.Tensor, saved: torch.Tensor) -> bool:
+    """``t`` holds bit for bit ``saved``'s values (-0.0 differs from 0.0, a NaN equals the same NaN),
+    with its shape, dtype and device."""
+
+    def bits(v: torch.Tensor) -> torch.Tensor:
+        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        return v.detach().view(ints[v.element_size()]) if v.is_floating_point() else v.detach()
+
+    return (
+        t.shape == saved.shape
+        and t.dtype == saved.dtype
+        and t.device == saved.device
+        and torch.equal(bits(t), bits(saved))
+    )

@@ -65,26 +65,40 @@ class _SLL(EvalCache):
         t_inv = self.derived(self.inverse_t).double()
         return self.residual(x.double(), self.weight.double(), self.bias.double(), t_inv)
 
-    def _gram64(self) -> torch.Tensor:
-        """|W W^T| in float64 (summed over spatial offsets for the conv layer)."""
+    def _products64(self, w: torch.Tensor) -> torch.Tensor:
+        """W W^T per spatial offset, (offsets, inner, inner), from one float64 matmul of inner size
+        ``w[0].numel()`` (one offset for the dense layer)."""
         raise NotImplementedError
 
+    def _gram_bound(self) -> torch.Tensor:
+        """An entrywise upper bound on sum over offsets of |W W^T| in exact arithmetic: each computed
+        entry G~ (an inner product of n = w[0].numel() terms, any order) is within gamma_n (|W| |W|^T)
+        of exact, and the computed |W| |W|^T (nonnegative terms) is >= (1 - gamma_n) times its exact
+        value, so |G| <= |G~| + gamma_n / (1 - gamma_n) fl(|W| |W|^T). |G~| alone is not a bound:
+        entries that cancel may be computed far below their exact modulus."""
+        w = self.weight.detach().double()
+        g = gamma(w[0].numel())
+        return (self._products64(w).abs() + g / (1 - g) * self._products64(w.abs())).sum(0)
+
     def _norm_m(self) -> float:
-        """An upper bound on ||M||, M = T^{-1/2} W with the evaluation forward's 1/t: ||M||^2 is bounded
-        by the weighted Gershgorin row sums of T^{-1/2} |W W^T| T^{-1/2} under the weights q_j sqrt(t_j):
-        max_i sum_j |G_ij| q_j / (q_i t_i), which is exactly 1 for the t of the theorem (Araujo et al.
-        2023) and 1 + rounding for the float32 t the forward uses. For the conv layer G sums |K K^T|
-        over all spatial offsets, an upper bound on every row of the zero-padded operator's Gram
-        matrix. No eigendecomposition; float64 sums of (inner * taps * cin) products, each off by
-        <= 2^-53 relative per operation, covered by the last factor."""
+        """An upper bound on ||M||, M = T^{-1/2} W with the evaluation forward's 1/t: ||M||^2 =
+        rho(T^-1 W W^T) <= rho(T^-1 |G|) <= max_i sum_j |G_ij| q_j / (q_i t_i) (Collatz-Wielandt with the
+        positive weights q, valid for any q > 0, so q's own rounding is harmless), which is exactly 1
+        for the t of the theorem (Araujo et al. 2023) and 1 + rounding for the float32 t the forward
+        uses. For the conv layer G sums |K K^T| over all spatial offsets, an upper bound on every row
+        of the zero-padded operator's Gram matrix. |G| is bounded entrywise by ``_gram_bound``; the
+        rest, nonnegative sums of r + offsets + 4 roundings (r live units), is within gamma of that
+        count, divided out; ROUNDING_SLACK covers the division and square root."""
         t_inv = self.derived(self.inverse_t).double()
         live = t_inv > 0  # dead units (t = 0) have zero rows in M
         if not live.any():
             return 0.0
         q = torch.exp(self.q.detach().double())
-        gram = self._gram64()[live][:, live]
+        gram = self._gram_bound()[live][:, live]
         rows = (gram * q[live][None, :]).sum(1) * t_inv[live] / q[live]
-        norm_sq = rows.max().item() * (1 + gram.shape[0] * self.weight[0].numel() * 2.3e-16 + ROUNDING_SLACK)
+        offsets = math.prod(2 * k - 1 for k in self.weight.shape[2:])  # 1 for the dense layer
+        terms = gram.shape[0] + offsets + 4
+        norm_sq = rows.max().item() / (1 - gamma(terms)) * (1 + ROUNDING_SLACK)
         return math.sqrt(norm_sq)
 
     def upper_bound(self, in_shape: tuple[int, ...]) -> float:
@@ -139,9 +153,12 @@ class SLLConv(_SLL):
         k = self.weight.shape[-1]
         return F.conv2d(self.weight, self.weight, padding=k - 1).abs().sum((2, 3))
 
-    def _gram64(self) -> torch.Tensor:
-        w, k = self.weight.detach().double(), self.weight.shape[-1]
-        return F.conv2d(w, w, padding=k - 1).abs().sum((2, 3))
+    def _products64(self, w: torch.Tensor) -> torch.Tensor:
+        # out[j, i, d] = sum_{c, p} W_i[c, p] W_j[c, p + d]: the padded kernel's k x k patches at every
+        # offset d, against each kernel, as one batched matmul of inner size c k k
+        k = w.shape[-1]
+        patches = F.unfold(F.pad(w, (k - 1,) * 4), k)  # (inner, c k k, (2k - 1)^2)
+        return (w.flatten(1) @ patches).permute(2, 1, 0)
 
     def residual(self, x, weight, bias, t_inv):
         res = t_inv[None, :, None, None] * F.relu(F.conv2d(x, weight, bias, padding=self.padding))
@@ -162,9 +179,8 @@ class SLLLinear(_SLL):
     def gram_abs(self) -> torch.Tensor:
         return (self.weight @ self.weight.t()).abs()
 
-    def _gram64(self) -> torch.Tensor:
-        w = self.weight.detach().double()
-        return (w @ w.t()).abs()
+    def _products64(self, w: torch.Tensor) -> torch.Tensor:
+        return (w @ w.t())[None]
 
     def residual(self, x, weight, bias, t_inv):
         res = t_inv * F.relu(F.linear(x, weight, bias))

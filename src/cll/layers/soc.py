@@ -167,18 +167,20 @@ class SOC(EvalCache):
         """The series as ``series`` computes it, term by term. With rho >= ||K||, A >= || |K| || and
         g = gamma_n (n = c k^2, the conv's fan-in), per unit of ||x||: the computed conv of the
         computed term t'_{i-1} (norm <= tau_{i-1}) is off by g A tau_{i-1} and has norm
-        <= c_i = (rho + g A) tau_{i-1}; dividing by i adds u c_i / i; the error d_i of term i obeys
-        d_i <= (rho d_{i-1} + g A tau_{i-1} + u c_i) / i and tau_i = (1 + u) c_i / i. Each partial
-        sum z_i = z_{i-1} + t_i adds u (zeta_{i-1} + tau_i), zeta_i = (1 + u)(zeta_{i-1} + tau_i)
-        bounding its norm; the bias adds u (||z|| + ||b|| sqrt(P))."""
+        <= c_i = (rho + g A) tau_{i-1}; dividing by i adds v c_i / i, v = (1 + u)^2 - 1 (CUDA divides
+        by a Python scalar as a product with the rounded fl(1/i): two roundings); the error d_i of
+        term i obeys d_i <= (rho d_{i-1} + g A tau_{i-1} + v c_i) / i and tau_i = (1 + v) c_i / i.
+        Each partial sum z_i = z_{i-1} + t_i adds u (zeta_{i-1} + tau_i), zeta_i = (1 + u)(zeta_{i-1}
+        + tau_i) bounding its norm; the bias adds u (||z|| + ||b|| sqrt(P))."""
         u, kernel = unit(dtype), self.derived(self.kernel)
+        v = (1 + u) ** 2 - 1
         n = kernel[0].numel()
         g, a, rho = gamma(n, dtype), abs_operator_norm(kernel), self._rho(in_shape)
         tau, d, zeta, err = 1.0, 0.0, 1.0, 0.0
         for i in range(1, self.eval_terms + 1):
             c = (rho + g * a) * tau
-            d = (rho * d + g * a * tau + u * c) / i
-            tau = (1 + u) * c / i
+            d = (rho * d + g * a * tau + v * c) / i
+            tau = (1 + v) * c / i
             err += d + u * (zeta + tau)
             zeta = (1 + u) * (zeta + tau)
         positions = (in_shape[1] // self.stride) * (in_shape[2] // self.stride)

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..errors import CllError
 from .operators import (
     ROUNDING_SLACK,
     check_conv,
@@ -52,12 +53,13 @@ def _conv_rounding(layer: nn.Conv2d, in_shape: tuple[int, ...], dtype: torch.dty
 
 
 def _pool_geometry(layer: nn.AvgPool2d) -> tuple[int, int]:
-    """(k*k, divisor) of a non-overlapping, unpadded average (or sum/divisor) pooling."""
+    """(k*k, |divisor|) of a non-overlapping, unpadded average (or sum/divisor) pooling: a negative
+    divisor flips the sign, which changes no norm."""
     k = (layer.kernel_size,) * 2 if isinstance(layer.kernel_size, int) else tuple(layer.kernel_size)
     s = (layer.stride,) * 2 if isinstance(layer.stride, int) else tuple(layer.stride)
     if s != k or layer.padding not in (0, (0, 0)) or layer.ceil_mode:
         raise TypeError(f"no Lipschitz bound for overlapping, padded or ceil-mode pooling {layer}")
-    return k[0] * k[1], layer.divisor_override or k[0] * k[1]
+    return k[0] * k[1], abs(layer.divisor_override or k[0] * k[1])
 
 
 def _pool_bound(layer: nn.AvgPool2d, in_shape: tuple[int, ...], method: str = "auto") -> float:
@@ -150,10 +152,17 @@ def check_supported(body: nn.Sequential) -> None:
 
 
 def upper_bound_layers(model: nn.Module) -> tuple[list[tuple[int, ...]], list[float]]:
-    """(input shape, sound bound) of every body layer, in order."""
+    """(input shape, sound bound) of every body layer, in order. A bound that is not a finite number
+    >= 0 raises, naming the layer: a negative one would make K_F negative and every radius infinite."""
     check_supported(model.body)
     shapes = trace_input_shapes(model.body, model.in_shape)
-    return shapes, [upper_bound_layer(layer, shape) for layer, shape in zip(model.body, shapes)]
+    bounds = [upper_bound_layer(layer, shape) for layer, shape in zip(model.body, shapes)]
+    for index, (layer, value) in enumerate(zip(model.body, bounds)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise CllError(
+                f"body[{index}] ({type(layer).__name__}): its Lipschitz bound {value!r} is not a finite number >= 0"
+            )
+    return shapes, bounds
 
 
 def upper_bound_body(model: nn.Module) -> float:
@@ -164,7 +173,10 @@ def upper_bound_body(model: nn.Module) -> float:
 def upper_bound_head(weight: torch.Tensor) -> float:
     """Sound max_ij ||W_i - W_j||_2 of a linear head (float64, inflated for its rounding)."""
     with torch.no_grad():
-        return max_row_distance(weight.detach().double()).item() * (1 + ROUNDING_SLACK)
+        value = max_row_distance(weight.detach().double()).item() * (1 + ROUNDING_SLACK)
+    if not math.isfinite(value):
+        raise CllError(f"the head's largest row distance is {value}: its weights are not finite")
+    return value
 
 
 def upper_bound(model: nn.Module, body: float | None = None) -> float:

@@ -1,34 +1,47 @@
 """Operator-norm maths: exact norms, circular-convolution bounds, cheap sound bounds, row distances.
 
 A leaf module: it imports no cll layer, so every layer may use it to bound itself. Every bound
-here is *guaranteed* to be >= the quantity it bounds (float64 results are inflated by
-``ROUNDING_SLACK``, 1e-9 relative, far above the backward error of LAPACK's symmetric eigensolver,
-about n * 1.1e-16, for any layer we build):
+here is *guaranteed* to be >= the quantity it bounds, in exact arithmetic, under Higham's standard
+model of float64 rounding (each operation exact up to a factor 1 + d, |d| <= u = 2^-53; an n-term
+inner product in any order within gamma_n |x|^T |y|, gamma_n = n u / (1 - n u); complex inner
+products within gamma_{n+2}, Higham sec. 3.6); no LAPACK or FFT accuracy is assumed:
 
-* ``spectral_norm_exact``: the largest singular value of a dense matrix (float64 eigenvalues of the
-  smaller Gram matrix);
+* ``top_eigenvalue_bound``: lambda_max of a Hermitian matrix, proved a posteriori from its computed
+  eigendecomposition (residual and orthogonality defect, each with its own rounding bound);
+* ``spectral_norm_exact``: the largest singular value of a dense matrix (the bound above on the
+  smaller Gram matrix, plus the rounding of forming that Gram matrix);
 * ``conv_norm_bound``: a zero-padded, strided conv2d at a given input size: exact from the explicit
   matrix where it is small, else the exact norm of the *circular* convolution on the zero-padded
-  canvas, per frequency by FFT (Sedghi, Gupta, Long, "The singular values of convolutional layers",
-  ICLR 2019, arXiv 1805.10408, Thm. 6). The zero-padded operator is ``crop o circular o pad``, crop
-  and pad have norm <= 1. A stride s is handled exactly by space-to-depth: the strided conv of x is
-  a stride-1 conv of x's s*s polyphase components (an orthogonal re-indexing), kernel split alike;
+  canvas, per frequency by a direct DFT with correctly rounded twiddles (Sedghi, Gupta, Long, "The
+  singular values of convolutional layers", ICLR 2019, arXiv 1805.10408, Thm. 6). The zero-padded
+  operator is ``crop o circular o pad``, crop and pad have norm <= 1. A stride s is handled exactly
+  by space-to-depth: the strided conv of x is a stride-1 conv of x's s*s polyphase components (an
+  orthogonal re-indexing), kernel split alike;
 * ``schur_bound`` (Schur's test) and ``nonnegative_norm_bound`` (Collatz-Wielandt): cheap bounds;
 * ``residual_bound``: the norm of I - step M^T D M over diagonal 0 <= D <= I (CPL, SLL);
 * ``row_distances``: ||W_i - W_j||_2 by explicit differences (the one helper for head distances).
+
+``ROUNDING_SLACK`` (1e-9 relative) now covers only roundings that are counted: the last few float64
+operations of a bound (a square root, a sum of two bounds, a product; a few u each), and sums of at
+most ~10^6 nonnegative terms (gamma_n < 1e-9 for n < 9e6: Schur's test, Collatz-Wielandt ratios).
+Underflow, outside the standard model, is covered by absolute terms (``TINY``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
+import mpmath
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Relative inflation of every float64 bound (see the module docstring).
+# Relative inflation of the last few float64 operations of a bound (see the module docstring).
 ROUNDING_SLACK = 1e-9
+UNIT = 2.0**-53  # float64 unit roundoff
+TINY = 2.0**-1000  # absolute cover of underflow: far above (count of operations) * 2^-1022 here
 # Largest explicit matrix (rows * columns) whose exact norm we compute for a conv layer.
 EXPLICIT_MAX_ENTRIES = 2**22
 
@@ -97,10 +110,63 @@ def _gram(a: torch.Tensor) -> torch.Tensor:
     return a @ ah if a.shape[-2] <= a.shape[-1] else ah @ a
 
 
+def _gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u) for float64."""
+    return n * UNIT / (1 - n * UNIT)
+
+
+def _frobenius_sq_bound(x: torch.Tensor) -> torch.Tensor:
+    """An upper bound on ||X||_F^2 for each matrix of the batch ``x`` (..., m, n), real or complex: the
+    computed sum of N real squares (N = m n, or 2 m n for complex) is within gamma_N of the exact one
+    in any order, so exact <= computed / (1 - gamma_N); N TINY covers underflowing squares."""
+    xr = torch.view_as_real(x) if x.is_complex() else x
+    count = x.shape[-2] * x.shape[-1] * (2 if x.is_complex() else 1)
+    return xr.square().flatten(x.dim() - 2).sum(-1) / (1 - _gamma(count)) + count * TINY
+
+
+def top_eigenvalue_bound(g: torch.Tensor) -> torch.Tensor:
+    """A proved upper bound on lambda_max(G) for each Hermitian float64 matrix of the batch ``g``
+    (..., n, n), real or complex, read as exact: shape (...,).
+
+    From the computed (lam, V) = eigh(G), whatever its accuracy: G = V diag(lam) V^H + R, so by Weyl
+    lambda_max(G) <= max(lam_max, 0) ||V||_2^2 + ||R||_2, with ||V||_2^2 = ||V^H V||_2 <= 1 + e,
+    e = ||V^H V - I||_F, and ||R||_2 <= ||R||_F. Both are evaluated in float64 (c = gamma_{n+2}, the
+    complex inner-product constant, also safe for real ones): fl(V^H V) is within c |V|^H |V| and
+    || |V|^H |V| ||_F <= ||V||_F^2, the subtraction of I within gamma_1 of its result, so
+    e <= (1 + gamma_1) ||fl(V^H V) - I||_F + c ||V||_F^2; fl(V diag(lam)) is within u, the product
+    with V^H within c, so fl(V diag(lam) V^H) is within gamma_{n+3} |V| |diag(lam)| |V|^H, whose
+    Frobenius norm is <= max|lam| ||V||_F^2, and ||R||_F <= (1 + gamma_1) ||fl(R)||_F +
+    gamma_{n+3} max|lam| ||V||_F^2. Frobenius norms: ``_frobenius_sq_bound``, whose n^2 TINY also
+    covers, after the square root, any underflow in the products (<= n^2 2^-1022). The rest, at most 40
+    roundings of nonnegative numbers (a relative u each), is covered by the factor 1 + 64 u. A
+    non-finite decomposition gives inf, a failed one raises (never a false bound)."""
+    n = g.shape[-1]
+    lam, v = torch.linalg.eigh(g)
+    vh = v.conj().transpose(-2, -1)
+    eye = torch.eye(n, dtype=g.dtype, device=g.device)
+    v_sq = _frobenius_sq_bound(v)
+    ortho = _frobenius_sq_bound(vh @ v - eye).sqrt() * (1 + 2 * UNIT) + _gamma(n + 2) * v_sq
+    residual = g - (v * lam[..., None, :]) @ vh
+    lam_abs = lam.abs().amax(-1)
+    resid = _frobenius_sq_bound(residual).sqrt() * (1 + 2 * UNIT) + _gamma(n + 3) * lam_abs * v_sq
+    bound = (lam[..., -1].clamp_min(0) * (1 + ortho) + resid) * (1 + 64 * UNIT)
+    return torch.where(bound.isfinite(), bound, math.inf)
+
+
+def gram_top_bound(a: torch.Tensor) -> torch.Tensor:
+    """A proved upper bound on ||A||_2^2 = lambda_max(A^H A) for each float64 matrix of the batch ``a``
+    (..., m, n), read as exact: (...,). The smaller Gram matrix G~ = fl(A A^H) (or A^H A), inner
+    size k = max(m, n), is within gamma_{k+2} |A| |A|^H entrywise, so ||G~ - G||_2 <=
+    gamma_{k+2} || |A| |A|^H ||_F <= gamma_{k+2} ||A||_F^2 (Weyl); lambda_max(G~) by
+    ``top_eigenvalue_bound``. The final addition is left to the caller's ROUNDING_SLACK."""
+    k = max(a.shape[-2], a.shape[-1])
+    return top_eigenvalue_bound(_gram(a)) + _gamma(k + 2) * _frobenius_sq_bound(a)
+
+
 def spectral_norm_exact(matrix: torch.Tensor) -> float:
-    """Largest singular value of a dense matrix, in float64 via the smaller Gram matrix (inflated)."""
-    top = torch.linalg.eigvalsh(_gram(matrix.detach().double()))[-1].clamp_min(0).item()
-    return math.sqrt(top) * (1 + ROUNDING_SLACK)
+    """Largest singular value of a dense matrix, a proved upper bound (``gram_top_bound``, in float64;
+    ROUNDING_SLACK covers the final square root and product)."""
+    return math.sqrt(gram_top_bound(matrix.detach().double()).item()) * (1 + ROUNDING_SLACK)
 
 
 def conv_matrix(weight: torch.Tensor, in_shape: tuple[int, ...], stride=(1, 1), padding=(0, 0)) -> torch.Tensor:
@@ -156,25 +222,30 @@ FFT_CHUNK_ENTRIES = 2**24  # complex entries per batched step (memory: 256 MB)
 
 
 def _max_top_eigenvalue(spectrum: torch.Tensor) -> float:
-    """max_f lambda_max(A_f^H A_f) over the float64 batch ``spectrum`` (F, m, n): the value that
-    float64 eigvalsh at every f gives, with eigvalsh run only where needed.
+    """A proved upper bound on max_f lambda_max(A_f^H A_f) over the float64 batch ``spectrum`` (F, m, n),
+    read as exact: the largest ``gram_top_bound`` over the frequencies that may hold the maximum.
 
-    A frequency is skipped only when a guaranteed upper bound on its lambda_max lies below an
-    eigvalsh value already found, so it cannot hold the maximum. The bounds are those of the Gram
-    iteration (Delattre, Barthelemy, Araujo, Allauzen, "Efficient Bound of Lipschitz Constant for
-    Convolutional Layers by Gram Iteration", ICML 2023, arXiv 2305.16173): lambda_max(A^H A) <=
-    ||A||_F^2, and for G_0 = the Gram matrix, G_{k+1} = G_k^H G_k, lambda_max(G_0) <=
-    ||G_k||_F^(1/2^k), which tightens towards lambda_max with k (to within rank^(1/2^k)); each
-    G_k is divided by its Frobenius norm, whose log is carried along. Rounding: a float64 product
-    with inner size n and Gram size r changes ||G_k||_2 by at most about n * r * 2^-53 relative
-    (worst case, |A^H||A| against A^H A), which the 2^k-th root shrinks further; for the widest
-    layers here (n = 1024, r = 256) that is < 1e-10, far below FFT_PRUNE_SLACK."""
+    The value returned is ``best``, the largest proved bound over the frequencies solved. A frequency
+    is skipped only when a guaranteed upper bound on its lambda_max, times 1 + FFT_PRUNE_SLACK, lies
+    at or below ``best`` at that time; ``best`` only grows, so the skipped frequency's lambda_max is
+    below the value returned (comparing against a proved *upper* bound is sound here because that
+    same bound is what is returned). The bounds are those of the Gram iteration (Delattre,
+    Barthelemy, Araujo, Allauzen, "Efficient Bound of Lipschitz Constant for Convolutional Layers by
+    Gram Iteration", ICML 2023, arXiv 2305.16173): lambda_max(A^H A) <= ||A||_F^2, and for G_0 =
+    the Gram matrix, G_{k+1} = G_k^H G_k, lambda_max(G_0) <= ||G_k||_F^(1/2^k), which tightens towards
+    lambda_max with k (to within rank^(1/2^k)); each G_k is divided by its Frobenius norm, whose log
+    is carried along. Rounding: with ||G_k||_F = 1 the computed product is within gamma_{r+2}
+    |G_k|^H |G_k|, of norm <= gamma_{r+2}, while ||G_k^H G_k||_2 >= 1/r (rank <= r), so each step
+    loses at most a relative r gamma_{r+2} of ||G_{k+1}||_2, shrunk by the 2^(k+1)-th root; with the
+    Gram matrix's own gamma_{n+2} ||A||_F^2 <= gamma_{n+2} r ||A||_2^2 and the Frobenius sums
+    (gamma_{2 r^2}), the log bound is low by at most ~ (n + 2r) r u: < 1e-9 for the widest layers
+    here (n = 1024, r = 512), far below FFT_PRUNE_SLACK."""
     n_freq, m, n = spectrum.shape
     r = min(m, n)
     chunk = max(1, FFT_CHUNK_ENTRIES // (r * max(m, n)))
 
-    def top(idx: torch.Tensor) -> float:  # exact: the largest eigvalsh value over frequencies idx
-        return max(torch.linalg.eigvalsh(_gram(spectrum[i])).amax().item() for i in idx.split(chunk))
+    def top(idx: torch.Tensor) -> float:  # proved: the largest bound over frequencies idx
+        return max(gram_top_bound(spectrum[i]).amax().item() for i in idx.split(chunk))
 
     every = torch.arange(n_freq, device=spectrum.device)
     if r <= FFT_DIRECT_SIZE or spectrum.device.type not in FFT_PRUNE_DEVICES:
@@ -222,6 +293,17 @@ def _max_top_eigenvalue(spectrum: torch.Tensor) -> float:
     return max(best, 0.0)
 
 
+@functools.lru_cache(maxsize=32)
+def _roots_of_unity(n: int) -> torch.Tensor:
+    """exp(-2 pi i k / n) for k < n, complex128: each part is an 80-bit mpmath value (error < 2^-76)
+    rounded to the nearest float64, so every entry is within sqrt2 (u + 2^-76) < 2u of exact.
+    (mpmath ships with torch, through sympy.)"""
+    with mpmath.workprec(80):
+        turns = [mpmath.mpf(2 * k) / n for k in range(n)]
+        values = [complex(float(mpmath.cospi(t)), -float(mpmath.sinpi(t))) for t in turns]
+    return torch.tensor(values, dtype=torch.complex128)
+
+
 def conv_fft_bound(
     weight: torch.Tensor, in_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int]
 ) -> float:
@@ -229,9 +311,17 @@ def conv_fft_bound(
 
     The exact norm of the circular convolution on the padded canvas (Sedghi et al. 2019), with the
     stride folded into the channels by space-to-depth (see the module docstring): the largest
-    float64 eigenvalue of the per-frequency Gram matrices. A real kernel's spectrum is conjugate-
+    singular value over frequencies f of A_f = sum_t W_t w_t(f), W_t the (polyphase) kernel's tap t,
+    w_t(f) = exp(-2 pi i (f_h t_h / n_h + f_w t_w / n_w)). A real kernel's spectrum is conjugate-
     symmetric (A(-f) = conj A(f), the same singular values), so rfft2's half of the frequencies
-    covers them all; ``_max_top_eigenvalue`` skips the ones that provably cannot hold the maximum."""
+    covers them all; ``_max_top_eigenvalue`` bounds the top eigenvalue of the Gram matrices of the
+    *computed* A~_f, skipping the ones that provably cannot hold the maximum.
+
+    The spectrum is a direct DFT, one complex matmul over the T taps with the correctly rounded
+    twiddles of ``_roots_of_unity`` (|w~ - w| <= 2u), so its rounding is proved rather than assumed
+    of an FFT library: |A~_f - A_f| <= gamma_{T+2} sum_t |W_t| |w~_t| + 2u sum_t |W_t| <=
+    gamma_{T+4} S entrywise, S = sum_t |W_t|, hence ||A~_f - A_f||_2 <= delta = gamma_{T+4} ||S||_F
+    (S~ is within gamma_T of S) at every f, and ||A_f|| <= sqrt(max lambda bound) + delta."""
     w = weight.detach().double()
     c_out, c_in, kh, kw = w.shape
     (sh, sw), (ph, pw) = stride, padding
@@ -244,9 +334,19 @@ def conv_fft_bound(
     padded = w.new_zeros(c_out, c_in, kh2 * sh, kw2 * sw)
     padded[:, :, :kh, :kw] = w
     poly = padded.reshape(c_out, c_in, kh2, sh, kw2, sw).permute(0, 1, 3, 5, 2, 4)
-    poly = poly.reshape(c_out, c_in * sh * sw, kh2, kw2)
-    spectrum = torch.fft.rfft2(poly, s=(nh, nw)).permute(2, 3, 0, 1).reshape(-1, c_out, c_in * sh * sw)
-    return math.sqrt(_max_top_eigenvalue(spectrum)) * (1 + ROUNDING_SLACK)
+    taps = poly.reshape(c_out * c_in * sh * sw, kh2 * kw2)
+    # w_t(f) = root number (f_h t_h mod n_h) n_w + (f_w t_w mod n_w) n_h of the n_h n_w-th roots
+    dev = w.device
+    fh, fw = torch.arange(nh, device=dev), torch.arange(nw // 2 + 1, device=dev)
+    th, tw = torch.arange(kh2, device=dev), torch.arange(kw2, device=dev)
+    index = (fh[:, None, None, None] * th[None, None, :, None]) % nh * nw
+    index = (index + (fw[None, :, None, None] * tw[None, None, None, :]) % nw * nh) % (nh * nw)
+    twiddles = _roots_of_unity(nh * nw).to(dev)[index.reshape(-1, kh2 * kw2)]
+    spectrum = (twiddles @ taps.t().to(torch.complex128)).reshape(-1, c_out, c_in * sh * sw)
+    t = kh2 * kw2
+    s_fro = math.sqrt(_frobenius_sq_bound(taps.abs().sum(1, keepdim=True)).item()) / (1 - _gamma(t))
+    delta = _gamma(t + 4) * s_fro
+    return (math.sqrt(_max_top_eigenvalue(spectrum)) + delta) * (1 + ROUNDING_SLACK)
 
 
 # ---------------------------------------------------------------- cheap sound bounds

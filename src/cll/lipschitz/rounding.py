@@ -24,6 +24,7 @@ of unknown algorithm) says ``rigorous=False``: the certifier then never certifie
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack, contextmanager
 from typing import NamedTuple
 
 import torch
@@ -86,3 +87,67 @@ def affine_rounding(weight: torch.Tensor, bias: torch.Tensor | None, positions: 
     outputs = positions * weight.shape[0]
     tiny = underflow(2 * n + 2, outputs, dtype, max(1.0, weight.detach().abs().max().item()))
     return Rounding(g * abs_operator_norm(weight), g * b * math.sqrt(positions) + tiny)
+
+
+# every fp32_precision switch of torch's backends (torch >= 2.9): "ieee" = full float32
+_PRECISION_SWITCHES = (
+    "",
+    "cuda.matmul",
+    "cudnn",
+    "cudnn.conv",
+    "cudnn.rnn",
+    "mkldnn",
+    "mkldnn.matmul",
+    "mkldnn.conv",
+    "mkldnn.rnn",
+)
+
+
+def _switches() -> list[object]:
+    found = []
+    for path in _PRECISION_SWITCHES:
+        obj = torch.backends
+        for part in filter(None, path.split(".")):
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, "fp32_precision"):
+            found.append(obj)
+    return found
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda")  # autocast is switched off for these inside full_precision
+
+
+@contextmanager
+def full_precision():
+    """Plain float32 (and float64) arithmetic whatever the caller set, the setting under which the
+    bounds here hold: autocast off (an enclosing ``torch.autocast`` would run products in bf16 or
+    fp16), every backend's fp32_precision "ieee" (no TF32, no bf16 passes inside float32 products;
+    torch >= 2.9, else the legacy matmul precision "highest" and TF32 off), cuDNN (FFT and Winograd
+    algorithms) and NNPACK off; everything restored afterwards. (The legacy getters raise once the
+    new switches disagree, so they are used only without them.) oneDNN's own environment variable
+    ONEDNN_DEFAULT_FPMATH_MODE cannot be reset from here: ``cll.checks`` refuses it."""
+    switches = _switches()
+    cudnn = torch.backends.cudnn.enabled
+    if switches:
+        saved = [(obj, "fp32_precision", obj.fp32_precision, "ieee") for obj in switches]
+    else:  # pragma: no cover (torch < 2.9)
+        legacy = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")
+        saved = [(obj, name, getattr(obj, name), False) for obj, name in legacy]
+        matmul = torch.get_float32_matmul_precision()
+    try:
+        for obj, name, _, value in saved:
+            setattr(obj, name, value)
+        if not switches:  # pragma: no cover
+            torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.enabled = False  # (cudnn.flags() reads the legacy TF32 getter)
+        with ExitStack() as stack:
+            for device in AUTOCAST_DEVICES:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            stack.enter_context(torch.backends.nnpack.flags(enabled=False))
+            yield
+    finally:
+        torch.backends.cudnn.enabled = cudnn
+        if not switches:  # pragma: no cover
+            torch.set_float32_matmul_precision(matmul)
+        for obj, name, value, _ in reversed(saved):
+            setattr(obj, name, value)
