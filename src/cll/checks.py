@@ -29,9 +29,12 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from .errors import CllError
-from .layers.basic import UnitRows, same_tensor
+from .layers.basic import UnitRows, same_tensors
 from .lipschitz import TORCH_LAYERS
 
 FPMATH_VARIABLES = ("ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE")
@@ -75,10 +78,6 @@ def check_environment() -> None:
                 f"{variable}={value} lets oneDNN compute float32 products in lower precision; unset it "
                 "(or set strict) to certify"
             )
-    from torch.overrides import _get_current_function_mode_stack
-    from torch.utils._device import DeviceContext
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
     modes = _get_current_dispatch_mode_stack() + [
         m for m in _get_current_function_mode_stack() if not isinstance(m, DeviceContext)
     ]
@@ -173,8 +172,7 @@ class WeightsGuard:
     def __init__(self, model: nn.Module):
         check_model(model)
         self.model = model
-        self.saved = self._tensors()
-        self.copies = [t.detach().clone() for t in self.saved]
+        self.copies = [t.detach().clone() for t in self._tensors()]
 
     def _tensors(self) -> list[torch.Tensor]:
         parts = (self.model.body, self.model.head)
@@ -183,8 +181,7 @@ class WeightsGuard:
     def check(self) -> None:
         check_environment()
         check_model(self.model)
-        now = self._tensors()
-        if len(now) != len(self.saved) or not all(same_tensor(t, c) for t, c in zip(now, self.copies)):
+        if not same_tensors(self._tensors(), self.copies):
             raise CertificationRefused(
                 "the model's weights changed since this certifier was built: build a new one (its bound "
                 "is that of the old weights)"

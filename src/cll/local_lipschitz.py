@@ -60,20 +60,13 @@ from torch import nn
 from . import lipschitz
 from .checks import WeightsGuard, check_input
 from .layers import ClippedMaxMin, ClippedReLU, MaxMin
-from .lipschitz.operators import EXPLICIT_MAX_ENTRIES, top_eigenvalue_bound
+from .lipschitz.operators import EXPLICIT_MAX_ENTRIES, TINY, UNIT, gamma64, top_eigenvalue_bound
 from .lipschitz.rounding import full_precision
 
-UNIT = 2.0**-53  # float64 unit roundoff
-TINY = 2.0**-1000  # covers underflow of a product or sum (far above float64's smallest normal)
 SAFETY = 1.01  # on every rounding term: covers the float64 evaluation of the term itself
 GRAM_CHUNK = 2**24  # float64 entries per batched masked-Gram step (128 MB)
 SPARSITY_SATURATION = 0.1  # the paper's code's weight of the clipped ReLU's saturation term
 MASKABLE = (ClippedReLU, MaxMin)  # the activations with masks (ClippedMaxMin is a MaxMin)
-
-
-def _gamma(n: int) -> float:
-    """Higham's gamma_n = n u / (1 - n u) in float64: the relative error bound of an n-term sum."""
-    return n * UNIT / (1 - n * UNIT)
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -161,7 +154,7 @@ def _affine_bounds(
         return (m, m) if point else (m - q, m + q)
     size = c.abs() if point else _up(c.abs() + r)
     s = _apply(layer, size, weight.abs(), None if bias is None else bias.abs())
-    g = _gamma(_fan_in(layer) + 2)
+    g = gamma64(_fan_in(layer) + 2)
     err = SAFETY * g / (1 - g) * s + TINY * (_fan_in(layer) + 2)
     if point:
         return _down(m - err), _up(m + err)
@@ -177,7 +170,7 @@ def _row_norms(layer: nn.Module, varies: torch.Tensor | None, shape: tuple[int, 
     t = _apply(layer, d, w2, None)
     if not sound:
         return t.clamp_min(1e-24).sqrt()  # no infinite gradient where a whole row is masked
-    return _up(torch.sqrt(t / (1 - _gamma(_fan_in(layer)))) * (1 + 2 * UNIT))
+    return _up(torch.sqrt(t / (1 - gamma64(_fan_in(layer)))) * (1 + 2 * UNIT))
 
 
 # ------------------------------------------------------------------------ the walk through the body
@@ -286,7 +279,7 @@ def _masked_norm_bound(a: torch.Tensor, e: torch.Tensor | None, d: torch.Tensor 
         else:  # D A^T E A D
             g = (a.t() * ec[:, None, :]) @ a * dc[:, :, None] * dc[:, None, :]
         tops.append(top_eigenvalue_bound(g))
-    lam = torch.cat(tops) / (1 - _gamma(k) * r)
+    lam = torch.cat(tops) / (1 - gamma64(k) * r)
     top = _up(torch.sqrt(_up(lam)) * (1 + 2 * UNIT))
     out = top[-1:].expand(count).clone() if not masked.all() else top.new_empty(count)
     out[rows[: masked.sum()]] = top[: masked.sum()]

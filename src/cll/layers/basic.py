@@ -133,10 +133,7 @@ class EvalCache(nn.Module):
     def _is_current(self) -> bool:
         """The cache was made from exactly the present weights: compared bit for bit, since a write
         through ``p.data`` (or ``set_``) changes neither a tensor's storage nor its version."""
-        if self._cache_key is None:
-            return False
-        now = self._weights()
-        return len(now) == len(self._cache_key) and all(map(same_tensor, now, self._cache_key))
+        return self._cache_key is not None and same_tensors(self._weights(), self._cache_key)
 
     def cached(self, make):
         """``make()`` with gradient in training mode; ``derived(make)`` in evaluation mode."""
@@ -168,3 +165,8 @@ def same_tensor(t: torch.Tensor, saved: torch.Tensor) -> bool:
         and t.device == saved.device
         and torch.equal(bits(t), bits(saved))
     )
+
+
+def same_tensors(now: list[torch.Tensor], saved: list[torch.Tensor]) -> bool:
+    """As many tensors as ``saved``, each ``same_tensor`` as its copy there."""
+    return len(now) == len(saved) and all(map(same_tensor, now, saved))

@@ -110,8 +110,9 @@ def _gram(a: torch.Tensor) -> torch.Tensor:
     return a @ ah if a.shape[-2] <= a.shape[-1] else ah @ a
 
 
-def _gamma(n: int) -> float:
-    """Higham's gamma_n = n u / (1 - n u) for float64."""
+def gamma64(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u) for float64 (``rounding.gamma`` for any dtype; this leaf
+    cannot import it)."""
     return n * UNIT / (1 - n * UNIT)
 
 
@@ -121,7 +122,7 @@ def _frobenius_sq_bound(x: torch.Tensor) -> torch.Tensor:
     in any order, so exact <= computed / (1 - gamma_N); N TINY covers underflowing squares."""
     xr = torch.view_as_real(x) if x.is_complex() else x
     count = x.shape[-2] * x.shape[-1] * (2 if x.is_complex() else 1)
-    return xr.square().flatten(x.dim() - 2).sum(-1) / (1 - _gamma(count)) + count * TINY
+    return xr.square().flatten(x.dim() - 2).sum(-1) / (1 - gamma64(count)) + count * TINY
 
 
 def top_eigenvalue_bound(g: torch.Tensor) -> torch.Tensor:
@@ -145,10 +146,10 @@ def top_eigenvalue_bound(g: torch.Tensor) -> torch.Tensor:
     vh = v.conj().transpose(-2, -1)
     eye = torch.eye(n, dtype=g.dtype, device=g.device)
     v_sq = _frobenius_sq_bound(v)
-    ortho = _frobenius_sq_bound(vh @ v - eye).sqrt() * (1 + 2 * UNIT) + _gamma(n + 2) * v_sq
+    ortho = _frobenius_sq_bound(vh @ v - eye).sqrt() * (1 + 2 * UNIT) + gamma64(n + 2) * v_sq
     residual = g - (v * lam[..., None, :]) @ vh
     lam_abs = lam.abs().amax(-1)
-    resid = _frobenius_sq_bound(residual).sqrt() * (1 + 2 * UNIT) + _gamma(n + 3) * lam_abs * v_sq
+    resid = _frobenius_sq_bound(residual).sqrt() * (1 + 2 * UNIT) + gamma64(n + 3) * lam_abs * v_sq
     bound = (lam[..., -1].clamp_min(0) * (1 + ortho) + resid) * (1 + 64 * UNIT)
     return torch.where(bound.isfinite(), bound, math.inf)
 
@@ -160,7 +161,7 @@ def gram_top_bound(a: torch.Tensor) -> torch.Tensor:
     gamma_{k+2} || |A| |A|^H ||_F <= gamma_{k+2} ||A||_F^2 (Weyl); lambda_max(G~) by
     ``top_eigenvalue_bound``. The final addition is left to the caller's ROUNDING_SLACK."""
     k = max(a.shape[-2], a.shape[-1])
-    return top_eigenvalue_bound(_gram(a)) + _gamma(k + 2) * _frobenius_sq_bound(a)
+    return top_eigenvalue_bound(_gram(a)) + gamma64(k + 2) * _frobenius_sq_bound(a)
 
 
 def spectral_norm_exact(matrix: torch.Tensor) -> float:
@@ -344,8 +345,8 @@ def conv_fft_bound(
     twiddles = _roots_of_unity(nh * nw).to(dev)[index.reshape(-1, kh2 * kw2)]
     spectrum = (twiddles @ taps.t().to(torch.complex128)).reshape(-1, c_out, c_in * sh * sw)
     t = kh2 * kw2
-    s_fro = math.sqrt(_frobenius_sq_bound(taps.abs().sum(1, keepdim=True)).item()) / (1 - _gamma(t))
-    delta = _gamma(t + 4) * s_fro
+    s_fro = math.sqrt(_frobenius_sq_bound(taps.abs().sum(1, keepdim=True)).item()) / (1 - gamma64(t))
+    delta = gamma64(t + 4) * s_fro
     return (math.sqrt(_max_top_eigenvalue(spectrum)) + delta) * (1 + ROUNDING_SLACK)
 
 
