@@ -42,7 +42,7 @@ format: $(STAMP)
 	$(VENV)/bin/snakefmt Snakefile workflow/
 
 ## schema: rewrite what the run-config declarations (src/cll/config.py) and the grid format
-## (src/cll/grid.py) generate: workflow/schemas/config.schema.yaml and the README's key table
+## (src/cll/schema.py) generate: workflow/schemas/config.schema.yaml and the README's key table
 schema: $(STAMP)
 	$(VENV)/bin/python -m cll.workflow
 

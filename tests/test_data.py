@@ -329,10 +329,10 @@ def test_in_memory_batches_are_the_dataloaders(name, max_train, batch, drop_last
     # the training loop's fast path for tensor data sets yields the DataLoader's exact batches
     from torch.utils.data import DataLoader
 
-    from cll import data
+    from cll import batches
 
     train, _, _ = load_dataset(name, max_train=max_train)
-    fast = data.in_memory(train, "cpu")
+    fast = batches.in_memory(train, "cpu")
     assert fast is not None and len(fast) == len(train)
     expected = DataLoader(
         train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(3), drop_last=drop_last

@@ -142,9 +142,9 @@ def full_fft_bound(weight, in_shape, stride, padding):
 @pytest.fixture
 def always_prune(monkeypatch):
     """Send even tiny layers through the pruned (Gram-iteration) path of conv_fft_bound."""
-    monkeypatch.setattr(lipschitz.operators, "FFT_DIRECT_SIZE", 0)
-    monkeypatch.setattr(lipschitz.operators, "FFT_SEEDS", 1)
-    monkeypatch.setattr(lipschitz.operators, "FFT_PRUNE_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(lipschitz.conv, "FFT_DIRECT_SIZE", 0)
+    monkeypatch.setattr(lipschitz.conv, "FFT_SEEDS", 1)
+    monkeypatch.setattr(lipschitz.conv, "FFT_PRUNE_DEVICES", ("cpu", "cuda"))
 
 
 @pytest.mark.parametrize("k,stride,padding,size", CONVS)
@@ -161,7 +161,7 @@ def test_pruned_fft_bound_equals_full_eigvalsh_and_covers_exact(always_prune, k,
 def test_pruned_fft_bound_equals_full_eigvalsh_on_wide_layers(monkeypatch, flat):
     # channels above FFT_DIRECT_SIZE take the pruned path (on a GPU; here forced); a near-orthogonal kernel
     # has an almost flat spectrum, the hard case for pruning (many frequencies near the top)
-    monkeypatch.setattr(lipschitz.operators, "FFT_PRUNE_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(lipschitz.conv, "FFT_PRUNE_DEVICES", ("cpu", "cuda"))
     torch.manual_seed(7 + flat)
     w = torch.randn(40, 36, 3, 3)
     if flat:
@@ -177,7 +177,7 @@ def test_pruning_bound_is_an_upper_bound(always_prune):
     torch.manual_seed(8)
     a = torch.randn(6, 7, 5, dtype=torch.complex128)
     exact = torch.linalg.matrix_norm(a, ord=2).square()
-    g = lipschitz.operators._gram(a)
+    g = lipschitz.operators.gram(a)
     carry = torch.zeros(6, dtype=torch.float64)
     for k in range(6):
         scale = torch.linalg.matrix_norm(g)
@@ -185,7 +185,7 @@ def test_pruning_bound_is_an_upper_bound(always_prune):
         carry = carry + scale.log() / 2**k
         g = g / scale[:, None, None]
         g = g.mH @ g
-    assert lipschitz.operators._max_top_eigenvalue(a) == pytest.approx(exact.max().item(), rel=1e-12)
+    assert lipschitz.conv._max_top_eigenvalue(a) == pytest.approx(exact.max().item(), rel=1e-12)
 
 
 def reference_converge(power, tol, max_iter):

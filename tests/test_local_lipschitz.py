@@ -25,7 +25,7 @@ from cll.config import build_config
 from cll.errors import ConfigError
 from cll.layers import ACTIVATIONS, ClippedMaxMin, ClippedReLU, MaxMin
 from cll.lipschitz.rounding import EXACT
-from cll.local_lipschitz import LocalBound, certify_local, estimate_local, upper_bound_local
+from cll.local_lipschitz import LocalBound, estimate_local, upper_bound_local
 
 # (name, convs, dense, in_shape, activation): tiny GloRo-family nets
 NETS = [
@@ -310,47 +310,33 @@ def test_local_lip_b_loss_ramps_and_trains():
 
 
 # ------------------------------------------------------------------------------ certificates
-def test_certify_local_counts_agree_with_the_rules():
-    model = make_net([(4, 3, 1, 1), (6, 3, 2, 1)], [8], (1, 6, 6), "clipped_relu", seed=12)
-    torch.manual_seed(13)
-    x = torch.rand(40, 1, 6, 6)
-    y = model(x).argmax(1)  # every prediction right: the counts are about the radii
-    out = certify_local(model, x, y, [1e-3, 1e-2], estimate_iters=50)
-    assert out["n"] == out["correct"] == 40
-    k_global = lipschitz.upper_bound_body(model)
-    for e in (1e-3, 1e-2):
-        assert out["global"][e] <= out["local"][e] <= 40
-        # recomputed without screening, from plain float64 margins: the rounding terms lower the
-        # margins by far less than 1e-9 of the logit scale
-        k = upper_bound_local(model, x, e)
-        assert certified_count(model, x, y, k, e, 1e-9) <= out["local"][e] <= certified_count(model, x, y, k, e)
-        assert certified_count(model, x, y, k_global, e, 1e-9) <= out["global"][e]
-        assert out["global"][e] <= certified_count(model, x, y, k_global, e)
-    assert out["local"][1e-2] > out["global"][1e-2]  # the masks pay off on this net
-
-
 def test_the_certifier_and_the_audit_use_the_local_bound():
-    """certify(local=True) counts what certify_local counts (the same rule, wired into the screened
-    certifier), the global CRA beside it; the audit attacks the local certificates and breaks none."""
+    """certify(local=True) counts under the sound local bound what the rule counts when recomputed
+    without screening from plain float64 margins, the global CRA beside it; the audit attacks the
+    local certificates and breaks none."""
     from cll import audit, certify
 
     model = make_net([(4, 3, 1, 1), (6, 3, 2, 1)], [8], (1, 6, 6), "clipped_relu", seed=12)
     torch.manual_seed(13)
     x = torch.rand(40, 1, 6, 6)
-    y = model(x).argmax(1)
+    y = model(x).argmax(1)  # every prediction right: the counts are about the radii
     eps = [1e-3, 1e-2]
-    reference = certify_local(model, x, y, eps, estimate_iters=50)
     out = certify.certify(model, [(x, y)], eps, local=True, local_estimate_iters=50)
+    assert out["clean_accuracy"] == 1.0
+    k_global = lipschitz.upper_bound_body(model)
     for e in eps:
         key = certify.eps_key(e)
-        assert round(out["cra"][key] * 40) == reference["local"][e]
-        assert round(out["cra_global"][key] * 40) == reference["global"][e]
-        assert round(out["cra_estimate"][key] * 40) == reference["estimate"][e]
+        local, by_global = round(out["cra"][key] * 40), round(out["cra_global"][key] * 40)
+        assert by_global <= local <= 40
+        # the rounding terms lower the margins by far less than 1e-9 of the logit scale
+        k = upper_bound_local(model, x, e)
+        assert certified_count(model, x, y, k, e, 1e-9) <= local <= certified_count(model, x, y, k, e)
+        assert certified_count(model, x, y, k_global, e, 1e-9) <= by_global <= certified_count(model, x, y, k_global, e)
     assert out["cra"][certify.eps_key(1e-2)] > out["cra_global"][certify.eps_key(1e-2)] and out["local_share"] > 0
     audited = audit.audit(model, x, y, eps, steps=10, restarts=1, local=True)
     plain = audit.audit(model, x, y, eps, steps=10, restarts=1)
     key = certify.eps_key(1e-2)
-    assert audited["per_eps"][key]["certified"] == reference["local"][1e-2] > plain["per_eps"][key]["certified"]
+    assert audited["per_eps"][key]["certified"] == round(out["cra"][key] * 40) > plain["per_eps"][key]["certified"]
     assert audited["broken"] == 0
 
 
@@ -362,7 +348,7 @@ def test_digits_run_through_the_workflow_is_certified_and_audited(tmp_path):
     own radius."""
     from test_workflow import snakemake
 
-    from cll import attack, data
+    from cll import attack, certify, data
     from cll.grid import load_grid
     from cll.results import read_json
     from cll.train import load_run
@@ -381,12 +367,11 @@ def test_digits_run_through_the_workflow_is_certified_and_audited(tmp_path):
     cfg, model = load_run(run_dir)
     _, test, _ = data.load_dataset("digits", augment=False, seed=cfg.seed)
     x, y = map(torch.cat, zip(*torch.utils.data.DataLoader(test, batch_size=1000)))
-    out = certify_local(model, x, y, [0.005, 0.01], estimate_iters=50)
-    # cll certify certifies with the same rules: the global CRA, and the sound local one as its CRA
-    for e in (0.005, 0.01):
-        assert out["global"][e] == round(certified["cra_global"][str(e)] * out["n"])
-        assert out["local"][e] == round(certified["cra"][str(e)] * out["n"])
-    assert out["local"][0.01] > out["global"][0.01] and out["local"][0.005] > out["global"][0.005]
+    out = certify.certify(model, [(x, y)], [0.005, 0.01], local=True, local_estimate_iters=50)
+    # cll certify gave the same certificates: the global CRA, and the sound local one as its CRA
+    for key in ("0.005", "0.01"):
+        assert out["cra_global"][key] == certified["cra_global"][key]
+        assert out["cra"][key] == certified["cra"][key] > certified["cra_global"][key]
     # attack the points the local bound certifies at eps = 0.01 (with margins lowered by 1e-9 of
     # the logit scale, far more than their rounding: a subset of the certified ones), inside that radius
     k = upper_bound_local(model, x, 0.01)

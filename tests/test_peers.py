@@ -12,6 +12,7 @@ from torch import nn
 from cll import certify, lipschitz, losses, models
 from cll import layers as L
 from cll.attack import pgd_l2
+from cll.config import build_config
 from cll.models import peers
 
 # parameter counts of docs/recipes.md, "Peers" (weights + biases, from the code bases' configurations;
@@ -334,8 +335,11 @@ def test_batch_penalty_is_the_max_over_the_batch_pairs():
 
 
 def test_peer_losses_default_to_lln_heads():
-    assert {losses.default_head(n) for n in ("soc_cr", "cpl_hinge", "sll_offset_ce")} == {"lln"}
-    assert {losses.default_head(n) for n in ("cll", "gloro", "ce")} == {"linear"}
+    moons = {"dataset": "moons", "arch": "moons-mlp"}
+    loss = {n: losses.create(build_config({**moons, "loss": n})) for n in losses.names()}
+    assert {n for n, f in loss.items() if f.head == "lln"} == {"soc_cr", "cpl_hinge", "sll_offset_ce"}
+    assert {f.head for f in loss.values()} == {"lln", "linear"}
+    assert [n for n, f in loss.items() if f.local_certificate] == ["local_lip_b"]  # cll certify --local
 
 
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (1, 0)])

@@ -14,17 +14,20 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports() -> dict[str, set[str]]:
-    """Module -> the cll modules its module-level statements import (what running it imports; an
-    import inside a function runs on use, after every module has loaded). Importing a.b.c runs a,
-    a.b and a.b.c: each counts, but for the importer's own parent packages, which are being imported
-    already when it runs."""
+def _imports(in_functions: bool = True) -> dict[str, set[str]]:
+    """Module -> the cll modules it imports: at module level, and with ``in_functions`` also inside
+    functions (those run on use, after every module has loaded, so they never fail, but a circle
+    through one is still two modules that cannot be understood, tested or moved apart). Importing
+    a.b.c runs a, a.b and a.b.c: each counts, but for the importer's own parent packages, which are
+    being imported already when it runs, unless it takes a name from one (``from . import X``
+    where X is no submodule): then it needs that package's own code to have run."""
     modules = {_module_name(p): p for p in (SRC / "cll").rglob("*.py")}
     graph = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         found = set()
-        for node in ast.parse(path.read_text()).body:  # module level only
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree) if in_functions else tree.body:
             targets = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -34,6 +37,8 @@ def _imports() -> dict[str, set[str]]:
                     anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(anchor + ([base] if base else []))
                 targets = [base] + [f"{base}.{a.name}" for a in node.names]
+                if base in modules and base != name and any(f"{base}.{a.name}" not in modules for a in node.names):
+                    found.add(base)  # a name defined in the package's own code
             for target in targets:
                 parts = target.split(".")
                 for i in range(1, len(parts) + 1):
@@ -79,3 +84,13 @@ def test_the_layering_the_design_relies_on():
         source = (SRC / (module.replace(".", "/") + ".py")).read_text()
         top = [n for n in ast.parse(source).body if isinstance(n, (ast.Import, ast.ImportFrom))]
         assert not any("torch" in ast.unparse(n) for n in top), module
+
+
+def test_no_module_longer_than_a_sitting():
+    """One concern per file, readable in one sitting: no module of src/cll over 400 lines."""
+    long = {
+        p.relative_to(SRC).as_posix(): n
+        for p in (SRC / "cll").rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 400
+    }
+    assert not long, long

@@ -51,7 +51,7 @@ from .config import RunConfig, parse_number
 from .errors import CllError, ConfigError
 from .models import LipschitzNet, create
 from .train import load_run as _load_run
-from .values import PAPER_EPS
+from .values import AUDIT_POINTS, AUDIT_RESTARTS, AUDIT_STEPS, PAPER_EPS
 
 __all__ = [
     "UnsupportedModel",
@@ -191,9 +191,9 @@ def audit(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     eps: float | str | Iterable[float | str] = DEFAULT_EPS,
-    n: int = 1000,
-    steps: int = 100,
-    restarts: int = 5,
+    n: int = AUDIT_POINTS,
+    steps: int = AUDIT_STEPS,
+    restarts: int = AUDIT_RESTARTS,
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .errors import CllError, ConfigError
+from .values import AUDIT_POINTS, AUDIT_RESTARTS, AUDIT_STEPS, parse_number
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,8 +67,10 @@ def _progress_line(line: str) -> None:
 
 
 def _local(cfg) -> bool:
-    """Local-Lip-B runs are certified (and audited) with sound local bounds as well."""
-    return cfg.loss == "local_lip_b"
+    """Whether the run's loss asks for sound local certificates as well (Local-Lip-B's)."""
+    from . import losses
+
+    return losses.create(cfg).local_certificate
 
 
 def _number(value: float | None) -> str:
@@ -75,28 +78,36 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def cmd_certify(args: argparse.Namespace) -> None:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from . import certify, data, losses, results
+def _load(args: argparse.Namespace):
+    """What cll certify and cll audit start from: (device, run config, model, radii, test set)."""
+    from . import data
     from .train import load_run, resolve_device
-    from .values import parse_number
 
     device = resolve_device(args.device)
     cfg, model = load_run(args.run, device)
     eps = [parse_number("--eps", e) for e in args.eps] if args.eps else cfg.certify_eps
-    if any(e <= 0 for e in eps):
+    if any(not e > 0 for e in eps):
         raise ConfigError(f"--eps: {args.eps} must all be > 0")
     _, test_set, _ = data.load_dataset(
         cfg.dataset, root=cfg.data_root, augment=False, seed=cfg.seed, max_test=cfg.max_test
     )
+    return device, cfg, model, eps, test_set
+
+
+def cmd_certify(args: argparse.Namespace) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from . import certify, losses, results
+
+    device, cfg, model, eps, test_set = _load(args)
     loader = DataLoader(test_set, batch_size=args.batch_size or cfg.eval_batch_size, num_workers=cfg.num_workers)
     t0 = time.time()
     with torch.no_grad():
         out = certify.certify(
-            model, loader, eps, device, log=_progress_line, local=_local(cfg), local_estimate_iters=cfg.local_eval_iters
-        )
+            model, loader, eps, device, log=_progress_line, local=_local(cfg),
+            local_estimate_iters=cfg.local_estimate_iters,
+        )  # fmt: skip
     out["k_hf"] = losses.run_k_hf(cfg)
     out["eps"] = list(eps)
     out["seconds"] = time.time() - t0
@@ -120,18 +131,9 @@ def cmd_audit(args: argparse.Namespace) -> None:
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from . import audit, data, results
-    from .train import load_run, resolve_device
-    from .values import parse_number
+    from . import audit, results
 
-    device = resolve_device(args.device)
-    cfg, model = load_run(args.run, device)
-    eps = [parse_number("--eps", e) for e in args.eps] if args.eps else cfg.certify_eps
-    if any(not e > 0 for e in eps):
-        raise ConfigError(f"--eps: {args.eps} must all be > 0")
-    _, test_set, _ = data.load_dataset(
-        cfg.dataset, root=cfg.data_root, augment=False, seed=cfg.seed, max_test=cfg.max_test
-    )
+    device, cfg, model, eps, test_set = _load(args)
     # a fixed random sample of the test set (seeded by the run's seed), in test-set order
     order = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(cfg.seed))
     picked = sorted(order[: args.n].tolist())
@@ -236,6 +238,18 @@ def cmd_figures(args: argparse.Namespace) -> None:
         tracking.track_summary(written, args.track, "figures")
 
 
+def _add_run(p: argparse.ArgumentParser) -> None:
+    """The trained run a command reads (cll certify, cll audit), the radii and the device."""
+    p.add_argument("--run", required=True, help="run directory written by cll train")
+    p.add_argument("--eps", nargs="+", help="radii (default: the run's certify_eps); fractions like 36/255 work")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _add_tracking(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--track", metavar="EXPERIMENT", help=f"also log the {what} into this MLflow experiment")
+    p.add_argument("--method", help="the grid row's method (e.g. CLL), for the MLflow run's name")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cll", description="Train and certify Lipschitz-margin classifiers (CLL).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -251,28 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override config keys, e.g. --set p=0.01 epochs=10",
     )
-    p.add_argument("--track", metavar="EXPERIMENT", help="also log the run into this MLflow experiment")
-    p.add_argument("--method", help="the grid row's method (e.g. CLL), for the MLflow run's name")
+    _add_tracking(p, "run")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("certify", help="certify a trained run on its test set")
-    p.add_argument("--run", required=True, help="run directory written by cll train")
-    p.add_argument("--eps", nargs="+", help="radii (default: the run's certify_eps); fractions like 36/255 work")
+    _add_run(p)
     p.add_argument("--batch-size", type=_positive_int, help="evaluation batch size (default: the run's)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--track", metavar="EXPERIMENT", help="also log the result into this MLflow experiment")
-    p.add_argument("--method", help="the grid row's method (e.g. CLL), for the MLflow run's name")
+    _add_tracking(p, "result")
     p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser("audit", help="attack the certified points of a test sample (exit 1 if any breaks)")
-    p.add_argument("--run", required=True, help="run directory written by cll train")
-    p.add_argument("--eps", nargs="+", help="radii (default: the run's certify_eps); fractions like 36/255 work")
-    p.add_argument("--n", type=_positive_int, default=1000, help="test points sampled (default 1000)")
-    p.add_argument("--steps", type=_positive_int, default=100, help="iterations per attack (default 100)")
-    p.add_argument("--restarts", type=_positive_int, default=5, help="PGD restarts (default 5)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--track", metavar="EXPERIMENT", help="also log the result into this MLflow experiment")
-    p.add_argument("--method", help="the grid row's method (e.g. CLL), for the MLflow run's name")
+    _add_run(p)
+    p.add_argument("--n", type=_positive_int, default=AUDIT_POINTS, help="test points sampled (default %(default)s)")
+    p.add_argument(
+        "--steps", type=_positive_int, default=AUDIT_STEPS, help="iterations per attack (default %(default)s)"
+    )
+    p.add_argument("--restarts", type=_positive_int, default=AUDIT_RESTARTS, help="PGD restarts (default %(default)s)")
+    _add_tracking(p, "result")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("track", help="MLflow tracking ($MLFLOW_TRACKING_URI, default sqlite:///mlflow.db)")

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .values import PAPER_EPS, Choice, Flag, Number, Numbers, OneOrMore, Rule, Text
+from .values import LOCAL_ESTIMATE_ITERS, PAPER_EPS, Choice, Flag, Number, Numbers, OneOrMore, Rule, Text
 from .values import parse_number as parse_number  # re-exported: cll.config.parse_number is public
 
 REQUIRED_VALUE = object()  # setting() default of a key every run config must give
@@ -54,17 +54,9 @@ NAME = Text("a name (cll list shows them)")
 @dataclass
 class RunConfig:
     # ---- what to train (required) ----
-    dataset: str = setting(
-        REQUIRED_VALUE, NAME, "data set: moons, digits (scikit-learn's 8x8), mnist, cifar10, cifar100, tinyimagenet"
-    )
-    arch: str = setting(
-        REQUIRED_VALUE,
-        NAME,
-        "architecture: GloRo family 2C2F, 4C3F, 6C2F, 8C2F, moons-mlp; peers LipConv-N, CPL-*, SLL-*, Sandwich",
-    )
-    loss: str = setting(
-        REQUIRED_VALUE, NAME, "loss: cll, gloro, ce; the peers' own soc_cr, cpl_hinge, sll_offset_ce; local_lip_b"
-    )
+    dataset: str = setting(REQUIRED_VALUE, NAME, "data set: an embedded one (no download) or one read from data_root")
+    arch: str = setting(REQUIRED_VALUE, NAME, "architecture: the GloRo family's or a peer's (docs/recipes.md)")
+    loss: str = setting(REQUIRED_VALUE, NAME, "loss: CLL, GloRo's, cross-entropy, each peer's own, Local-Lip-B's")
     # ---- the certificate and the loss ----
     eps: float = setting(0.15, POSITIVE, "training eps (L2 radius, [0,1] pixels): CLL's sigma and GloRo's margin")
     p: float = setting(0.3, Number(0, 1, open_low=True, open_high=True), "CLL slack: K^(h o f) = log((2-p)/p)/eps")
@@ -100,8 +92,7 @@ class RunConfig:
     activation: str = setting(
         "maxmin",
         NAME,
-        "activation of the GloRo-family nets: maxmin, or Local-Lip-B's clipped_maxmin, clipped_relu "
-        "(learnable thresholds)",
+        "activation of the GloRo-family nets: MaxMin, or Local-Lip-B's clipped ones (learnable thresholds)",
     )
     clip_init: float | list = setting(
         1.0, OneOrMore(NON_NEGATIVE), "initial threshold of the clipped activations: one, or one per activation layer"
@@ -152,8 +143,8 @@ class RunConfig:
         Numbers(POSITIVE, least=1),
         "radii at which cll certify reports CRA (default 36/255, 72/255, 108/255)",
     )
-    local_eval_iters: int = setting(
-        2000,
+    local_estimate_iters: int = setting(
+        LOCAL_ESTIMATE_ITERS,
         AT_LEAST_ONE,
         "local_lip_b: power iterations per masked norm of the paper's estimate-based certificate, reported "
         "beside the sound one (cll certify; the paper: 2000)",
@@ -310,10 +301,14 @@ def describe() -> list[tuple[str, str, str, str]]:
 
 
 def markdown_table() -> str:
-    """The README's table of run-config keys (``make schema`` writes it there; a test keeps it current)."""
+    """The README's table of run-config keys (``make schema`` writes it there; a test keeps it
+    current), with the registered names a key of NAMES allows."""
+    names = registered_names()
     lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
-    for row in describe():
-        key, *cells = (text.replace("|", "\\|") for text in row)  # a | inside a cell would end it
+    for key, value, allowed, doc in describe():
+        if key in names:
+            allowed = ", ".join(names[key])
+        key, *cells = (text.replace("|", "\\|") for text in (key, value, allowed, doc))  # a | would end a cell
         lines.append(f"| `{key}` | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 

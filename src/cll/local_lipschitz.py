@@ -38,8 +38,8 @@ Two versions, named for what they guarantee:
     estimate that may over-claim, never used to certify. It also returns the paper's sparsity
     term, which pushes the pre-activation bounds out of the clipped units' active range.
 
-``certify_local`` counts certified points under K_F, the sound local bound and the estimate,
-with the certifier's rule, for tests and measurements.
+``cll.certify.LocalCertifier`` certifies with ``LocalBound`` (and reports ``estimate_local``'s
+certificate beside it).
 
 Differences from the paper's code: every conv/dense layer gets its masked norm (the code keeps
 per-sample singular vectors of a few layers in host memory and uses global norms for the others);
@@ -49,7 +49,6 @@ the per-sample power iteration starts from the layer's persistent global iterate
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -379,65 +378,3 @@ def estimate_local(model: nn.Module, x: torch.Tensor, eps: float, n_iter: int, u
         return norms(op(u)) / norms(u)
 
     return LocalEstimate(*_propagate(model.body, x, float(eps), False, masked_norm, global_norms))
-
-
-# ------------------------------------------------------------------------ certificates for measurements
-@torch.no_grad()
-def certify_local(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: Sequence[float],
-    estimate_iters: int = 100,
-    bound: LocalBound | None = None,
-) -> dict:
-    """Certified points of one batch at each eps under three constants, for tests and measurements:
-    ``global`` (the sound K_F), ``local`` (the sound per-sample, per-eps ``LocalBound``) and
-    ``estimate`` (the paper's: ``estimate_local`` with ``estimate_iters`` power iterations).
-
-    The rule is the certifier's (``cll.certify.certified_radius``: label predicted and
-    min_{i != j} (z_j - z_i) / (K ||W_j - W_i||) > eps). ``global`` and ``local`` use the float64
-    margins less their rounding bound (``cll.certify``'s float64 pass), so both are sound; the
-    estimate uses the float32 margins as they are, as ``cra_estimate`` does. Local constants are
-    computed only for the samples that need them: predicted right and not certified by K_F already
-    (the sound local bound is never above K_F; the estimate, a power-iteration value of the same
-    masked operators, is not either, up to float32 rounding).
-
-    Returns counts: ``n``, ``correct``, {eps: count} under ``global``, ``local`` and
-    ``estimate``, ``screened`` {eps: samples whose local constants were computed}, and the
-    seconds spent computing them, ``seconds_local`` and ``seconds_estimate``."""
-    from .certify import certified_radius  # the certifier sits above this module: imported on use
-    from .certify.passes import Float64Pass
-
-    model.eval()
-    bound = bound or LocalBound(model)
-    with full_precision():
-        shapes, layer_bounds = lipschitz.upper_bound_layers(model)
-    k_global = math.prod(layer_bounds)
-    w = model.head.weight
-    logits, logit_error, body_error = Float64Pass(model, shapes, layer_bounds, bound.guard)(x)
-    pred, radius = certified_radius(logits, w, k_global, logit_error, body_error)
-    logits32 = model(x)
-    hit = pred == y
-    out = {"n": len(y), "correct": hit.sum().item(), "global": {}, "local": {}, "estimate": {}, "screened": {}}
-    out["seconds_local"] = out["seconds_estimate"] = 0.0
-    for e in eps:
-        by_global = hit & (radius > e)
-        todo = (hit & ~by_global).nonzero().flatten()
-        local = estimated = 0
-        if len(todo):
-            t0 = time.perf_counter()
-            k = bound(x[todo], e)
-            t1 = time.perf_counter()
-            k_est = estimate_local(model, x[todo], e, estimate_iters, update=False).lip
-            out["seconds_local"] += t1 - t0
-            out["seconds_estimate"] += time.perf_counter() - t1
-            _, r_local = certified_radius(logits[todo], w, k, logit_error[todo], body_error[todo])
-            pred32, r_est = certified_radius(logits32[todo], w, k_est)
-            local = (r_local > e).sum().item()
-            estimated = ((pred32 == y[todo]) & (r_est > e)).sum().item()
-        out["global"][e] = by_global.sum().item()
-        out["local"][e] = out["global"][e] + local
-        out["estimate"][e] = out["global"][e] + estimated
-        out["screened"][e] = len(todo)
-    return out

@@ -29,6 +29,14 @@ from .registry import Registry
 LOSSES = Registry("loss")
 
 
+class Loss(nn.Module):
+    """What the trainer and the certifier read from a loss besides its forward."""
+
+    needs_lipschitz: bool  # it reads K_F: the trainer refreshes the power iteration every step
+    head = "linear"  # the head of a run with head: auto (the CLL reference's unconstrained last layer)
+    local_certificate = False  # its runs are certified and audited with sound local bounds as well
+
+
 # ---------------------------------------------------------------- CLL
 def k_hf(eps: float, p: float) -> float:
     """K^(h o f) = 1/sigma = log((2-p)/p) / eps: the Lipschitz constant of the calibrated model.
@@ -103,7 +111,7 @@ def polynomial(start: float, end: float, power: float, progress: float) -> float
     return end + (start - end) * (1.0 - min(max(progress, 0.0), 1.0)) ** power
 
 
-class CLL(nn.Module):
+class CLL(Loss):
     """CLL with its K_scale schedule (poly from ``k_scale_start`` to 1; 8C2F recipe: 0.01, power 10)."""
 
     needs_lipschitz = True
@@ -153,7 +161,7 @@ def gloro_loss(logits, target, head_weight, lip_body, eps: float, trades: float 
     return F.cross_entropy(logits, target) + trades * kl.mean()
 
 
-class GloRo(nn.Module):
+class GloRo(Loss):
     """GloRo loss with its eps warm-up: poly 0 -> eps (power 5) over the first ``eps_warmup`` fraction
     of training (the CLL repo's PyTorch GloRo baseline ramps over the whole run: 1.0)."""
 
@@ -172,7 +180,7 @@ class GloRo(nn.Module):
         return gloro_loss(logits, target, head_weight, lip_body, self.current_eps(progress), self.trades)
 
 
-class CrossEntropy(nn.Module):
+class CrossEntropy(Loss):
     """Plain cross-entropy on the logits (a non-robust baseline; K still logged and certified)."""
 
     needs_lipschitz = False
@@ -193,11 +201,12 @@ def label_radius(
     return radius.scatter(1, target[:, None], float("inf")).min(1).values
 
 
-class CertificateRegularisedCE(nn.Module):
+class CertificateRegularisedCE(Loss):
     """SOC's loss: CE(z, y) - gamma * mean(ReLU(certified radius)) (Singla, Singla, Feizi, ICLR 2022,
     "certificate regularisation"; gamma 0 is plain cross-entropy)."""
 
     needs_lipschitz = True
+    head = "lln"  # the peers' losses train unit-row heads, as their code bases do
 
     def __init__(self, gamma: float):
         super().__init__()
@@ -210,10 +219,11 @@ class CertificateRegularisedCE(nn.Module):
         return loss
 
 
-class MultiMarginHinge(nn.Module):
+class MultiMarginHinge(Loss):
     """CPL's loss: (1/C) sum_{i != y} max(0, margin - z_y + z_i), margin 0.7 (Meunier et al. 2022)."""
 
     needs_lipschitz = False
+    head = "lln"
 
     def __init__(self, margin: float):
         super().__init__()
@@ -223,11 +233,12 @@ class MultiMarginHinge(nn.Module):
         return F.multi_margin_loss(logits, target, p=1, margin=self.margin)
 
 
-class OffsetCrossEntropy(nn.Module):
+class OffsetCrossEntropy(Loss):
     """SLL's (and LBDN's) loss: tau * CE((z - u * onehot(y)) / tau, y), offset u = 3 sqrt2 / 2 and
     temperature tau = 0.25 by default (Araujo et al., ICLR 2023; Prach & Lampert, ECCV 2022)."""
 
     needs_lipschitz = False
+    head = "lln"
 
     def __init__(self, offset: float, temperature: float):
         super().__init__()
@@ -246,7 +257,7 @@ def worst_logits(logits: torch.Tensor, target: torch.Tensor, head_weight: torch.
     return logits + eps * lip[:, None] * row_distances(head_weight, target)
 
 
-class LocalLipB(nn.Module):
+class LocalLipB(Loss):
     """Local-Lip-B's loss (Huang, Zhang, Shi, Kolter, Anandkumar, NeurIPS 2021, arXiv 2111.01395):
 
         kappa CE(z, y) + (1 - kappa) (CE(worst_logits(z, y, K(x), eps_t), y) + sparsity * S)
@@ -259,6 +270,7 @@ class LocalLipB(nn.Module):
     converges, so the ball-only form is used here, the one the certificate uses."""
 
     needs_lipschitz = False
+    local_certificate = True
 
     def __init__(self, eps: float, sparsity: float, eps_warmup: float, pi_iters: int):
         super().__init__()
@@ -276,15 +288,6 @@ class LocalLipB(nn.Module):
         worst = worst_logits(logits, target, head_weight, lip_body.lip, self.eps * ramp)
         robust = F.cross_entropy(worst, target) + self.sparsity * lip_body.sparsity
         return (1 - ramp) * F.cross_entropy(logits, target) + ramp * robust
-
-
-# Peer losses are trained with a unit-row (LLN) head, as their code bases do; CLL, GloRo and CE
-# with an unconstrained linear head (the CLL reference's "vanilla" last layer).
-LLN_LOSSES = ("soc_cr", "cpl_hinge", "sll_offset_ce")
-
-
-def default_head(loss: str) -> str:
-    return "lln" if loss in LLN_LOSSES else "linear"
 
 
 # ---------------------------------------------------------------- the K penalty

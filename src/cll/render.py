@@ -28,6 +28,7 @@ from .tables import (
 
 NO_VALUE = "—"  # what a table shows where there is no number
 K_HEADER = "K^(h∘f)"  # the Lipschitz column, as Markdown writes it (LaTeX: $K^{h\circ f}$)
+STAT_PARTS = ("mean", "std", "diff", "published", "vs_published")  # a Stat's columns in the CSV
 
 
 def _percent(stat: Stat, diff: float | None) -> str:
@@ -250,14 +251,10 @@ def render_csv(table: Table) -> str:
         "note",
         "n_seeds",
         "n_cells",
-        "clean_mean",
-        "clean_std",
-        "clean_diff",
-        "clean_published",
-        "clean_vs_published",
     ]
+    columns += [f"clean_{part}" for part in STAT_PARTS]
     for k in table.eps_keys:
-        columns += [f"cra_{k}_{part}" for part in ("mean", "std", "diff", "published", "vs_published")]
+        columns += [f"cra_{k}_{part}" for part in STAT_PARTS]
     columns += ["k_hf", "k_source", "k_hf_published", "reproduction", "max_deviation", "published_source"]
     columns += [f"cra_{k}_estimate_mean" for k in table.eps_keys] + ["k_bound_over_estimate"]
     columns += ["audit_broken", "audit_own_attacked", "audit_tightness_median", "audit_lipschitz_tightness"]
@@ -276,11 +273,7 @@ def render_csv(table: Table) -> str:
             "note": r.note,
             "n_seeds": r.n_done,
             "n_cells": r.n_cells,
-            "clean_mean": r.clean.mean,
-            "clean_std": r.clean.std,
-            "clean_diff": r.clean.diff,
-            "clean_published": r.clean.published,
-            "clean_vs_published": r.clean.vs_published,
+            **{f"clean_{part}": getattr(r.clean, part) for part in STAT_PARTS},
             "k_hf": r.k,
             "k_source": r.k_source,
             "k_hf_published": None if r.published is None else r.published.k_hf,
@@ -293,17 +286,9 @@ def render_csv(table: Table) -> str:
             "audit_tightness_median": None if r.audit is None else r.audit.tightness,
             "audit_lipschitz_tightness": None if r.audit is None else r.audit.lipschitz_tightness,
         }
-        for k, s in r.cra.items():
-            values.update(
-                {
-                    f"cra_{k}_mean": s.mean,
-                    f"cra_{k}_std": s.std,
-                    f"cra_{k}_diff": s.diff,
-                    f"cra_{k}_published": s.published,
-                    f"cra_{k}_vs_published": s.vs_published,
-                    f"cra_{k}_estimate_mean": r.cra_estimate[k].mean,
-                }
-            )
+        for k, stat in r.cra.items():
+            values.update({f"cra_{k}_{part}": getattr(stat, part) for part in STAT_PARTS})
+            values[f"cra_{k}_estimate_mean"] = r.cra_estimate[k].mean
         rows.append(values)
     return csv_text(columns, rows)
 

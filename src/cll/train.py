@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import data, distributed, lipschitz, losses, models, results
+from . import batches, data, distributed, lipschitz, losses, models, results
 from .config import RunConfig, build_config
 from .errors import CllError, ConfigError
 from .progress import fmt_time
@@ -117,7 +117,7 @@ def load_checkpoint(path: Path) -> dict:
 def build_model(cfg: RunConfig) -> torch.nn.Module:
     """The run's architecture for its data set, with the run's head (``auto``: the loss's own)."""
     info = data.dataset_info(cfg.dataset)
-    head = losses.default_head(cfg.loss) if cfg.head == "auto" else cfg.head
+    head = losses.create(cfg).head if cfg.head == "auto" else cfg.head
     return models.create(
         cfg.arch,
         info.num_classes,
@@ -293,7 +293,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
 
     step = make_step(cfg, model, criterion, optimizer, device)
     distributed.attach(model, optimizer, log)  # data-parallel: global-batch gradients, shared iterates
-    in_memory = data.in_memory(train_set, device)  # moons, digits: batches gathered on the device
+    in_memory = batches.in_memory(train_set, device)  # moons, digits: batches gathered on the device
     if cfg.amp and device.type != "cuda":
         log("amp: true has no effect on the CPU (bf16 autocast is a GPU option); training in fp32")
     t_start = time.time() - elapsed

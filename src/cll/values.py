@@ -16,6 +16,13 @@ from .errors import ConfigError
 # The radii of the poster's tables, in [0,1]-pixel l2 units: the default of every eps list (run
 # config certify_eps, cll.certify, cll.api) and the radii the tables write as n/255.
 PAPER_EPS = (36 / 255, 72 / 255, 108 / 255)
+# Power iterations per masked norm of Local-Lip-B's estimate-based certificate (the paper's code):
+# the default of run config local_estimate_iters and of cll.certify.
+LOCAL_ESTIMATE_ITERS = 2000
+# The audit's budget where a caller names none (cll audit, cll.api.audit, cll.audit.audit): test
+# points sampled, iterations per attack, PGD restarts. A grid's audit jobs have their own, smaller
+# default (cll.schema.AUDIT).
+AUDIT_POINTS, AUDIT_STEPS, AUDIT_RESTARTS = 1000, 100, 5
 
 
 def parse_number(key: str, value: Any) -> float:

@@ -26,8 +26,9 @@ import yaml
 
 from .config import markdown_table
 from .errors import ConfigError
-from .grid import Cell, Grid, grid_schema, parse_grid
+from .grid import Cell, Grid, parse_grid
 from .results import CELL_PATTERN
+from .schema import grid_schema
 
 SCHEMA = Path("workflow/schemas/config.schema.yaml")  # from the repository root
 DEFAULT_GRID = "config/config.yaml"  # the Snakefile's configfile
@@ -116,7 +117,7 @@ class _NoAliases(yaml.SafeDumper):
 
 def schema_text() -> str:
     """workflow/schemas/config.schema.yaml: the grid schema with the registered names."""
-    header = "# Generated from src/cll/grid.py and src/cll/config.py by `make schema`: edit those, not this file.\n"
+    header = "# Generated from src/cll/schema.py and src/cll/config.py by `make schema`: edit those, not this file.\n"
     return header + yaml.dump(grid_schema(), Dumper=_NoAliases, sort_keys=False, width=100, allow_unicode=True)
 
 

@@ -4,7 +4,7 @@
 # "cll: error: BROKEN CERTIFICATE in <run>: ...", in the job's log; the tables then are not built.
 #
 # The sample and the attack budget (--n, --steps, --restarts) are the row's `audit` setting in the
-# grid, by default cll.grid.AUDIT_DEFAULTS: 100 points, 30 steps, 2 restarts, small enough for the
+# grid, by default cll.schema.AUDIT: 100 points, 30 steps, 2 restarts, small enough for the
 # demo grid on a CPU (a few seconds per cell). A larger audit of one run by hand:
 # cll audit --run DIR --n 5000.
 

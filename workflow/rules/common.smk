@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from cll import grid as cll_grid
 from cll import results as cll_results
 from cll import workflow as cll_workflow
 from cll.errors import ConfigError
@@ -80,7 +81,7 @@ def resources_of(rule):
     def pick(name):
         return lambda wildcards: cell_of(wildcards).job_resources(rule)[name]
 
-    return {**SITE_RESOURCES, **{name: pick(name) for name in ("gpu", "runtime", "mem_mb", "cpus_per_task")}}
+    return {**SITE_RESOURCES, **{name: pick(name) for name in cll_grid.SNAKEMAKE_RESOURCES.values()}}
 
 
 def output_dir(wildcards, output):

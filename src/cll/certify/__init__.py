@@ -60,9 +60,10 @@ from ..checks import WeightsGuard
 from ..errors import CllError
 from ..lipschitz import estimate_converged_body, upper_bound, upper_bound_layers
 from ..lipschitz.operators import row_distances
+from ..local_lipschitz import LocalBound, estimate_local
 from ..progress import Progress
 from ..results import fmt_number
-from ..values import PAPER_EPS
+from ..values import LOCAL_ESTIMATE_ITERS, PAPER_EPS
 from .passes import Float32Pass, Float64Pass, full_precision, head_gap, layer_costs, restart_layer
 from .radius import certified_radius, radius_upper_bounds
 
@@ -184,26 +185,22 @@ class Certifier:
 
 class LocalCertifier:
     """The per-eps local certificates of samples the global certificate leaves out (see the module
-    docstring), and the paper's estimate-based ones for comparison (``estimate_iters`` power
+    docstring), and the paper's estimate-based ones for comparison (``local_estimate_iters`` power
     iterations per masked norm; None: no estimate)."""
 
-    def __init__(self, certifier: Certifier, estimate_iters: int | None = None):
-        from ..local_lipschitz import LocalBound  # heavy, and only for Local-Lip-B runs
-
-        self.certifier, self.estimate_iters = certifier, estimate_iters
+    def __init__(self, certifier: Certifier, local_estimate_iters: int | None = None):
+        self.certifier, self.local_estimate_iters = certifier, local_estimate_iters
         self.bound = LocalBound(certifier.model, certifier.guard)
         self.computed = 0  # samples x eps whose local bound was computed
 
     def __call__(self, x, y, pred, radius, eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(sound, estimate): boolean masks of the samples certified at ``eps`` by the local bound
         (beyond the global certificate: those are included) and by the paper's estimate (None
-        without ``estimate_iters``)."""
-        from ..local_lipschitz import estimate_local
-
+        without ``local_estimate_iters``)."""
         model, w = self.certifier.model, self.certifier.model.head.weight
         sound = (pred == y) & (radius > eps)
         todo = ((pred == y) & ~sound).nonzero().flatten()
-        estimate = None if self.estimate_iters is None else sound.clone()
+        estimate = None if self.local_estimate_iters is None else sound.clone()
         if len(todo):
             self.computed += len(todo)
             k = self.bound(x[todo], eps)
@@ -214,7 +211,7 @@ class LocalCertifier:
             sound[todo] = (pred64 == y[todo]) & (local > eps)
             if estimate is None:
                 return sound, None
-            k_est = estimate_local(model, x[todo], eps, self.estimate_iters, update=False).lip
+            k_est = estimate_local(model, x[todo], eps, self.local_estimate_iters, update=False).lip
             pred32, r_est = certified_radius(model(x[todo]), w, k_est, distances=self.certifier.distances)
             estimate[todo] = (pred32 == y[todo]) & (r_est > eps)
         return sound, estimate
@@ -228,7 +225,7 @@ def certify(
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
     local: bool = False,
-    local_estimate_iters: int = 2000,
+    local_estimate_iters: int = LOCAL_ESTIMATE_ITERS,
 ) -> dict:
     """Certify ``model`` on ``batches`` of (x, y). Returns fractions (not percents):
 

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lipschitz.conv import conv_norm_bound
 from ..lipschitz.estimate import power_iterate
-from ..lipschitz.operators import abs_operator_norm, conv_norm_bound, residual_bound, spectral_norm_exact
+from ..lipschitz.operators import abs_operator_norm, residual_bound, spectral_norm_exact
 from ..lipschitz.rounding import Rounding, gamma, underflow, unit
 from .basic import EvalCache
 

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lipschitz.conv import conv_norm_bound
 from ..lipschitz.operators import (
     ROUNDING_SLACK,
     abs_operator_norm,
-    conv_norm_bound,
     schur_bound,
     taylor_remainder,
 )

@@ -26,6 +26,7 @@ from .bound import (
     upper_bound_layer,
     upper_bound_layers,
 )
+from .conv import conv_fft_bound, conv_norm_bound
 from .estimate import (
     PowerIteration,
     estimate_body,
@@ -36,9 +37,7 @@ from .estimate import (
 )
 from .operators import (
     ROUNDING_SLACK,
-    conv_fft_bound,
     conv_matrix,
-    conv_norm_bound,
     conv_output_hw,
     explicit_matrix,
     linear_operator,

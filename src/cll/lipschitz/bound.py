@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from ..errors import CllError
+from .conv import conv_norm_bound
 from .operators import (
     ROUNDING_SLACK,
     check_conv,
-    conv_norm_bound,
     conv_output_hw,
     max_row_distance,
     spectral_norm_exact,

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .. import layers as L
-from . import ARCHS, LipschitzNet, make_head, scaled
+from .net import ARCHS, LipschitzNet, make_head, scaled
 
 SOC_STD = 0.2507  # SOC's input standard deviation, the same for every channel
 FAMILY_SIZES = {"S": (20, 7, 45), "M": (30, 10, 60), "L": (50, 10, 90), "XL": (70, 15, 120)}
@@ -96,34 +96,29 @@ def residual_net(
     )
 
 
-def cpl_net(size: str, num_classes: int, in_shape: Sequence[int], width: float = 1.0, **kw) -> LipschitzNet:
-    depth, depth_linear, channels = FAMILY_SIZES[size]
-    return residual_net(
-        lambda c, inner, hw: L.CPLConv(c, inner, hw),
-        L.CPLLinear,
-        depth,
-        depth_linear,
-        scaled(channels, width),
-        num_classes,
-        in_shape,
-        inner_dense=scaled(INNER_DENSE, width),
-        **kw,
-    )
+def residual_family(conv, dense):
+    """The builder of a CPL/SLL-style family: ``builder(size, num_classes, in_shape, width, ...)``
+    with the depths and widths of ``FAMILY_SIZES[size]`` scaled by ``width``."""
+
+    def build(size: str, num_classes: int, in_shape: Sequence[int], width: float = 1.0, **kw) -> LipschitzNet:
+        depth, depth_linear, channels = FAMILY_SIZES[size]
+        return residual_net(
+            conv,
+            dense,
+            depth,
+            depth_linear,
+            scaled(channels, width),
+            num_classes,
+            in_shape,
+            inner_dense=scaled(INNER_DENSE, width),
+            **kw,
+        )
+
+    return build
 
 
-def sll_net(size: str, num_classes: int, in_shape: Sequence[int], width: float = 1.0, **kw) -> LipschitzNet:
-    depth, depth_linear, channels = FAMILY_SIZES[size]
-    return residual_net(
-        lambda c, inner, hw: L.SLLConv(c, inner),
-        L.SLLLinear,
-        depth,
-        depth_linear,
-        scaled(channels, width),
-        num_classes,
-        in_shape,
-        inner_dense=scaled(INNER_DENSE, width),
-        **kw,
-    )
+cpl_net = residual_family(lambda c, inner, hw: L.CPLConv(c, inner, hw), L.CPLLinear)
+sll_net = residual_family(lambda c, inner, hw: L.SLLConv(c, inner), L.SLLLinear)
 
 
 def sandwich_net(
