@@ -133,6 +133,30 @@ def test_gloro_trades_and_warmup():
     assert 0 < g.current_eps(0.1) < 0.15
 
 
+def test_gloro_head_gradient_is_the_reference_gloro_loss():
+    """With head_gradient (the CLL reference's GloroLoss), K_F has its value but the gradient of
+    K_F * m(W) / m(W) detached, m = max_ij ||W_i - W_j||: the head gets the extra term
+    dL/dK * K / m * grad m on top of what K_F of the body alone gives it."""
+    torch.manual_seed(4)
+    z, y = torch.randn(32, 5), torch.randint(0, 5, (32,))
+    w0, k0 = torch.randn(5, 7), 0.9
+
+    def grads(head_gradient):
+        w, k = w0.clone().requires_grad_(True), torch.tensor(k0, requires_grad=True)
+        loss = losses.GloRo(0.3, eps_warmup=0.0, head_gradient=head_gradient)(z, y, w, k)
+        loss.backward()
+        return loss.item(), w.grad, k.grad
+
+    (with_head, g_with, dk), (plain, g_plain, dk_plain) = grads(True), grads(False)
+    assert with_head == pytest.approx(plain, rel=1e-6) and dk.item() == pytest.approx(dk_plain.item(), rel=1e-6)
+    w = w0.clone().requires_grad_(True)
+    m = torch.cdist(w, w).max()  # an independent evaluation of the largest row distance
+    m.backward()
+    extra = dk_plain * k0 / m.item() * w.grad
+    assert extra.abs().max() > 1e-3  # the term is not negligible here
+    torch.testing.assert_close(g_with - g_plain, extra, rtol=1e-4, atol=1e-6)
+
+
 def test_penalty_gradient_flows_through_power_iterations():
     torch.manual_seed(3)
     model = models.create("moons-mlp", 2, (2,))

@@ -72,6 +72,12 @@ class RunConfig:
     k_scale_start: float = setting(1.0, NON_NEGATIVE, "CLL K_scale schedule, polynomial from this to 1 (8C2F: 0.01)")
     k_scale_power: float = setting(10.0, NON_NEGATIVE, "power of that schedule")
     trades: float = setting(0.0, NON_NEGATIVE, "GloRo: 0 = bottom-class cross-entropy, > 0 = TRADES weight")
+    gloro_head_gradient: bool = setting(
+        True,
+        Flag(),
+        "GloRo: K_F's gradient also pushes the head's largest row distance down, as the CLL reference's "
+        "GloroLoss does (K_F = whole-model estimate / that distance detached); false: K_F of the body alone",
+    )
     eps_warmup: float = setting(
         1.0,
         NON_NEGATIVE,

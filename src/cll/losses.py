@@ -163,13 +163,26 @@ def gloro_loss(logits, target, head_weight, lip_body, eps: float, trades: float 
 
 class GloRo(Loss):
     """GloRo loss with its eps warm-up: poly 0 -> eps (power 5) over the first ``eps_warmup`` fraction
-    of training (the CLL repo's PyTorch GloRo baseline ramps over the whole run: 1.0)."""
+    of training (the CLL repo's PyTorch GloRo baseline ramps over the whole run: 1.0).
+
+    ``head_gradient`` (the CLL repo's ``GloroLoss``, github.com/mlosch/CLL, unconstrained/model/
+    losses.py): K_F enters as the whole model's estimate K_F * max_ij ||W_i - W_j|| divided by that
+    max detached: the same value, but its gradient also pushes the head's largest row distance down
+    (measured: it trains a smaller K and a lower CRA than K_F of the body alone)."""
 
     needs_lipschitz = True
 
-    def __init__(self, eps: float, trades: float = 0.0, eps_warmup: float = 1.0, warmup_power: float = 5.0):
+    def __init__(
+        self,
+        eps: float,
+        trades: float = 0.0,
+        eps_warmup: float = 1.0,
+        warmup_power: float = 5.0,
+        head_gradient: bool = True,
+    ):
         super().__init__()
         self.eps, self.trades, self.eps_warmup, self.warmup_power = eps, trades, eps_warmup, warmup_power
+        self.head_gradient = head_gradient
 
     def current_eps(self, progress: float) -> float:
         if self.eps_warmup <= 0:
@@ -177,6 +190,9 @@ class GloRo(Loss):
         return polynomial(0.0, self.eps, self.warmup_power, progress / self.eps_warmup)
 
     def forward(self, logits, target, head_weight, lip_body, progress: float = 1.0):
+        if self.head_gradient:
+            head = max_row_distance(head_weight)
+            lip_body = lip_body * head / head.detach()
         return gloro_loss(logits, target, head_weight, lip_body, self.current_eps(progress), self.trades)
 
 
@@ -320,7 +336,7 @@ def _cll(cfg) -> CLL:
 
 @LOSSES.register("gloro")
 def _gloro(cfg) -> GloRo:
-    return GloRo(cfg.eps, cfg.trades, cfg.eps_warmup)
+    return GloRo(cfg.eps, cfg.trades, cfg.eps_warmup, head_gradient=cfg.gloro_head_gradient)
 
 
 @LOSSES.register("ce")
