@@ -2,6 +2,7 @@
 measured against the layers' bounds, caches, parameter counts, a training step and a
 certification per family, and certificates that a strong attack cannot break."""
 
+import copy
 import math
 
 import pytest
@@ -160,10 +161,10 @@ def test_sandwich_alpha_exists_before_the_optimizer_and_trains():
     assert layer.alpha.item() != before
 
 
-def test_householder_at_init_is_maxmin_over_halves():
+def test_householder_at_init_is_minmax_over_halves_as_in_socs_code():
     x = torch.randn(5, 6, 2, 2)
     a, b = x.chunk(2, dim=1)
-    assert torch.allclose(L.HouseHolder(6)(x), torch.cat([torch.maximum(a, b), torch.minimum(a, b)], 1), atol=1e-6)
+    assert torch.allclose(L.HouseHolder(6)(x), torch.cat([torch.minimum(a, b), torch.maximum(a, b)], 1), atol=1e-6)
 
 
 def test_unit_row_head_is_normalised_everywhere():
@@ -334,12 +335,27 @@ def test_batch_penalty_is_the_max_over_the_batch_pairs():
     assert pen_small.item() == pytest.approx(1e-3 * 2.0**2)  # K_tt := 1 is the floor
 
 
-def test_peer_losses_default_to_lln_heads():
+def test_each_loss_gets_the_head_its_code_base_trains():
     moons = {"dataset": "moons", "arch": "moons-mlp"}
     loss = {n: losses.create(build_config({**moons, "loss": n})) for n in losses.names()}
-    assert {n for n, f in loss.items() if f.head == "lln"} == {"soc_cr", "cpl_hinge", "sll_offset_ce"}
-    assert {f.head for f in loss.values()} == {"lln", "linear"}
+    assert {n: f.head for n, f in loss.items() if f.head != "linear"} == {
+        "soc_cr": "lln",
+        "cpl_hinge": "trunc",
+        "sll_offset_ce": "trunc",
+    }
     assert [n for n, f in loss.items() if f.local_certificate] == ["local_lip_b"]  # cll certify --local
+
+
+def test_truncation_head_is_the_first_features_and_certifies():
+    """CPL's and SLL's default last layer: logits = the first C features, never trained, every row
+    distance sqrt 2 in the certificate."""
+    model = models.create("CPL-S", 10, (3, 32, 32), head="trunc", width=0.1)
+    h = model.body(torch.rand(4, 3, 32, 32))
+    assert torch.equal(model.head(h), h[:, :10]) and not model.head.weight.requires_grad
+    out = certify.certify(model, [(torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,)))], eps=[0.01])
+    assert out["lipschitz_constant"] == pytest.approx(out["lipschitz_body"] * math.sqrt(2), rel=1e-6)
+    with pytest.raises(ValueError, match="truncation head needs >= 10 features"):
+        L.truncation_head(8, 10)
 
 
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (1, 0)])
@@ -355,7 +371,7 @@ CLI_RUNS = {
     "LipConv-10": dict(loss="soc_cr", cr_gamma=0.1, width=0.125, optimizer="sgd", lr=0.1),
     "CPL-S": dict(loss="cpl_hinge", width=0.1),
     "SLL-S": dict(loss="cll", eps=1.0, p=3e-3, width=0.1, lip_penalty=1e-5, lip_penalty_form="batch"),
-    "Sandwich": dict(loss="sll_offset_ce", width=1 / 16, lr=0.01),
+    "Sandwich": dict(loss="sll_offset_ce", width=1 / 16, lr=0.01, head="lln"),
 }
 
 
@@ -391,8 +407,9 @@ def test_cli_trains_certifies_and_reloads_each_family(arch, unpack, tmp_path):
     out = read_json(tmp_path / "certify.json")
     assert out["n_samples"] == 32 and out["lipschitz_constant"] > 0
     cfg, model = load_run(tmp_path)
-    head = "linear" if cfg.loss == "cll" else "lln"
+    head = losses.create(cfg).head if cfg.head == "auto" else cfg.head
     assert torch.nn.utils.parametrize.is_parametrized(model.head) == (head == "lln")
+    assert (head == "trunc") == torch.equal(model.head.weight, torch.eye(*model.head.weight.shape))
     with pytest.warns(UserWarning):
         from cll import data
 
@@ -401,3 +418,58 @@ def test_cli_trains_certifies_and_reloads_each_family(arch, unpack, tmp_path):
     again = certify.certify(model, [(x, y)], [36 / 255])
     assert again["cra"] == out["cra"] and again["clean_accuracy"] == out["clean_accuracy"]
     assert again["lipschitz_constant"] == pytest.approx(out["lipschitz_constant"], rel=1e-12)
+
+
+# ---------------------------------------------------------------- the forks' training-time choices
+def test_soc_power_iteration_follows_socs_schedule():
+    """50 iterations at the first training step and every 200th, one at the others (SOC's code)."""
+    torch.manual_seed(0)
+    layer, x = L.SOC(4, 4, 3).train(), torch.rand(2, 4, 6, 6)
+    ref = copy.deepcopy(layer)
+    for steps, n_iter in ((0, 50), (1, 1), (200, 50), (201, 1)):
+        layer.steps.fill_(steps)
+        layer(x)
+        ref._power_step(n_iter)
+        assert all(torch.equal(getattr(layer, f"u{n}"), getattr(ref, f"u{n}")) for n in range(4)), steps
+    assert layer.steps.item() == 202
+
+
+def test_cpl_training_sigma_is_cpls_estimate_and_gradient():
+    """sigma = <W u_1, v_0>, v_0 = W u_0 / ||W u_0||, u_1 = W^T v_0 / ||W^T v_0|| (no gradient through
+    u_1): CPL's SpectralNormPowerMethod, value and weight gradient."""
+    torch.manual_seed(1)
+    layer = L.CPLLinear(6, 9).train()
+    w, u0 = layer.weight.detach().clone().requires_grad_(True), layer.u.clone()
+    v0 = F.linear(u0, w)
+    v0 = v0 / (v0.norm() + 1e-12)
+    u1 = F.linear(v0, w.t()).detach()
+    u1 = u1 / (u1.norm() + 1e-12)
+    expected = (F.linear(u1, w) * v0).sum()
+    expected.backward()
+    sigma = layer._train_sigma()
+    sigma.backward()
+    assert sigma.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(layer.weight.grad, w.grad)
+    assert torch.allclose(layer.u, u1)
+
+
+def test_sll_weights_are_abs_q_as_in_slls_code():
+    torch.manual_seed(2)
+    dense, conv = L.SLLLinear(6, 9).eval(), L.SLLConv(4, 3).eval()
+    assert (dense.q >= 0).all() and (dense.q < 1).all()  # U(0, 1), the conv's N(0, 1)
+    for layer, x in ((dense, torch.randn(3, 6)), (conv, torch.randn(3, 4, 5, 5))):
+        before = layer(x)
+        with torch.no_grad():
+            layer.q.neg_()  # |q| is the weight: the sign does not matter
+        assert torch.equal(layer(x), before)
+
+
+def test_input_shifts_follow_the_forks():
+    """SOC's code subtracts CIFAR-10's mean from every data set, SLL's ImageNet's from Tiny-ImageNet."""
+    cifar100 = (0.5071, 0.4865, 0.4409)
+    lipconv = models.create("LipConv-5", 100, (3, 32, 32), mean=cifar100, width=0.25)
+    assert torch.allclose(lipconv.body[0].mean.flatten(), torch.tensor(peers.SOC_MEAN))
+    tiny = models.create("SLL-S", 200, (3, 64, 64), mean=(0.48, 0.45, 0.40), width=0.05)
+    assert torch.allclose(tiny.body[0].mean.flatten(), torch.tensor(peers.IMAGENET_MEAN))
+    sll = models.create("SLL-S", 100, (3, 32, 32), mean=cifar100, width=0.05)
+    assert torch.allclose(sll.body[0].mean.flatten(), torch.tensor(cifar100))

@@ -92,7 +92,10 @@ class RunConfig:
     offset: float = setting(2.1213203435596424, NON_NEGATIVE, "sll_offset_ce: logit offset u (3 sqrt2 / 2)")
     temperature: float = setting(0.25, POSITIVE, "sll_offset_ce: temperature tau")
     head: str = setting(
-        "auto", Choice(("auto", "linear", "lln")), "classifier head; auto = lln for the peers' losses, else linear"
+        "auto",
+        Choice(("auto", "linear", "lln", "trunc")),
+        "classifier head: linear, lln (unit rows), trunc (the first C features, fixed); auto = the loss's own: "
+        "trunc for cpl_hinge and sll_offset_ce, lln for soc_cr (as their code bases train), else linear",
     )
     width: float = setting(1.0, POSITIVE, "factor on every layer width of the architecture (1 = the paper's)")
     activation: str = setting(

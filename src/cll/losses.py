@@ -222,7 +222,7 @@ class CertificateRegularisedCE(Loss):
     "certificate regularisation"; gamma 0 is plain cross-entropy)."""
 
     needs_lipschitz = True
-    head = "lln"  # the peers' losses train unit-row heads, as their code bases do
+    head = "lln"  # as SOC's scripts train it (--lln)
 
     def __init__(self, gamma: float):
         super().__init__()
@@ -239,7 +239,7 @@ class MultiMarginHinge(Loss):
     """CPL's loss: (1/C) sum_{i != y} max(0, margin - z_y + z_i), margin 0.7 (Meunier et al. 2022)."""
 
     needs_lipschitz = False
-    head = "lln"
+    head = "trunc"  # CPL's and SLL's default last layer: the first C features
 
     def __init__(self, margin: float):
         super().__init__()
@@ -254,7 +254,7 @@ class OffsetCrossEntropy(Loss):
     temperature tau = 0.25 by default (Araujo et al., ICLR 2023; Prach & Lampert, ECCV 2022)."""
 
     needs_lipschitz = False
-    head = "lln"
+    head = "trunc"  # CPL's and SLL's default last layer: the first C features
 
     def __init__(self, offset: float, temperature: float):
         super().__init__()

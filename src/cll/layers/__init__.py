@@ -16,7 +16,7 @@ multiplies them (torch's own layer types have a table there) and refuses an unkn
 
 from ..registry import Registry
 from .activations import HouseHolder, MaxMin
-from .basic import Normalize, PaddingChannels, unit_row_head
+from .basic import Normalize, PaddingChannels, truncation_head, unit_row_head
 from .clipped import ClippedMaxMin, ClippedReLU
 from .cpl import CPLConv, CPLLinear
 from .sandwich import SandwichConv, SandwichLinear
@@ -38,6 +38,7 @@ __all__ = [
     "SLLLinear",
     "SandwichConv",
     "SandwichLinear",
+    "truncation_head",
     "unit_row_head",
 ]
 

@@ -147,15 +147,15 @@ class MaxMin(nn.Module):
 class HouseHolder(nn.Module):
     """HH1 on pairs (a, b) = (x[:, c], x[:, c + C/2]) with a learnable angle theta per pair.
 
-    The pair is kept where it lies on the positive side of the line through 0 at angle theta/2,
-    and reflected across that line otherwise:
+    The pair is kept where it lies on the non-positive side of the line through 0 at angle
+    theta/2, and reflected across that line otherwise, as SOC's code orients it:
 
-        (a, b)                                          if a sin(theta/2) - b cos(theta/2) > 0
+        (a, b)                                          if a sin(theta/2) - b cos(theta/2) <= 0
         (a cos theta + b sin theta, a sin theta - b cos theta)   otherwise
 
     Both pieces are orthogonal and agree on the line (its points are fixed by the reflection),
     so the map is continuous, piecewise orthogonal and 1-Lipschitz for every theta. At the
-    initial theta = pi/2 it is exactly MaxMin over the two halves (SOC's pairing).
+    initial theta = pi/2 it is exactly (min, max) over the two halves, as in SOC's code.
     """
 
     no_weight_decay = True  # SOC's recipe: weight decay on the convolutions only
@@ -171,7 +171,7 @@ class HouseHolder(nn.Module):
         a, b = x.chunk(2, dim=1)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         theta = self.theta.view(shape)
-        keep = a * torch.sin(theta / 2) - b * torch.cos(theta / 2) > 0
+        keep = a * torch.sin(theta / 2) - b * torch.cos(theta / 2) <= 0
         cos, sin = torch.cos(theta), torch.sin(theta)
         return torch.cat([torch.where(keep, a, a * cos + b * sin), torch.where(keep, b, a * sin - b * cos)], dim=1)
 

@@ -100,6 +100,19 @@ def unit_row_head(in_features: int, num_classes: int) -> nn.Linear:
     return head
 
 
+def truncation_head(in_features: int, num_classes: int) -> nn.Linear:
+    """The first ``num_classes`` features as the logits, CPL's and SLL's default last layer
+    (``PoolingLinear(agg="trunc")``): a fixed ``nn.Linear`` with W = [I 0], no bias, not trained;
+    every row distance ||W_i - W_j|| is sqrt 2."""
+    if in_features < num_classes:
+        raise ValueError(f"a truncation head needs >= {num_classes} features, got {in_features}")
+    head = nn.Linear(in_features, num_classes, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(num_classes, in_features))
+    head.weight.requires_grad_(False)
+    return head
+
+
 class EvalCache(nn.Module):
     """A layer that caches what its evaluation-mode forward derives from the parameters (SOC's
     rescaled kernel, CPL's step, SLL's 1/t, Sandwich's orthogonal factors), so that the forward

@@ -7,15 +7,16 @@ is the gradient step of a convex potential and 1-Lipschitz whenever h <= 2/||W||
 Jacobian I - h W^T D W (D diagonal in [0, 1]) has eigenvalues in [1 - h||W||^2, 1].
 
 Training takes ||W|| from power iteration on W's true operator at the layer's input size:
-``train_iters`` warm-started iterations per step (a persistent iterate, gradient through the
-norm). Power iteration approaches ||W|| from below, so that h can be slightly too large, and
-over 70 layers "slightly" compounds. The reference evaluates with 100 iterations; here the
-evaluation-mode forward uses a *guaranteed upper bound* on ||W|| (exact for dense layers, the
-circular-convolution bound for conv layers, ``cll.lipschitz.operators``), which makes every layer
-1-Lipschitz as evaluated, at the price of a marginally shorter step than training used. The step
-h is derived once per set of weights, in float32 as the forward uses it, and cached (see
-``EvalCache``). ``upper_bound`` still bounds each layer by max(1, h ||W||_ub^2 - 1) from its
-parameters rather than assuming the construction, and ``rounding`` bounds its float error.
+``train_iters`` warm-started iterations per step (a persistent iterate), the estimate and its
+gradient formed as CPL's code forms them (``_train_sigma``). Power iteration approaches ||W||
+from below, so that h can be slightly too large, and over 70 layers "slightly" compounds. The
+reference evaluates with 100 iterations; here the evaluation-mode forward uses a *guaranteed
+upper bound* on ||W|| (exact for dense layers, the circular-convolution bound for conv layers,
+``cll.lipschitz.conv``), which makes every layer 1-Lipschitz as evaluated, at the price of a
+marginally shorter step than training used. The step h is derived once per set of weights, in
+float32 as the forward uses it, and cached (see ``EvalCache``). ``upper_bound`` still bounds each
+layer by max(1, h ||W||_ub^2 - 1) from its parameters rather than assuming the construction, and
+``rounding`` bounds its float error.
 
 The conv form uses a 3x3 "same" convolution W (inner channels x channels) and its exact adjoint
 ``conv_transpose2d``; the linear form ``W`` (inner features x features).
@@ -30,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lipschitz.conv import conv_norm_bound
-from ..lipschitz.estimate import power_iterate
 from ..lipschitz.operators import abs_operator_norm, residual_bound, spectral_norm_exact
 from ..lipschitz.rounding import Rounding, gamma, underflow, unit
 from .basic import EvalCache
@@ -54,11 +54,19 @@ class _CPL(EvalCache):
         raise NotImplementedError
 
     def _train_sigma(self) -> torch.Tensor:
-        """||W|| estimate after ``train_iters`` warm-started iterations, gradient through the norm."""
+        """||W|| estimate <W u_1, v_0> as CPL's code computes it (``SpectralNormPowerMethod``): per
+        warm-started iteration v = W u / ||W u|| (with gradient), then u <- W^T v / ||W^T v||
+        (without); the estimate pairs the last v with W applied to the new u, gradient through both."""
         forward, adjoint = self.operator()
-        with torch.no_grad():
-            self.u = power_iterate(forward, adjoint, self.u, self.train_iters)
-        return forward(self.u).norm()
+        u = self.u
+        for _ in range(self.train_iters):
+            v = forward(u)
+            v = v / (v.norm() + 1e-12)
+            with torch.no_grad():
+                u = adjoint(v)
+                u = u / (u.norm() + 1e-12)
+        self.u = u
+        return (forward(u) * v).sum()
 
     def norm_bound(self) -> float:
         """A guaranteed upper bound on ||W||."""

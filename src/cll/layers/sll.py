@@ -3,18 +3,20 @@ perspective on Lipschitz neural networks", ICLR 2023, arXiv 2303.03169).
 
     z = x - 2 W^T T^{-1} ReLU(W x + b),   T = diag(t),   t_i = sum_j |W W^T|_ij q_j / q_i,
 
-with q = exp(q_param) > 0. Since T - W W^T is (weighted-Gershgorin) diagonally dominant, it is
-positive semidefinite and the layer is 1-Lipschitz: with M = T^{-1/2} W its Jacobian is
-I - 2 M^T D M (D diagonal in [0, 1]) and ||M|| <= 1. t^{-1} is a *safe* inverse (0 where t = 0, a
-dead unit), the fixed form of the paper's v2 (Appendix D). ``upper_bound`` still bounds each
-layer by max(1, 2 ||M||_ub^2 - 1) from the weights rather than trusting the theorem through float
-rounding; the evaluation forward's 1/t is derived once per weights in float32 and cached, so the
-forward, the bound and the certifier's float64 pass use the same values.
+with weights q = |q_param| (SLL's code; a unit with q_i = 0 gets t_i = inf, 1/t_i = 0: dead).
+Since T - W W^T is (weighted-Gershgorin) diagonally dominant, it is positive semidefinite and the
+layer is 1-Lipschitz: with M = T^{-1/2} W its Jacobian is I - 2 M^T D M (D diagonal in [0, 1])
+and ||M|| <= 1. t^{-1} is a *safe* inverse (0 where t = 0 or inf, a dead unit), the fixed form of
+the paper's v2 (Appendix D). ``upper_bound`` still bounds each layer by max(1, 2 ||M||_ub^2 - 1)
+from the weights rather than trusting the theorem through float rounding; the evaluation
+forward's 1/t is derived once per weights in float32 and cached, so the forward, the bound and the
+certifier's float64 pass use the same values.
 
 Conv form: W is a 3x3 "same" convolution (inner channels x channels) and W W^T is the
 convolution of the kernel with itself over all (2k-1)^2 offsets; the absolute values are summed
-over offsets and channels. Unlike the reference's conv layer, whose q weights cancel (q_i / q_i),
-q_j / q_i weights here as in the paper; both are 1-Lipschitz.
+over offsets and channels, weighted q_j / q_i as in the paper and in SLL's code. Initialisation as
+SLL's code: q_param ~ N(0, 1) for the conv layer, U(0, 1) for the dense one. SLL's dense layer
+divides by q_i + 1e-6 rather than q_i; here q_i itself, so that the theorem's t holds exactly.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ def safe_inverse(t: torch.Tensor) -> torch.Tensor:
 
 
 class _SLL(EvalCache):
-    def _init(self, weight_shape: tuple[int, ...]) -> None:
+    def _init(self, weight_shape: tuple[int, ...], q: torch.Tensor) -> None:
         inner = weight_shape[0]
         self.weight = nn.Parameter(torch.empty(weight_shape))
         self.bias = nn.Parameter(torch.empty(inner))
-        self.q = nn.Parameter(torch.randn(inner))
+        self.q = nn.Parameter(q)
         nn.init.xavier_normal_(self.weight)
         bound = 1 / math.sqrt(math.prod(weight_shape[1:]))
         nn.init.uniform_(self.bias, -bound, bound)
@@ -50,7 +52,7 @@ class _SLL(EvalCache):
         raise NotImplementedError
 
     def inverse_t(self) -> torch.Tensor:
-        q = torch.exp(self.q)
+        q = self.q.abs()
         t = (self.gram_abs() * q[None, :] / q[:, None]).sum(1)
         return safe_inverse(t)
 
@@ -82,8 +84,9 @@ class _SLL(EvalCache):
 
     def _norm_m(self) -> float:
         """An upper bound on ||M||, M = T^{-1/2} W with the evaluation forward's 1/t: ||M||^2 =
-        rho(T^-1 W W^T) <= rho(T^-1 |G|) <= max_i sum_j |G_ij| q_j / (q_i t_i) (Collatz-Wielandt with the
-        positive weights q, valid for any q > 0, so q's own rounding is harmless), which is exactly 1
+        rho(T^-1 W W^T) <= rho(T^-1 |G|) <= max_i sum_j |G_ij| q_j / (q_i t_i) over the live units
+        (Collatz-Wielandt with the weights q, valid for any q > 0, so q's own rounding is harmless;
+        a live unit has q_i > 0, since q_i = 0 makes t_i infinite), which is exactly 1
         for the t of the theorem (Araujo et al. 2023) and 1 + rounding for the float32 t the forward
         uses. For the conv layer G sums |K K^T| over all spatial offsets, an upper bound on every row
         of the zero-padded operator's Gram matrix. |G| is bounded entrywise by ``_gram_bound``; the
@@ -93,7 +96,7 @@ class _SLL(EvalCache):
         live = t_inv > 0  # dead units (t = 0) have zero rows in M
         if not live.any():
             return 0.0
-        q = torch.exp(self.q.detach().double())
+        q = self.q.detach().double().abs()
         gram = self._gram_bound()[live][:, live]
         rows = (gram * q[live][None, :]).sum(1) * t_inv[live] / q[live]
         offsets = math.prod(2 * k - 1 for k in self.weight.shape[2:])  # 1 for the dense layer
@@ -147,7 +150,7 @@ class SLLConv(_SLL):
     def __init__(self, channels: int, inner: int, kernel_size: int = 3):
         super().__init__()
         self.padding = kernel_size // 2
-        self._init((inner, channels, kernel_size, kernel_size))
+        self._init((inner, channels, kernel_size, kernel_size), torch.randn(inner))
 
     def gram_abs(self) -> torch.Tensor:
         k = self.weight.shape[-1]
@@ -174,7 +177,7 @@ class SLLLinear(_SLL):
 
     def __init__(self, features: int, inner: int):
         super().__init__()
-        self._init((inner, features))
+        self._init((inner, features), torch.rand(inner))
 
     def gram_abs(self) -> torch.Tensor:
         return (self.weight @ self.weight.t()).abs()

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..layers import Normalize, unit_row_head
+from ..layers import Normalize, truncation_head, unit_row_head
 from ..lipschitz import PowerIteration
 from ..registry import Registry
 
@@ -52,9 +52,12 @@ def scaled(n: int, width: float) -> int:
 
 
 def make_head(kind: str, in_features: int, num_classes: int) -> nn.Linear:
-    """``linear`` (unconstrained, the certifier uses its pairwise row distances) or ``lln``."""
+    """``linear`` (unconstrained, the certifier uses its pairwise row distances), ``lln`` (unit
+    rows) or ``trunc`` (the first num_classes features, fixed)."""
     if kind == "linear":
         return nn.Linear(in_features, num_classes)
     if kind == "lln":
         return unit_row_head(in_features, num_classes)
-    raise ValueError(f"unknown head {kind!r}; allowed: linear, lln")
+    if kind == "trunc":
+        return truncation_head(in_features, num_classes)
+    raise ValueError(f"unknown head {kind!r}; allowed: linear, lln, trunc")

@@ -3,12 +3,14 @@
 ========== =============================================================================================
 LipConv-N  SOC LipConvNet (Singla & Feizi, ICML 2021): 5 stages of N/5 SOC convs + HH1; the last
            conv of each stage has stride 2 and doubles the width (32 -> 64 ... 1024), the very last
-           is 1x1. Inputs (x - mean) / 0.2507, so the body's factor is 1/0.2507 (as in SOC's code).
+           is 1x1. Inputs (x - mean) / 0.2507 with CIFAR-10's mean for every data set, as SOC's
+           code normalises them, so the body's factor is 1/0.2507.
 CPL-*      CPL net (Meunier et al., ICML 2022): zero-pad the channels to w, ``depth`` CPL convs (5
            inner channels, 3x3), sum/4 pooling over 4x4 blocks, ``depth_linear`` dense CPLs (2048
            inner features). Sizes (depth, depth_linear, w): S (20, 7, 45), M (30, 10, 60),
            L (50, 10, 90), XL (70, 15, 120). Mean subtraction only.
-SLL-*      SLL net (Araujo et al., ICLR 2023): the same skeleton with SLL layers and the same sizes.
+SLL-*      SLL net (Araujo et al., ICLR 2023): the same skeleton with SLL layers and the same sizes;
+           64x64 inputs (Tiny-ImageNet) are shifted by ImageNet's mean, as SLL's code does.
 Sandwich   LBDN "DNN" (Wang & Manchester, ICML 2023): Sandwich convs 64, 64/s2, 128, 128/s2, 256,
            256/s2 (+ 512, 512/s2 for 64x64 inputs), then Sandwich dense 2048, 2048, 1024.
            Mean subtraction only.
@@ -29,6 +31,8 @@ from .. import layers as L
 from .net import ARCHS, LipschitzNet, make_head, scaled
 
 SOC_STD = 0.2507  # SOC's input standard deviation, the same for every channel
+SOC_MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10's: SOC's code subtracts it from every data set
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SLL's code subtracts it from Tiny-ImageNet
 FAMILY_SIZES = {"S": (20, 7, 45), "M": (30, 10, 60), "L": (50, 10, 90), "XL": (70, 15, 120)}
 INNER_CONV = 5  # CPL's conv_size / SLL's conv_inner_dim
 INNER_DENSE = 2048  # CPL's and SLL's n_features / dense_inner_dim
@@ -63,7 +67,7 @@ def lipconv(
         nn.Sequential(*layers),
         make_head(head, features, num_classes),
         in_shape,
-        mean=mean or [0.0] * in_shape[0],
+        mean=SOC_MEAN if in_shape[0] == 3 else mean or [0.0] * in_shape[0],  # (``mean`` for other channel counts)
         std=SOC_STD,
     )
 
@@ -96,12 +100,15 @@ def residual_net(
     )
 
 
-def residual_family(conv, dense):
+def residual_family(conv, dense, shift: Sequence[float] | None = None):
     """The builder of a CPL/SLL-style family: ``builder(size, num_classes, in_shape, width, ...)``
-    with the depths and widths of ``FAMILY_SIZES[size]`` scaled by ``width``."""
+    with the depths and widths of ``FAMILY_SIZES[size]`` scaled by ``width``; ``shift``: the mean
+    it subtracts from 64x64 (Tiny-ImageNet) inputs instead of the data set's own."""
 
     def build(size: str, num_classes: int, in_shape: Sequence[int], width: float = 1.0, **kw) -> LipschitzNet:
         depth, depth_linear, channels = FAMILY_SIZES[size]
+        if shift is not None and tuple(in_shape) == (3, 64, 64):
+            kw["mean"] = shift
         return residual_net(
             conv,
             dense,
@@ -118,7 +125,7 @@ def residual_family(conv, dense):
 
 
 cpl_net = residual_family(lambda c, inner, hw: L.CPLConv(c, inner, hw), L.CPLLinear)
-sll_net = residual_family(lambda c, inner, hw: L.SLLConv(c, inner), L.SLLLinear)
+sll_net = residual_family(lambda c, inner, hw: L.SLLConv(c, inner), L.SLLLinear, shift=IMAGENET_MEAN)
 
 
 def sandwich_net(
