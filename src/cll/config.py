@@ -94,8 +94,8 @@ class RunConfig:
     head: str = setting(
         "auto",
         Choice(("auto", "linear", "lln", "trunc")),
-        "classifier head: linear, lln (unit rows), trunc (the first C features, fixed); auto = the loss's own: "
-        "trunc for cpl_hinge and sll_offset_ce, lln for soc_cr (as their code bases train), else linear",
+        "classifier head: linear, lln (unit rows), trunc (the first C features, fixed); auto = the loss's own "
+        "(CPL's and SLL's losses trunc, SOC's lln, as their code bases train them; the others linear)",
     )
     width: float = setting(1.0, POSITIVE, "factor on every layer width of the architecture (1 = the paper's)")
     activation: str = setting(
