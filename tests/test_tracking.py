@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cll import tracking
+from cll import tracking, tracking_ui
 from cll.cli import main
 from cll.grid import load_grid
 
@@ -157,7 +157,85 @@ def test_track_init_creates_the_experiment_once(store, capsys):
     assert main(["track", "init", "--experiment", "grid"]) == 0
     out, err = capsys.readouterr()
     assert out.count("MLflow experiment 'grid'") == 2 and err == ""
-    assert store.get_experiment_by_name("grid") is not None
+    exp_id = store.get_experiment_by_name("grid").experiment_id
+    # where `mlflow ui` shows a sqlite store's runs table
+    url = f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey=cll"
+    assert out.count(f"runs table: {url}") == 2
+
+
+def view_columns(experiment) -> list[str]:
+    """The columns of the experiment's saved view ``cll``."""
+    view = json.loads(experiment.tags["mlflow.sharedViewState.cll"])
+    assert view["name"] == "cll: certified accuracy"
+    return json.loads(view["state"])["selectedColumns"]
+
+
+def test_experiment_is_model_training_and_each_run_logs_its_data_set_once(tmp_path, store):
+    """cll's experiment has MLflow's model-training kind and the view ``cll``: clean accuracy, CRA
+    at the tables' radii and at a run's own radius, K^(h∘f), the bound, the audit. A run logs its data
+    set's train and test splits as dataset inputs once: certify, a rerun and the back-fill add none,
+    even when the data set's files changed meanwhile (another digest)."""
+    batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1"
+    batch.parent.mkdir(parents=True)
+    batch.write_bytes(b"x" * 10)
+    run = tmp_path / "run"
+    write_run(run, config={**CONFIG, "dataset": "cifar10", "data_root": str(tmp_path / "data")})
+    run_id = tracking.track(run, "exp")
+    batch.write_bytes(b"x" * 11)
+    write_certify(run)
+    assert tracking.track(run, "exp") == run_id
+    write_certify(run, clean=0.95)
+    assert tracking.backfill([run], "exp") == (1, 0)
+
+    experiment = store.get_experiment_by_name("exp")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    metrics = ["clean_accuracy", "cra_36_255", "cra_72_255", "cra_108_255", "k_hf", "lipschitz_constant"]
+    assert view_columns(experiment) == [f"metrics.`{m}`" for m in [*metrics, "audit_broken", "cra_0.15"]]
+    inputs = store.get_run(run_id).inputs.dataset_inputs
+    assert sorted((i.dataset.name, [(t.key, t.value) for t in i.tags]) for i in inputs) == [
+        ("cifar10", [("mlflow.data.context", "eval")]),
+        ("cifar10", [("mlflow.data.context", "training")]),
+    ]
+    assert len({i.dataset.digest for i in inputs}) == 2  # the splits differ
+
+
+def test_an_existing_experiment_gets_the_tags_it_lacks_and_keeps_those_it_has(tmp_path, store):
+    """An experiment made before (or by hand) gets the kind and the view; a kind a person chose and
+    a view saved over in the UI (compressed there, so not cll's JSON) stay as they are."""
+    store.create_experiment("old")
+    mine = store.create_experiment(
+        "mine", tags={"mlflow.experimentKind": "genai_development", "mlflow.sharedViewState.cll": "deflate;abc"}
+    )
+    write_run(tmp_path / "run")
+    write_certify(tmp_path / "run")  # a radius (0.15) the view lacks
+    tracking.track(tmp_path / "run", "old")
+    tracking.track(tmp_path / "run", "mine")
+    old = store.get_experiment_by_name("old")
+    assert old.tags["mlflow.experimentKind"] == "custom_model_development" and "metrics.`cra_0.15`" in view_columns(old)
+    tags = store.get_experiment(mine).tags
+    assert (tags["mlflow.experimentKind"], tags["mlflow.sharedViewState.cll"]) == ("genai_development", "deflate;abc")
+
+
+def test_a_file_based_data_set_is_its_folder_with_a_digest_of_its_files(tmp_path):
+    """The source of a data set read from files is its folder; the digest follows the files there
+    and one level down (sizes, no file is read) and ignores what lies deeper (images). Moons and
+    digits, made in memory, come from code."""
+    assert {i.dataset.source_type for i in tracking_ui.dataset_inputs(CONFIG)} == {"code"}
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    (folder / "images" / "class0").mkdir(parents=True)
+    (folder / "data_batch_1").write_bytes(b"x" * 10)
+    config = {**CONFIG, "dataset": "cifar10", "data_root": str(tmp_path / "data")}
+
+    def training():
+        (dataset,) = [i.dataset for i in tracking_ui.dataset_inputs(config) if i.tags[0].value == "training"]
+        return dataset
+
+    first = training()
+    assert (first.name, first.source_type, json.loads(first.source)) == ("cifar10", "local", {"uri": str(folder)})
+    (folder / "images" / "class0" / "0.png").write_bytes(b"png")
+    assert training().digest == first.digest
+    (folder / "data_batch_1").write_bytes(b"x" * 11)
+    assert training().digest != first.digest
 
 
 def one_warning(err: str) -> str:
@@ -489,9 +567,12 @@ def _browse(url: str, profile: Path, screenshot: Path) -> str:
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; .ci/run installs it)")
 def test_mlflow_ui_shows_metric_columns_and_a_run_chart(tmp_path, monkeypatch):
     """Two grid-style runs (named by method, with certify and audit results) in a real `mlflow
-    server`, looked at in headless Chromium: the runs list with the metric columns cra_36_255,
-    clean_accuracy, k_hf, audit_tightness_median and the run names, and one run's chart of
-    train_loss over epochs. Screenshots go to $CLL_SCREENSHOTS (default: the test's tmp dir)."""
+    server`, looked at in headless Chromium: the experiment's address in the Model-training mode
+    opens the runs table (not the GenAI overview) with the run names and the data set in the
+    Dataset column; the address tracking gives (``ui_url``) adds its view ``cll``, with the metric
+    columns clean_accuracy, cra_36_255, cra_0.15, k_hf, lipschitz_constant, audit_broken; and one
+    run's chart of train_loss over epochs. Screenshots go to $CLL_SCREENSHOTS (default: the test's
+    tmp dir)."""
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -511,17 +592,26 @@ def test_mlflow_ui_shows_metric_columns_and_a_run_chart(tmp_path, monkeypatch):
 
         client = MlflowClient(tracking_uri=uri)
         exp_id = client.get_experiment_by_name("ui").experiment_id
-        # the columns a person picks in the UI's Columns menu, stored as the UI's Share button
-        # stores a view (an experiment tag that ?viewStateShareKey= names)
-        columns = ["clean_accuracy", "cra_36_255", "cra_0.15", "k_hf", "lipschitz_constant", "audit_tightness_median"]
-        view = {"selectedColumns": [f"metrics.`{c}`" for c in columns]}
-        client.set_experiment_tag(exp_id, "mlflow.sharedViewState.cll", json.dumps(view))
+        names = ["CLL moons-mlp moons eps0.15 p0.01 seed0", "CLL moons-mlp moons eps0.15 p0.25 seed0"]
+        (training,) = [i.dataset for i in client.get_run(ids[0]).inputs.dataset_inputs if i.tags[0].value == "training"]
 
-        runs_dom = _browse(
-            f"{uri}/#/experiments/{exp_id}/runs?viewStateShareKey=cll", tmp_path / "chrome", shots / "mlflow_runs.png"
+        # MLflow 3.17 opens an experiment as its sidebar switch says (GenAI until a browser picks
+        # Model training): the experiment's plain address in the Model-training mode
+        landing_dom = _browse(
+            f"{uri}/#/experiments/{exp_id}?workflowType=machine_learning",
+            tmp_path / "chrome",
+            shots / "mlflow_experiment.png",
         )
-        for text in columns + ["CLL moons-mlp moons eps0.15 p0.01 seed0", "CLL moons-mlp moons eps0.15 p0.25 seed0"]:
+        for text in names:
+            assert text in landing_dom, text
+        assert "No data available" not in landing_dom  # the GenAI overview's empty trace charts
+        assert f'title="moons ({training.digest})"' in landing_dom  # the Dataset column: name (digest)
+
+        runs_dom = _browse(tracking_ui.ui_url(exp_id, uri), tmp_path / "chrome", shots / "mlflow_runs.png")
+        for text in names + ["cll: certified accuracy"]:  # the view's name on the Views button
             assert text in runs_dom, text
+        for metric in ("clean_accuracy", "cra_36_255", "cra_0.15", "k_hf", "lipschitz_constant", "audit_broken"):
+            assert f'col-id="metrics.`{metric}`"' in runs_dom, metric  # a header cell
         query = {  # the state the UI's metric page keeps in its URL, JSON-encoded values
             "runs": [ids[0]],
             "metric": "train_loss",

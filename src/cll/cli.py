@@ -175,11 +175,12 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
 
 def cmd_track_init(args: argparse.Namespace) -> None:
-    from . import tracking
+    from . import tracking, tracking_ui
 
     exp_id = tracking.init(args.experiment)
     if exp_id is not None:
         print(f"MLflow experiment {args.experiment!r} (id {exp_id}) in {tracking.tracking_uri()}")
+        print(f"  runs table: {tracking_ui.ui_url(exp_id, tracking.tracking_uri())}")
 
 
 def cmd_list(args: argparse.Namespace) -> None:

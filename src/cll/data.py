@@ -68,6 +68,13 @@ _INFO = {
     "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409)),
     "tinyimagenet": DatasetInfo("tinyimagenet", 200, (3, 64, 64), (0.4802, 0.4481, 0.3975)),
 }
+# The folder of each file-based data set under the data root (moons and digits are made in memory).
+FOLDERS = {
+    "mnist": "MNIST",
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+    "tinyimagenet": "tiny-imagenet-200",
+}
 
 
 def _fix(top: str) -> str:
@@ -163,7 +170,7 @@ def _check_idx(path: Path, magic: int, dims: tuple[int, ...]) -> int:
 
 
 def _load_mnist(root: Path) -> tuple[Dataset, Dataset]:
-    raw = root / "MNIST" / "raw"
+    raw = root / FOLDERS["mnist"] / "raw"
     names = [f"{split}-{kind}" for split in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
     missing = [n for n in names if not (raw / n).is_file()]
     if missing:
@@ -172,7 +179,7 @@ def _load_mnist(root: Path) -> tuple[Dataset, Dataset]:
         )
         raise DataError(
             f"dataset 'mnist': {what} under {raw} (expected the four gunzipped files "
-            f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte){_fix('MNIST')}"
+            f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte){_fix(FOLDERS['mnist'])}"
         )
     for split in ("train", "t10k"):
         n_images = _check_idx(raw / f"{split}-images-idx3-ubyte", 2051, (28, 28))
@@ -212,11 +219,11 @@ def _cifar_class(name: str) -> type:
 
 def _load_cifar(name: str, root: Path, augment: bool) -> tuple[Dataset, Dataset]:
     if name == "cifar10":
-        title, folder = "CIFAR-10", root / "cifar-10-batches-py"
+        title, folder = "CIFAR-10", root / FOLDERS[name]
         all_train, others = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch", "batches.meta"]
         expected = "data_batch_1..5, test_batch, batches.meta"
     else:
-        title, folder = "CIFAR-100", root / "cifar-100-python"
+        title, folder = "CIFAR-100", root / FOLDERS[name]
         all_train, others = ["train"], ["test", "meta"]
         expected = "train, test, meta"
     expected += " from the 'python version' archive"
@@ -316,7 +323,7 @@ class TinyImageNet(Dataset):
 
 
 def _load_tinyimagenet(root: Path, augment: bool) -> tuple[Dataset, Dataset]:
-    folder = root / "tiny-imagenet-200"
+    folder = root / FOLDERS["tinyimagenet"]
     needed = ["wnids.txt", "train", "val/images", "val/val_annotations.txt"]
     missing = [n for n in needed if not (folder / n).exists()]
     if missing:
@@ -338,6 +345,17 @@ def _load_tinyimagenet(root: Path, augment: bool) -> tuple[Dataset, Dataset]:
 def default_root() -> Path:
     """``$CLL_DATA`` if set, else ``./data`` (relative to the working directory)."""
     return Path(os.environ.get("CLL_DATA") or "./data")
+
+
+def _root(root: str | os.PathLike | None) -> Path:
+    """The data root as an absolute path: ``root``, else :func:`default_root`."""
+    return Path(root if root is not None else default_root()).expanduser().absolute()
+
+
+def data_folder(name: str, root: str | os.PathLike | None = None) -> Path | None:
+    """The folder a file-based data set is read from (``root`` as for :func:`load_dataset`); None
+    for moons and digits, which are made in memory."""
+    return _root(root) / FOLDERS[name] if name in FOLDERS else None
 
 
 def _first(ds: Dataset, n: int | None, what: str) -> Dataset:
@@ -362,7 +380,7 @@ def load_dataset(
     generated moons. ``max_train``/``max_test`` keep the first N items (deterministic) for quick runs.
     """
     info = dataset_info(name)
-    root = Path(root if root is not None else default_root()).expanduser().absolute()
+    root = _root(root)
     if name == "moons":
         train, test = _load_moons(seed)
     elif name == "digits":

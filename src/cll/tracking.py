@@ -21,7 +21,16 @@ method is the grid row's, ``--method``, else the loss) and tagged ``cll.method``
   and ``audit_lipschitz_tightness`` (Lipschitz lower bound found / certified bound);
 - artifacts: ``train.json``, ``certify.json``, ``audit.json``, and ``model.pt`` when it is at most
   ``$CLL_TRACK_CHECKPOINT_MB`` megabytes (default 20; 0 never), so small models can be downloaded
-  from the UI and loaded with ``cll.api.load_run``.
+  from the UI and loaded with ``cll.api.load_run``;
+- dataset inputs (the runs table's Dataset column), logged once per run: the data set's train
+  split (context ``training``) and test split (``eval``, what certify evaluates), each with a
+  digest of what selects its data and its source, the data set's folder or ``code`` for moons and
+  digits (``cll.tracking_ui.dataset_inputs``).
+
+Every experiment cll logs into carries two experiment tags, set where missing (never replacing
+one a person changed): the model-training kind, and a saved view ``cll`` of the runs table with
+clean accuracy, CRA at every radius logged, K^(h∘f), the sound bound and the audit's broken
+certificates as columns. :func:`ui_url` is the experiment's address that opens it.
 
 The grid's summary.csv, tables (with the reproduction summary, also as ``reproduction_*``
 metrics) and figures go into one more run of the experiment, named ``summary`` (``cll aggregate
@@ -50,7 +59,8 @@ seconds of retries and one warning line. The store is ``$MLFLOW_TRACKING_URI`` i
 Parallel jobs against a fresh sqlite file race in MLflow's schema migration and in experiment
 creation (two jobs each create the tables or the experiment; one fails); ``init`` (``cll track
 init``) creates both once, before the jobs start.
-This is the only module that imports mlflow, and only inside functions.
+This module and ``cll.tracking_ui`` (the experiment tags, the view, the dataset inputs) are the
+only ones that import mlflow, and only inside functions.
 """
 
 from __future__ import annotations
@@ -65,7 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from . import results
-from .tables import STANDARD_EPS
+from .tracking_ui import VIEW_TAG, dataset_inputs, experiment_tags, metric_name, with_columns
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CHECKPOINT_MB = 20.0  # default of $CLL_TRACK_CHECKPOINT_MB: largest model.pt logged as an artifact
@@ -110,17 +120,27 @@ def _client():
     return MlflowClient(tracking_uri=tracking_uri())
 
 
-def _experiment_id(client, name: str) -> str:
+def _experiment(client, name: str) -> tuple[str, dict[str, str]]:
+    """The id and tags of experiment ``name``, created if missing. It gets the tags of
+    ``tracking_ui.experiment_tags`` it lacks (an experiment older than them, or made by hand) and keeps
+    those it has: a kind a person chose, a view saved over cll's."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # created by a parallel job in between: use theirs
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        tags = experiment_tags()
+        try:
+            return client.create_experiment(name, tags=tags), tags
+        except Exception:  # created by a parallel job in between: use theirs
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    missing = {k: v for k, v in experiment_tags().items() if k not in exp.tags}
+    for key, value in missing.items():
+        client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id, {**exp.tags, **missing}
+
+
+def _experiment_id(client, name: str) -> str:
+    return _experiment(client, name)[0]
 
 
 def init(experiment: str) -> str | None:
@@ -140,12 +160,6 @@ def run_name(config: dict, method: str | None = None) -> str:
     """``CLL 8C2F tinyimagenet eps1 p0.025 seed1``: the method (else the loss), then the cell."""
     eps, p = results.fmt_number(config["eps"]), results.fmt_number(config["p"])
     return f"{method or config['loss']} {config['arch']} {config['dataset']} eps{eps} p{p} seed{config['seed']}"
-
-
-def metric_name(prefix: str, eps_key: str) -> str:
-    """The metric of a radius as people say it: ``cra_36_255`` for 36/255 (the tables' radii),
-    else the radius itself, ``cra_0.15``."""
-    return f"{prefix}_{STANDARD_EPS.get(eps_key, eps_key).replace('/', '_')}"
 
 
 def _audit_metrics(audit: dict) -> dict[str, Any]:
@@ -232,10 +246,13 @@ def log_run_dir(run_dir: str | Path, experiment: str, method: str | None = None)
     key = _run_key(run_dir, config)
 
     client = _client()
-    exp_id = _experiment_id(client, experiment)
+    exp_id, exp_tags = _experiment(client, experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
     if found and found[0].data.tags.get(FILES_TAG) == digest:
         return found[0].info.run_id  # up to date
+    view = with_columns(exp_tags.get(VIEW_TAG), [metric_name("cra", eps) for eps in (cert or {}).get("cra") or {}])
+    if view is not None:  # a radius the view has no column for yet
+        client.set_experiment_tag(exp_id, VIEW_TAG, view)
     name = run_name(config, method)
     if found:
         run = found[0]
@@ -269,6 +286,8 @@ def log_run_dir(run_dir: str | Path, experiment: str, method: str | None = None)
         client.log_batch(
             run_id, metrics=metrics[i : i + _BATCH], params=params if i == 0 else [], tags=tags if i == 0 else []
         )
+    if not run.inputs.dataset_inputs:  # once per run (and for a run logged before inputs were)
+        client.log_inputs(run_id, dataset_inputs(config))
     for file in FILES:
         if (run_dir / file).is_file():
             client.log_artifact(run_id, str(run_dir / file))
