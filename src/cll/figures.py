@@ -1,7 +1,10 @@
 """The figures of a grid, drawn from summary.csv (and the moons models): ``cll figures``.
 
-- ``slack_vs_k``: for CLL cells whose slack p varies, K^(h∘f) = log((2-p)/p)/eps (analytic) and the
-  certified Lipschitz bound of the model, against p: "slack determines the constant of the model".
+- ``slack_vs_k``: for CLL cells whose slack p varies, against p, in two panels of one unit each:
+  the calibrated model h∘f's constant, K^(h∘f) = log((2-p)/p)/eps (its certified bound) above the
+  audit's pair-ascent lower bound in the same units, "the slack determines the constant of the
+  model"; and the network f's own certified bound K and pair-ascent lower bound, which the
+  calibration divides out.
 - ``cra_vs_p``: certified robust accuracy at each eps against p.
 - ``moons_boundaries``: one panel per p of the two-moons cells: the decision boundary, and the test
   points that are misclassified or not certified at the training eps in red, as on the poster.
@@ -63,36 +66,85 @@ def _new_figure(n_panels: int, width: float = 4.2, height: float = 3.6):
 
 
 def figure_slack_vs_k(rows: list[dict]):
-    """The slack determines the constant of the model: analytic K^(h∘f) and the certified
-    Lipschitz bound of the trained model against p. None if no slack sweep has run."""
+    """The slack determines the constant of the calibrated model: two panels, each in one unit.
+    None if no slack sweep has run.
+
+    Left, the calibrated model h∘f: the margins of the network f over their certified bound K (each
+    sample's distances to the decision boundaries, 1-Lipschitz functions) times 1/sigma, what CLL's
+    cross-entropy is taken of. So h∘f is K^(h∘f) = 1/sigma = log((2-p)/p)/eps-Lipschitz whatever K
+    is: K^(h∘f) is its certified bound, drawn annotated per p as on the poster. Below it, the
+    audit's pair-ascent lower bound of f over f's certified bound (``audit_lipschitz_tightness``)
+    times K^(h∘f): a lower bound on h∘f's constant (with more than two classes a conservative one:
+    K is that of f's worst pair), which so lies in the shaded band. Right, in f's own units: its
+    certified bound K and pair-ascent lower bound, which the calibration divides out (CLL leaves K
+    free: on the demo it rises as K^(h∘f) falls). Cells without audit.json get no lower bound.
+
+    Where the loss's own calibration differs (not drawn): it divides by the power-iteration
+    estimate of K_F, not by the sound bound (a factor ``lipschitz_constant / lipschitz_estimate``,
+    under 0.2 % on the demo), and its per_logit form (the two-moons recipe) divides each logit z_i
+    by K_F ||W_i|| rather than each margin by K_F ||W_t - W_j||: each calibrated logit is then
+    K^(h∘f)-Lipschitz, but a calibrated margin up to ||W_t/||W_t|| - W_j/||W_j|||| K^(h∘f) (at most
+    2 K^(h∘f); that factor is 1.13 to 1.23 on the demo's heads)."""
     sweeps = slack_sweeps(rows)
     if not sweeps:
         return None
-    fig, (ax,) = _new_figure(1, width=6.0, height=4.2)
-    colours = [f"C{i}" for i in range(10)]
+    fig, (calibrated, network) = _new_figure(2, width=5.0, height=4.8)
+    one = len(sweeps) == 1
     for i, ((dataset, arch, eps), cells) in enumerate(sweeps.items()):
         name = f"{dataset} {arch}, ε={results.fmt_number(eps)}"
-        colour = colours[i % len(colours)]
-        ax.plot(
-            *_mean_by(cells, "p", "k_hf"),
-            "o--",
-            color=colour,
-            label=rf"{name}: $K^{{h\circ f}}=\log((2-p)/p)/\varepsilon$",
+        prefix = "" if one else f"{name}: "
+        colour = f"C{i % 10}"
+        ps, khf = _mean_by(cells, "p", "k_hf")
+        (line,) = calibrated.plot(
+            ps, khf, "o-", color=colour, label=rf"{prefix}$K^{{h\circ f}}=\log((2-p)/p)/\varepsilon$ (certified bound)"
         )
-        ax.plot(
-            *_mean_by(cells, "p", "lipschitz_constant"),
-            "s-",
-            color=colour,
-            label=f"{name}: measured K (certified bound)",
+        line.set_gid(f"k_hf {name}")
+        for p, k in zip(ps, khf):
+            calibrated.annotate(f"{k:.1f}", (p, k), textcoords="offset points", xytext=(5, 5), fontsize="small")
+        audited = [
+            {"p": c["p"], "lower": c["k_hf"] * c["audit_lipschitz_tightness"]}
+            for c in cells
+            if c.get("k_hf") is not None and c.get("audit_lipschitz_tightness") is not None
+        ]
+        if audited:
+            pl, lower = _mean_by(audited, "p", "lower")
+            (line,) = calibrated.plot(
+                pl, lower, "v--", color=colour,
+                label=rf"{prefix}pair-ascent lower bound: $K^{{h\circ f}}\times$ ($f$'s lower / certified bound)",
+            )  # fmt: skip
+            line.set_gid(f"h∘f lower {name}")
+            calibrated.fill_between(pl, lower, [khf[ps.index(p)] for p in pl], color=colour, alpha=0.15, lw=0)
+        (line,) = network.plot(
+            *_mean_by(cells, "p", "lipschitz_constant"), "s-", color=colour, label=f"{prefix}certified bound K"
         )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("slack p")
-    ax.set_ylabel("Lipschitz constant")
-    ax.set_title("The slack determines the constant of the model")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+        line.set_gid(f"f upper {name}")
+        pf, f_lower = _mean_by(cells, "p", "audit_lipschitz_lower")
+        if pf:
+            (line,) = network.plot(pf, f_lower, "v--", color=colour, label=f"{prefix}pair-ascent lower bound")
+            line.set_gid(f"f lower {name}")
+    calibrated.set_title(r"calibrated model $h\circ f$: margins of $f$ / K, $\times\,1/\sigma$")
+    calibrated.set_ylabel(r"Lipschitz constant of $h\circ f$")
+    calibrated.margins(y=0.12)  # room for the annotations
+    network.set_title(r"network $f$ before calibration (its K is divided out)")
+    network.set_ylabel(r"Lipschitz constant of $f$'s logit differences")
+    _log_axes(calibrated, network, legend_title=name if one else None)
+    fig.suptitle(r"The slack p sets the Lipschitz constant $K^{h\circ f}$ of the calibrated model $h\circ f$")
     return fig
+
+
+def _log_axes(*axes, legend_title: str | None = None) -> None:
+    """Log-log axes against p, plain numbers on the ticks, the legend below the panel."""
+    from matplotlib.ticker import LogFormatter
+
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(LogFormatter())  # 60 and 200, not 6 x 10^1 and 2 x 10^2
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.set_xlabel("slack p")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="x-small", title=legend_title, title_fontsize="x-small", loc="upper center",
+                  bbox_to_anchor=(0.5, -0.16))  # fmt: skip
 
 
 def figure_cra_vs_p(rows: list[dict]):
