@@ -105,11 +105,17 @@ class SOC(EvalCache):
 
     @torch.no_grad()
     def _power_step(self, n_iter: int) -> None:
+        """``n_iter`` alternating updates of each reshape's (u, v), in SOC's order: the output-side u
+        first for the first three reshapes, the input-channel v first for the fourth."""
         for n, m in enumerate(four_reshapes(self.skew())):
             u, v = getattr(self, f"u{n}"), getattr(self, f"v{n}")
             for _ in range(n_iter):
-                u = F.normalize(m @ v, dim=0)
-                v = F.normalize(m.t() @ u, dim=0)
+                if n == 3:
+                    v = F.normalize(m.t() @ u, dim=0)
+                    u = F.normalize(m @ v, dim=0)
+                else:
+                    u = F.normalize(m @ v, dim=0)
+                    v = F.normalize(m.t() @ u, dim=0)
             setattr(self, f"u{n}", u)
             setattr(self, f"v{n}", v)
 
