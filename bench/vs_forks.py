@@ -22,25 +22,34 @@ by a function that performs that one rearrangement ("b c (w k1) (h k2) -> b (c k
 reshape/permute. Float64 comparisons run the forks with float64 as torch's default dtype (their
 channel padding allocates its output with the default dtype).
 
-Parameter maps (fork -> cll), applied by the functions below:
+Parameter maps (fork -> cll), applied by the functions below. Where cll follows a fork, the map is
+one to one and both sides run the fork's own choice:
 
 GloRo (4C3F)  conv1..conv4, fc1, fc2, fc (each ``.parent``) -> ``body[0, 2, 4, 6, 9, 11]``, ``head``;
               the power iterates ``power_iterate`` <-> ``model.power.u0..u5``.
-SLL           kernel -> weight, bias -> bias, q -> log|q| (cll: q = exp(q_param) > 0, the fork |q|;
-              the gradients map as dL/dq_cll = q_fork * dL/dq_fork).
-CPL           kernel / weights -> weight, bias -> bias, the power iterate ``pm.u`` -> ``u``.
+SLL           kernel / weights -> weight, bias -> bias, q -> q (both weight by |q|; gradients equal
+              directly).
+CPL           kernel / weights -> weight, bias -> bias, the power iterate ``pm.u`` -> ``u`` (both
+              train with sigma = <W u_1, v_0>, gradient through both factors).
 SOC           random_conv_filter -> weight, bias -> bias; the fork's singular vectors of the four
               reshapes, the one over the rows (output side: v1, v2, v3, u4) -> cll's u0..u3, the one
-              over the columns (u1, u2, u3, v4) -> v0..v3, flattened; the evaluation series gets the
-              fork's 12 terms; HH1: theta -> theta + 2 pi (see ``map_hh1``).
+              over the columns (u1, u2, u3, v4) -> v0..v3, flattened; its training-forward counter
+              ``total_iters`` -> ``steps`` (both: 50 iterations at every 200th, 1 otherwise); the
+              evaluation series gets the fork's 12 terms (cll's own 15 in the rows "cll's 15
+              terms"); HH1: theta -> theta (both keep a pair where a sin(theta/2) - b cos(theta/2)
+              <= 0).
 Heads         vanilla ``nn.Linear`` heads map one to one; LLN heads (unit rows) likewise, through
-              cll's parametrisation's free weight.
+              cll's parametrisation's free weight; the truncation head (the first C features, the
+              forks' ``PoolingLinear(agg="trunc")`` and cll's ``head: trunc``) has no parameters.
 
-Per family, the differences found are printed after the figures (``known``), each measured: once as
-the code bases have it and once with the setting mapped or matched, so that what remains is float
-rounding. The one change to reference code is a diagnostic: the GloRo rows "full-size" run the
+Per family, what cll follows and the differences found are printed after the figures (``known``),
+each difference measured: once as the code bases have it and once with the setting mapped or
+matched, so that what remains is float rounding. The two changes to reference code are
+diagnostics, each active only in the rows that name it: the GloRo rows "full-size" run the
 reference's conv power iteration with the transposed convolution's output_padding set (see
-``_power_iteration_full_size``); the rows "as is" run its own.
+``_power_iteration_full_size``; the rows "as is" run its own), and the CPL rows "fork's W u on a
+copy of u" run the fork's dense power iteration with its iterate copied before W u (see
+``_compute_dense_on_copy``).
 """
 
 from __future__ import annotations
@@ -66,6 +75,8 @@ import cll.models
 import cll.models.peers
 from cll import layers as L
 from cll import lipschitz, train
+from cll.layers.soc import INIT_ITERS as SOC_INIT_ITERS
+from cll.layers.soc import four_reshapes
 
 F64, F32 = torch.float64, torch.float32
 
@@ -99,7 +110,12 @@ def table(header: list[str], rows: list[list]) -> None:
     out()
 
 
-def known(lines: list[str]) -> None:
+def known(lines: list[str], followed: list[str] | None = None) -> None:
+    """What cll follows of the fork (compared one to one above) and what still differs."""
+    if followed:
+        out("Followed by cll (mapped one to one, the fork's choice on both sides in the rows above):")
+        for line in followed:
+            out(f"  - {line}")
     out("Differences (measured here, not fixed; 'Not in the issue's list': found by this comparison):")
     for line in lines:
         out(f"  - {line}")
@@ -665,6 +681,11 @@ def cll_loss_of(cfg, model: nn.Module, logits: torch.Tensor, y: torch.Tensor) ->
     return loss
 
 
+def auto_head(cfg: cll.config.RunConfig) -> str:
+    """The head a run of ``cfg`` trains (as ``train.build_model`` picks it: head auto, the loss's own)."""
+    return cll.losses.create(cfg).head if cfg.head == "auto" else cfg.head
+
+
 def small_batch(n: int = 8, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, 32, 32, generator=gen, dtype=F64), torch.randint(0, 10, (n,), generator=gen)
@@ -673,19 +694,20 @@ def small_batch(n: int = 8, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------- (b) SLL
 SLL_WIDTH = 0.1  # SLL-S (depth 20, depth_linear 7, 45 channels, 2048 inner features) at width 0.1
 SLL_CLL = dict(eps=1.0, p=3e-3, delta=1.0, lam=1e-5)  # sll/train_cifar100_cll.sh
+SLL_MEAN = (0.4913, 0.4821, 0.4465)  # the fork's CIFAR-10 reader (shift_data), std 1
 
 
 @torch.no_grad()
 def map_sll(fork: nn.Module, ours: nn.Module, prefix: str = "") -> list[Pair]:
-    """kernel/weights -> weight, bias -> bias, q -> log|q| (cll: q = exp(q_param); the fork |q|)."""
+    """kernel/weights -> weight, bias -> bias, q -> q (both weight by |q|)."""
     weight = fork.kernel if hasattr(fork, "kernel") else fork.weights
     ours.weight.copy_(weight)
     ours.bias.copy_(fork.bias)
-    ours.q.copy_(fork.q.abs().log())
+    ours.q.copy_(fork.q)
     return [
         Pair(prefix + "weight", weight, ours.weight),
         Pair(prefix + "bias", fork.bias, ours.bias),
-        Pair(prefix + "q", fork.q, ours.q, lambda grad, q: grad * q),  # d/dq_cll = |q| sign(q) d/d|q|
+        Pair(prefix + "q", fork.q, ours.q),
     ]
 
 
@@ -718,49 +740,8 @@ def sll(args) -> None:
         table(LAYER_HEADER, rows)
 
         depth, depth_linear, channels = cll.models.peers.FAMILY_SIZES["S"]
-        config = argparse.Namespace(
-            depth=depth,
-            num_channels=cll.models.scaled(channels, SLL_WIDTH),
-            depth_linear=depth_linear,
-            n_features=cll.models.scaled(cll.models.peers.INNER_DENSE, SLL_WIDTH),
-            conv_size=5,
-            dataset="cifar10",
-            unconstrained_layer_Ks=False,
-            mlp=False,
-            liplin=False,
-            last_layer="vanilla",
-            offset=2**0.5 * 3 / 2,
-            temperature=0.25,
-        )
-        mean = (0.4913, 0.4821, 0.4465)  # the fork's CIFAR-10 reader (shift_data), std 1
-        with quiet():
-            net = LipschitzNetwork(config, 10)
-            fork_model = NormalizedModel(net, mean, (1.0, 1.0, 1.0)).double()
-        model = cll.models.create("SLL-S", 10, (3, 32, 32), width=SLL_WIDTH, head="linear", mean=mean).double()
-        pairs = model_pairs(net.conv_layers, [m for m in model.body if isinstance(m, L.SLLConv)], map_sll)
-        pairs += model_pairs(net.linear_layers, [m for m in model.body if isinstance(m, L.SLLLinear)], map_sll)
-        pairs += map_linear(net.last_last, model.head)
-        n_params = sum(p.numel() for p in model.parameters())
-        out(
-            f"SLL-S at width {SLL_WIDTH}: {depth} convs of {config.num_channels} channels (5 inner), "
-            f"{depth_linear} dense of {config.num_channels * 64} features ({config.n_features} inner), vanilla "
-            f"head; {n_params} parameters, mean {mean}, batch 8 of random images"
-        )
-        x, y = small_batch()
-        rows = [layer_rows("whole model, as is", fork_model, model, pairs, x)]
-        for layer in net.linear_layers:
-            layer.epsilon = 0.0
-        rows.append(layer_rows("whole model, dense epsilon 0", fork_model, model, pairs, x))
-        fork_model.eval(), model.eval()
-        rows.append(layer_rows("whole model, dense epsilon 0, eval mode", fork_model, model, pairs, x))
-        table(LAYER_HEADER, rows)
-        fork_model.train(), model.train()
-
-        out("Losses and the gradients of every parameter (dense epsilon 0):")
         c = SLL_CLL
-        with quiet():
-            fork_loss = fork_trainer.CLL(c["eps"], c["p"], c["delta"], False, net, 1.0, detach_K=True, lambda_=c["lam"])
-        cfg = run_config(
+        cll_cfg = run_config(
             arch="SLL-S",
             loss="cll",
             eps=c["eps"],
@@ -770,44 +751,108 @@ def sll(args) -> None:
             lip_penalty=c["lam"],
             lip_penalty_form="batch",
         )
+        offset_cfg = run_config(arch="SLL-S", loss="sll_offset_ce", lip_penalty=0.0)  # the SLL recipe
+
+        def models(last_layer: str, cfg: cll.config.RunConfig):
+            """The fork's SLL-S (``last_layer`` as its --last_layer) and cll's with the head a run of
+            ``cfg`` builds (head auto: the loss's own), mapped: (config, net, fork model, model, pairs)."""
+            config = argparse.Namespace(
+                depth=depth,
+                num_channels=cll.models.scaled(channels, SLL_WIDTH),
+                depth_linear=depth_linear,
+                n_features=cll.models.scaled(cll.models.peers.INNER_DENSE, SLL_WIDTH),
+                conv_size=5,
+                dataset="cifar10",
+                unconstrained_layer_Ks=False,
+                mlp=False,
+                liplin=False,
+                last_layer=last_layer,
+                offset=2**0.5 * 3 / 2,
+                temperature=0.25,
+            )
+            with quiet():
+                net = LipschitzNetwork(config, 10)
+                fork_model = NormalizedModel(net, SLL_MEAN, (1.0, 1.0, 1.0)).double()
+            head = auto_head(cfg)
+            model = cll.models.create("SLL-S", 10, (3, 32, 32), width=SLL_WIDTH, head=head, mean=SLL_MEAN).double()
+            convs = [m for m in model.body if isinstance(m, L.SLLConv)]
+            dense = [m for m in model.body if isinstance(m, L.SLLLinear)]
+            pairs = model_pairs(net.conv_layers, convs, map_sll) + model_pairs(net.linear_layers, dense, map_sll)
+            if head != "trunc":  # (the truncation heads have no parameters)
+                pairs += map_linear(net.last_last, model.head)
+            return config, net, fork_model, model, pairs
+
+        x, y = small_batch()
+        config, net, fork_model, model, pairs = models("vanilla", cll_cfg)
+        n_params = sum(p.numel() for p in model.parameters())
+        out(
+            f"SLL-S at width {SLL_WIDTH}: {depth} convs of {config.num_channels} channels (5 inner), "
+            f"{depth_linear} dense of {config.num_channels * 64} features ({config.n_features} inner); "
+            f"{n_params} parameters with a vanilla head, mean {SLL_MEAN}, batch 8 of random images. Heads: "
+            "vanilla (the fork's CLL script, --last_layer vanilla; cll's head for loss cll) and truncation "
+            "(the fork's default pooling_linear; cll's head for sll_offset_ce)"
+        )
+        rows = [layer_rows("whole model, vanilla head, as is", fork_model, model, pairs, x)]
+        for layer in net.linear_layers:
+            layer.epsilon = 0.0
+        rows.append(layer_rows("whole model, vanilla head, dense epsilon 0", fork_model, model, pairs, x))
+        fork_model.eval(), model.eval()
+        rows.append(layer_rows("whole model, vanilla head, dense epsilon 0, eval mode", fork_model, model, pairs, x))
+        fork_model.train(), model.train()
         z_fork, z = fork_model(x), model(x)
-        rows = [
+        with quiet():
+            fork_loss = fork_trainer.CLL(c["eps"], c["p"], c["delta"], False, net, 1.0, detach_K=True, lambda_=c["lam"])
+        losses = [
             loss_rows(
-                f"CLL eps {c['eps']} p {c['p']} delta {c['delta']} lambda {c['lam']} (the fork's trainer)",
+                f"CLL eps {c['eps']} p {c['p']} delta {c['delta']} lambda {c['lam']} (the fork's trainer), "
+                "vanilla head",
                 fork_loss(z_fork, y),
-                cll_loss_of(cfg, model, z, y),
+                cll_loss_of(cll_cfg, model, z, y),
                 pairs,
                 z_fork,
                 z,
             )
         ]
-        cfg = run_config(arch="SLL-S", loss="sll_offset_ce", lip_penalty=0.0)  # the SLL recipe
+
+        config, net, fork_model, model, pairs = models("pooling_linear", offset_cfg)
+        rows.append(layer_rows("whole model, truncation heads, as is", fork_model, model, pairs, x))
+        for layer in net.linear_layers:
+            layer.epsilon = 0.0
+        rows.append(layer_rows("whole model, truncation heads, dense epsilon 0", fork_model, model, pairs, x))
+        fork_model.eval(), model.eval()
+        rows.append(layer_rows("whole model, truncation heads, dense epsilon 0, eval", fork_model, model, pairs, x))
+        fork_model.train(), model.train()
+        table(LAYER_HEADER, rows)
         z_fork, z = fork_model(x), model(x)
-        rows.append(
+        losses.append(
             loss_rows(
-                "offset CE (the fork's LossXent; cll sll_offset_ce)",
+                "offset CE (the fork's LossXent; cll sll_offset_ce), truncation heads",
                 LossXent(config)(z_fork, y),
-                cll_loss_of(cfg, model, z, y),
+                cll_loss_of(offset_cfg, model, z, y),
                 pairs,
                 z_fork,
                 z,
             )
         )
-        table(LOSS_HEADER, rows)
+        out("Losses and the gradients of every parameter, each with its run's head (dense epsilon 0):")
+        table(LOSS_HEADER, losses)
     known(
-        [
-            "q: cll q = exp(q_param) (init randn, so q = exp(N(0,1))), the fork |q| (conv init randn, dense "
-            "init rand in [0, 1)); mapped q_param = log|q_fork|, gradients dL/dq_cll = q_fork dL/dq_fork.",
-            "the fork's dense layer divides by |q_i| + 1e-6 (its epsilon), cll and the fork's conv layer by q_i: "
-            "relative differences ~1e-6 / q (rows 'as is' and 'epsilon set to 0'). Not in the issue's list.",
-            "heads: the fork's default last layer is 'pooling_linear' (the first 10 features, no weights), its "
-            "CLL script uses 'vanilla'; cll: LLN for sll_offset_ce (head auto), linear for cll. Compared: vanilla.",
+        followed=[
+            "q: both weight by |q|, q initialised N(0, 1) (conv) and U(0, 1) (dense); mapped q -> q, "
+            "gradients compared directly.",
+            "heads: the fork's default last layer 'pooling_linear' (the first 10 features) is cll's "
+            "truncation head (sll_offset_ce's head auto); its CLL script's 'vanilla' is cll's linear head "
+            "(cll's head auto for loss cll).",
+        ],
+        lines=[
+            "the fork's dense layer divides by |q_i| + 1e-6 (its epsilon), cll and the fork's conv layer by "
+            "|q_i|: relative differences ~1e-6 / q (rows 'as is' and 'epsilon 0'). Not in the issue's list.",
             "input shift: the fork's CIFAR-10 mean is (0.4913, 0.4821, 0.4465), cll's (0.4914, 0.4822, 0.4465) "
             "(passed here as cll's mean). Not in the issue's list.",
             "the fork's CIFAR-100 CLL script (sll/train_cifar100_cll.sh) passes --clip_p/--clip_eps/--clip_delta, "
             "which sll/main.py does not define (it defines --cll_p, --cll_eps, --cll_delta): argparse stops it "
             "as written.",
-        ]
+        ],
     )
 
 
@@ -833,18 +878,47 @@ def converge_cpl(fork: nn.Module, iters: int = 3000) -> None:
     fork.pm(fork.kernel if hasattr(fork, "kernel") else fork.weights, iters)
 
 
+def _compute_dense_on_copy(self, M, max_iter):
+    """The CPL fork's ``SpectralNormPowerMethod._compute_dense`` with v = W u formed from a copy of
+    the iterate. The fork's own then rewrites ``self.u.data`` with u_1, and autograd, which saved
+    that very tensor for the gradient of W u with respect to W, uses u_1 there in place of u_0: its
+    gradient is not that of its sigma = <W u_1, v_0> unless u_1 = u_0 (a converged iterate). The
+    conv form is not affected (it saves the padded copy F.pad(u))."""
+    for _ in range(max_iter):
+        v = self.normalize(F.linear(self.u.clone(), M))
+        self.u.data = self.normalize(F.linear(v, M.T))
+    return torch.mul(F.linear(self.u, M), v).sum()
+
+
+@contextlib.contextmanager
+def dense_iterate_copied(fork_layers):
+    """While it runs, the fork's dense power iteration forms W u from a copy of u
+    (``_compute_dense_on_copy``, a diagnostic patch of the fork's class)."""
+    cls = type(fork_layers[0].pm)
+    saved = cls._compute_dense
+    cls._compute_dense = _compute_dense_on_copy
+    try:
+        yield
+    finally:
+        cls._compute_dense = saved
+
+
 def cpl_rows(label: str, fork: nn.Module, ours: nn.Module, layers, heads, x: torch.Tensor) -> list[list]:
-    """Train mode from the same random iterates (as is), from converged iterates, and eval mode.
-    ``layers``: (the fork's CPL layers, cll's), ``heads``: (the fork's, cll's) or None."""
+    """Train mode from the same random iterates (both: sigma <W u_1, v_0>), as is and with the fork's
+    dense iterate copied (``dense_iterate_copied``), again from the same converged iterates, and eval
+    mode (the fork: 100 further iterations; cll: its sound bound). ``layers``: (the fork's CPL
+    layers, cll's), ``heads``: (the fork's, cll's) or None (no parameters)."""
 
     def mapped() -> list[Pair]:
         return model_pairs(*layers, map_cpl) + (map_linear(*heads) if heads else [])
 
     rows = [layer_rows(f"{label}, train, same random iterate", fork, ours, mapped(), x)]
+    with dense_iterate_copied(layers[0]):
+        rows.append(layer_rows(f"{label}, train, same iterate, fork's W u on a copy of u", fork, ours, mapped(), x))
     for f in layers[0]:
         converge_cpl(f)
     pairs = mapped()
-    rows.append(layer_rows(f"{label}, train, converged iterate", fork, ours, pairs, x))
+    rows.append(layer_rows(f"{label}, train, same converged iterate", fork, ours, pairs, x))
     fork.eval(), ours.eval()
     rows.append(layer_rows(f"{label}, eval (fork 100 iterations, cll sound bound)", fork, ours, pairs, x))
     fork.train(), ours.train()
@@ -883,34 +957,8 @@ def cpl(args) -> None:
             cll.models.scaled(channels, CPL_WIDTH),
             cll.models.scaled(cll.models.peers.INNER_DENSE, CPL_WIDTH),
         )
-        with quiet():
-            net = ConvexPotentialLayerNetwork(
-                depth, 10, depth_linear, 5, width, features, use_lln=False, use_vanilla_linear=True
-            )
-            fork_model = NormalizedModel(net, CPL_MEAN, (1.0, 1.0, 1.0)).double()
-        model = cll.models.create("CPL-S", 10, (3, 32, 32), width=CPL_WIDTH, head="linear", mean=CPL_MEAN).double()
-        layers = (
-            [m for m in net.modules() if isinstance(m, (ConvexPotentialLayerConv, ConvexPotentialLayerLinear))],
-            [m for m in model.body if isinstance(m, (L.CPLConv, L.CPLLinear))],
-        )
-        n_params = sum(p.numel() for p in model.parameters())
-        out(
-            f"CPL-S at width {CPL_WIDTH}: {depth} convs of {width} channels (5 inner), {depth_linear} dense of "
-            f"{width * 64} features ({features} inner), vanilla head (the fork's CLL setting); {n_params} "
-            f"parameters, mean {tuple(round(m, 4) for m in CPL_MEAN)}, batch 8 of random images"
-        )
-        x, y = small_batch()
-        rows = cpl_rows("whole model", fork_model, model, layers, (net.last_last, model.head), x)
-        table(LAYER_HEADER, rows)
-
-        out("Losses and the gradients of every parameter (train mode, converged iterates):")
-        pairs = model_pairs(*layers, map_cpl) + map_linear(net.last_last, model.head)
         c = CPL_CLL
-        with quiet():
-            fork_loss = fork_trainer.CLL(
-                c["eps"], (c["p"], c["p"], 1.0), c["delta"], False, net, 1.0, detach_K=True, lambda_=c["lam"]
-            )
-        cfg = run_config(
+        cll_cfg = run_config(
             arch="CPL-S",
             loss="cll",
             eps=c["eps"],
@@ -920,45 +968,96 @@ def cpl(args) -> None:
             lip_penalty=c["lam"],
             lip_penalty_form="batch",
         )
+        hinge_cfg = run_config(arch="CPL-S", loss="cpl_hinge", lip_penalty=0.0)  # the CPL recipe
+
+        def models(cfg: cll.config.RunConfig):
+            """The fork's CPL-S as its trainer builds it for ``cfg``'s loss (no --lln: a vanilla head for
+            CLL, the truncation head for the hinge loss) and cll's with the head a run of ``cfg``
+            builds: (net, fork model, model, layers, heads or None)."""
+            with quiet():
+                net = ConvexPotentialLayerNetwork(
+                    depth, 10, depth_linear, 5, width, features, use_lln=False, use_vanilla_linear=cfg.loss == "cll"
+                )
+                fork_model = NormalizedModel(net, CPL_MEAN, (1.0, 1.0, 1.0)).double()
+            head = auto_head(cfg)
+            model = cll.models.create("CPL-S", 10, (3, 32, 32), width=CPL_WIDTH, head=head, mean=CPL_MEAN).double()
+            layers = (
+                [m for m in net.modules() if isinstance(m, (ConvexPotentialLayerConv, ConvexPotentialLayerLinear))],
+                [m for m in model.body if isinstance(m, (L.CPLConv, L.CPLLinear))],
+            )
+            return net, fork_model, model, layers, None if head == "trunc" else (net.last_last, model.head)
+
+        x, y = small_batch()
+        net, fork_model, model, layers, heads = models(cll_cfg)
+        n_params = sum(p.numel() for p in model.parameters())
+        out(
+            f"CPL-S at width {CPL_WIDTH}: {depth} convs of {width} channels (5 inner), {depth_linear} dense of "
+            f"{width * 64} features ({features} inner); {n_params} parameters with a vanilla head, mean "
+            f"{tuple(round(m, 4) for m in CPL_MEAN)}, batch 8 of random images. Heads: vanilla (the fork's "
+            "CLL runs; cll's head for loss cll) and truncation (the fork's default, PoolingLinear 'trunc'; "
+            "cll's head for cpl_hinge)"
+        )
+        rows = cpl_rows("whole model, vanilla head", fork_model, model, layers, heads, x)
+        pairs = model_pairs(*layers, map_cpl) + map_linear(*heads)  # the same iterates again
+        with quiet():
+            fork_loss = fork_trainer.CLL(
+                c["eps"], (c["p"], c["p"], 1.0), c["delta"], False, net, 1.0, detach_K=True, lambda_=c["lam"]
+            )
         z_fork, z = fork_model(x), model(x)
-        rows = [
+        losses = [
             loss_rows(
-                f"CLL eps {c['eps']} p {c['p']} delta {c['delta']} lambda {c['lam']} (the fork's trainer)",
+                f"CLL eps {c['eps']} p {c['p']} delta {c['delta']} lambda {c['lam']} (the fork's trainer), "
+                "vanilla head",
                 fork_loss(z_fork, y),
-                cll_loss_of(cfg, model, z, y),
+                cll_loss_of(cll_cfg, model, z, y),
                 pairs,
                 z_fork,
                 z,
             )
         ]
-        cfg = run_config(arch="CPL-S", loss="cpl_hinge", lip_penalty=0.0)  # the CPL recipe
+
+        net, fork_model, model, layers, heads = models(hinge_cfg)
+        rows += cpl_rows("whole model, truncation heads", fork_model, model, layers, heads, x)
+        table(LAYER_HEADER, rows)
+        pairs = model_pairs(*layers, map_cpl)
         z_fork, z = fork_model(x), model(x)
-        rows.append(
+        losses.append(
             loss_rows(
-                "hinge, margin 0.7 (the fork's margin_loss; cll cpl_hinge)",
+                "hinge, margin 0.7 (the fork's margin_loss; cll cpl_hinge), truncation heads",
                 fork_util.margin_loss(z_fork, y, 0.7),
-                cll_loss_of(cfg, model, z, y),
+                cll_loss_of(hinge_cfg, model, z, y),
                 pairs,
                 z_fork,
                 z,
             )
         )
-        table(LOSS_HEADER, rows)
+        out("Losses and the gradients of every parameter, each with its run's head (train mode, the same iterates):")
+        table(LOSS_HEADER, losses)
     known(
-        [
-            "training sigma: the fork takes <W u1, v0> (v0 = W u0 / |W u0|, with its gradient), cll |W u1| "
-            "(gradient through W u1): different from the same random iterate, equal at a converged one (rows).",
+        followed=[
+            "training sigma: both take <W u_1, v_0> (v_0 = W u_0 / |W u_0| with its gradient, u_1 = W^T v_0 "
+            "normalised without), gradient through both factors: the rows 'same random iterate' (outputs, "
+            "and the conv layers' gradients; for the dense layers' gradients see below).",
+            "heads: the fork's default (no --lln) PoolingLinear 'trunc' (the first 10 features) is cll's "
+            "truncation head (cpl_hinge's head auto); its CLL runs' vanilla linear head is cll's linear head "
+            "(head auto for loss cll).",
+        ],
+        lines=[
+            "dense layers' training gradient: the fork's SpectralNormPowerMethod._compute_dense (cpl/util.py) "
+            "forms v = W u from its Parameter u and then rewrites u.data with u_1; autograd saved that tensor "
+            "for W u's gradient, so the fork's backward uses u_1 in place of u_0 there: not the gradient of "
+            "its own sigma <W u_1, v_0>, which cll's is. Rows 'same random iterate' (outputs equal, the "
+            "dense weights' gradients not) and 'fork's W u on a copy of u' (the fork's method patched so, a "
+            "diagnostic: float64 rounding); the same at a converged iterate (u_1 = u_0). Its conv form "
+            "saves the padded copy F.pad(u) and is not affected. Not in the issue's list.",
             "evaluation: the fork's h uses 100 power iterations from the current iterate (an estimate from "
             "below: h may exceed 2/||W||^2), cll's a sound upper bound on ||W|| (conv: the circular "
             "convolution's FFT bound; dense: the exact norm), so cll's evaluation step is slightly shorter. "
             "Not in the issue's list.",
-            "heads: the fork's default (no --lln, hinge loss) is PoolingLinear 'trunc' (the first 10 features), "
-            "--lln an LLN head, its CLL runs a vanilla linear head; cll: LLN for cpl_hinge (head auto), linear "
-            "for cll. Compared: vanilla.",
             "the fork hard-codes 32x32 inputs (its power iterates and its dense input size C*8*8); its dense "
             "layer holds an unused parameter alpha; its CIFAR-10 mean has more digits than cll's "
             "(0.4914, 0.4822, 0.4465); passed here as cll's mean.",
-        ]
+        ],
     )
 
 
@@ -984,24 +1083,37 @@ class Standardise(nn.Module):
 def map_soc(fork: nn.Module, ours: nn.Module, prefix: str = "") -> list[Pair]:
     """random_conv_filter -> weight, bias -> bias; of the k-th reshape the fork keeps the vector over
     its rows (outputs) as v_k and over its columns as u_k (the 4th the other way round), cll as
-    u_{k-1} and v_{k-1}; the evaluation series gets the fork's 12 terms (cll's default: 15)."""
+    u_{k-1} and v_{k-1}; the training-forward counter total_iters -> steps (so that both take the
+    same number of power iterations next); the evaluation series gets the fork's 12 terms (cll's
+    default: 15)."""
     ours.weight.copy_(fork.random_conv_filter)
     ours.bias.copy_(fork.bias)
     rows_cols = [(fork.v1, fork.u1), (fork.v2, fork.u2), (fork.v3, fork.u3), (fork.u4, fork.v4)]
     for k, (rows, cols) in enumerate(rows_cols):
         setattr(ours, f"u{k}", rows.detach().flatten().clone())
         setattr(ours, f"v{k}", cols.detach().flatten().clone())
+    ours.steps.fill_(fork.total_iters)
     ours.eval_terms = fork.eval_terms
     ours.clear_cache()
     return [Pair(prefix + "weight", fork.random_conv_filter, ours.weight), Pair(prefix + "bias", fork.bias, ours.bias)]
 
 
 @torch.no_grad()
+def as_cll_builds(ours: nn.Module) -> None:
+    """Give ``ours`` the singular vectors cll's constructor computes for its present kernel: random
+    unit vectors, then ``INIT_ITERS`` (50) power iterations on that kernel."""
+    for name, vector in list(ours.named_buffers()):
+        if name[0] in "uv":
+            setattr(ours, name, F.normalize(torch.randn_like(vector), dim=0))
+    ours._power_step(SOC_INIT_ITERS)
+    ours.clear_cache()
+
+
+@torch.no_grad()
 def map_hh1(fork: nn.Module, ours: nn.Module, prefix: str = "") -> list[Pair]:
-    """theta -> theta + 2 pi: the fork keeps the pair where a sin(theta/2) - b cos(theta/2) <= 0 and
-    reflects it elsewhere, cll keeps it where that is > 0; at theta + 2 pi the sign of the test flips
-    and the reflection is the same, and on the line itself both branches agree."""
-    ours.theta.copy_(fork.theta.flatten() + 2 * math.pi)
+    """theta -> theta: both keep the pair where a sin(theta/2) - b cos(theta/2) <= 0 and reflect it
+    elsewhere (the fork's theta has the shape (1, C/2, 1, 1), cll's (C/2,))."""
+    ours.theta.copy_(fork.theta.flatten())
     return [Pair(prefix + "theta", fork.theta, ours.theta, lambda grad, theta: grad.flatten())]
 
 
@@ -1023,6 +1135,13 @@ def soc_sigma(fork: nn.Module) -> float:
         sigma = fork.update_sigma().item()
     fork.train(saved)
     return sigma
+
+
+@torch.no_grad()
+def cll_sigma(ours: nn.Module) -> float:
+    """cll's sigma_hat from its stored vectors: the smallest of the four reshapes' u^T M v."""
+    reshapes = four_reshapes(ours.skew())
+    return min(float(getattr(ours, f"u{n}") @ m @ getattr(ours, f"v{n}")) for n, m in enumerate(reshapes))
 
 
 def converge_soc(fork: nn.Module, iters: int = 2000) -> None:
@@ -1050,22 +1169,22 @@ def soc(args) -> None:
         with quiet():
             fork = SOC(8, 16, 3, stride=2).double()
         ours = L.SOC(8, 16, 3, stride=2).double()
-        built = soc_sigma(fork)
         rows = []
         pairs = map_soc(fork, ours)
-        fork.total_iters = 0  # as built: the fork's first training forward runs 50 iterations
-        rows.append(
-            layer_rows("SOC 8 -> 16, stride 2, train, as built (the fork's first step: 50)", fork, ours, pairs, x)
-        )
-        after_first = soc_sigma(fork)
+        as_cll_builds(ours)
+        built = soc_sigma(fork), cll_sigma(ours)
+        fork.eval(), ours.eval()
+        label = "SOC 8 -> 16, stride 2, eval, as built (each side's own vectors), 12 terms"
+        rows.append(layer_rows(label, fork, ours, pairs, x))
+        fork.train(), ours.train()
+        pairs = map_soc(fork, ours)  # the fork's vectors as built, both counters at 0
+        rows.append(layer_rows("SOC, train, first step, same vectors (50 iterations each)", fork, ours, pairs, x))
+        first = soc_vector_differences(fork, ours)
+        after_first = soc_sigma(fork), cll_sigma(ours)
         pairs = map_soc(fork, ours)
-        fork.total_iters = 1
-        rows.append(layer_rows("SOC, train, same vectors, 1 power step each", fork, ours, pairs, x))
-        stepped = soc_vector_differences(fork, ours)
+        rows.append(layer_rows("SOC, train, second step, same vectors (1 iteration each)", fork, ours, pairs, x))
+        second = soc_vector_differences(fork, ours)
         converge_soc(fork)
-        pairs = map_soc(fork, ours)
-        fork.total_iters = 1
-        rows.append(layer_rows("SOC, train, converged vectors, 1 step each", fork, ours, pairs, x))
         for label, terms in [("SOC, eval, converged, 12 terms (mapped)", 12), ("SOC, eval, cll's 15 terms", 15)]:
             pairs = map_soc(fork, ours)
             ours.eval_terms = terms
@@ -1075,55 +1194,76 @@ def soc(args) -> None:
         x = torch.randn(4, 16, 8, 8, dtype=F64)
         fork, ours = HouseHolder(16).double(), L.HouseHolder(16).double()
         unmapped = [Pair("theta", fork.theta, ours.theta, lambda grad, theta: grad.flatten())]
-        rows.append(layer_rows("HH1 16, both at their init theta = pi/2", fork, ours, unmapped, x))
-        pairs = map_hh1(fork, ours)
-        rows.append(layer_rows("HH1, theta -> theta + 2 pi", fork, ours, pairs, x))
+        rows.append(layer_rows("HH1 16, both at their init theta = pi/2 (not mapped)", fork, ours, unmapped, x))
         with torch.no_grad():
             fork.theta.uniform_(0, 2 * math.pi)
         pairs = map_hh1(fork, ours)
-        rows.append(layer_rows("HH1, random theta, mapped", fork, ours, pairs, x))
+        rows.append(layer_rows("HH1, random theta, copied", fork, ours, pairs, x))
         table(LAYER_HEADER, rows)
         out(
-            f"The fork's sigma_hat (smallest of the four reshapes' estimates) as built: {built:.6g}; after its "
-            f"first training step: {after_first:.6g}; its vectors at construction belong to the kernel that "
-            "reset_parameters() then redraws (see below)"
+            f"sigma_hat (the smallest of the four reshapes' estimates) as built: the fork {built[0]:.6g} (its "
+            f"vectors belong to the kernel that reset_parameters() then redraws), cll {built[1]:.6g} (its own "
+            f"kernel); after the first training step from the fork's vectors: fork {after_first[0]:.6g}, "
+            f"cll {after_first[1]:.6g}"
         )
         out(
-            "After one training step from the same vectors, relative difference of the fork's and cll's "
-            "singular vectors per reshape (1..4): " + ", ".join(f"{d:.1e}" for d in stepped)
+            "Relative difference of the fork's and cll's singular vectors per reshape (1..4) after the first "
+            "training step (50 iterations): "
+            + ", ".join(f"{d:.1e}" for d in first)
+            + "; after the second (1 iteration): "
+            + ", ".join(f"{d:.1e}" for d in second)
         )
         out()
 
         init = cll.models.scaled(32, SOC_WIDTH)
-        with quiet():
-            net = LipConvNet("soc", "hh1", init_channels=init, block_size=1, num_classes=10, lln=False, soc_fc=False)
-            net = net.double()
-        # cll's Normalize divides by the float32 value of 0.2507 (cll.layers.Normalize); so does this one
-        model = cll.models.create("LipConv-5", 10, (3, 32, 32), width=SOC_WIDTH, head="linear", mean=SOC_MEAN).double()
-        fork_model = nn.Sequential(Standardise(SOC_MEAN, model.body[0].std), net)
-        blocks = [block for stage in (net.layer1, net.layer2, net.layer3, net.layer4, net.layer5) for block in stage]
-        socs = [m for m in model.body if isinstance(m, L.SOC)]
-        hhs = [m for m in model.body if isinstance(m, L.HouseHolder)]
+        c, gamma = SOC_CLL, 0.1
+        cr_cfg = run_config(arch="LipConv-5", loss="soc_cr", cr_gamma=gamma, lip_penalty=0.0)
 
-        def mapped() -> list[Pair]:
-            return (
-                model_pairs([b.conv for b in blocks], socs, map_soc)
-                + model_pairs([b.activation for b in blocks], hhs, map_hh1)
-                + map_linear(net.last_layer, model.head)
-            )
+        def models(lln: bool, head: str):
+            """The fork's LipConv-5 (HH1; ``lln``: an LLN head, else vanilla) and cll's with ``head``:
+            (net, fork model, model, cll's SOC layers, mapped), ``mapped()`` copying the fork's weights,
+            vectors, counters, thetas and head into cll's anew."""
+            with quiet():
+                net = LipConvNet("soc", "hh1", init_channels=init, block_size=1, num_classes=10, lln=lln, soc_fc=False)
+                net = net.double()
+            # cll's Normalize divides by the float32 value of 0.2507 (cll.layers.Normalize); so does this one
+            model = cll.models.create("LipConv-5", 10, (3, 32, 32), width=SOC_WIDTH, head=head, mean=SOC_MEAN).double()
+            fork_model = nn.Sequential(Standardise(SOC_MEAN, model.body[0].std), net)
+            stages = net.layer1, net.layer2, net.layer3, net.layer4, net.layer5
+            blocks = [block for stage in stages for block in stage]
+            socs = [m for m in model.body if isinstance(m, L.SOC)]
+            hhs = [m for m in model.body if isinstance(m, L.HouseHolder)]
 
+            def mapped() -> list[Pair]:
+                return (
+                    model_pairs([b.conv for b in blocks], socs, map_soc)
+                    + model_pairs([b.activation for b in blocks], hhs, map_hh1)
+                    + map_linear(net.last_layer, model.head)
+                )
+
+            return net, fork_model, model, socs, mapped
+
+        net, fork_model, model, socs, mapped = models(lln=False, head="linear")  # (cll's head auto for loss cll)
         n_params = sum(p.numel() for p in model.parameters())
         out(
-            f"LipConv-5 at width {SOC_WIDTH} ({init} initial channels, HH1, vanilla head: the fork's CLL "
-            f"setting), {n_params} parameters, (x - mean) / {SOC_STD}, batch 8 of random images"
+            f"LipConv-5 at width {SOC_WIDTH} ({init} initial channels, HH1), {n_params} parameters with a "
+            f"vanilla head (the fork's CLL runs; cll's head for loss cll), (x - mean) / {SOC_STD}, batch 8 of "
+            "random images; the CR loss below with LLN heads on both sides (the fork's --lln, cll's head for "
+            "soc_cr)"
         )
         x, y = small_batch()
-        for b in blocks:
-            converge_soc(b.conv)
-        pairs = mapped()
-        for b in blocks:
-            b.conv.total_iters = 1
-        rows = [layer_rows("whole model, train, converged vectors, 1 step each", fork_model, model, pairs, x)]
+        rows = [
+            layer_rows(
+                "whole model, train, first step from the fork's vectors as built (50 iterations each)",
+                fork_model,
+                model,
+                mapped(),
+                x,
+            )
+        ]
+        rows.append(
+            layer_rows("whole model, train, second step from the same vectors (1 each)", fork_model, model, mapped(), x)
+        )
         pairs = mapped()
         fork_model.eval(), model.eval()
         rows.append(layer_rows("whole model, eval, 12 terms (mapped)", fork_model, model, pairs, x))
@@ -1134,8 +1274,6 @@ def soc(args) -> None:
         fork_model.train(), model.train()
         table(LAYER_HEADER, rows)
 
-        out("Losses and the gradients of every parameter (train mode, converged vectors):")
-        c = SOC_CLL
         get_l = lambda: net.L_multiplier.detach().prod().item() * (1.0 / SOC_STD)  # train_robust.py's getL
         schedule = [c["p"], c["p"], 1.0]
         rows = []
@@ -1143,9 +1281,7 @@ def soc(args) -> None:
             ("as train_robust.py builds it: detach_K and lambda_ not passed", False, 0.0),
             ("with the script's --detach_K --lambda_", True, c["lam"]),
         ]:
-            pairs = mapped()
-            for b in blocks:
-                b.conv.total_iters = 1
+            pairs = mapped()  # the same vectors and counters: 1 iteration each
             with quiet():
                 fork_loss = fork_train.CLL(
                     c["eps"], schedule, c["delta"], False, model=net, L=get_l, detach_K=detach, lambda_=lam
@@ -1163,7 +1299,7 @@ def soc(args) -> None:
             z_fork, z = fork_model(x), model(x)
             rows.append(
                 loss_rows(
-                    f"CLL eps {c['eps']} p {c['p']} lambda {lam}, {label}",
+                    f"CLL eps {c['eps']} p {c['p']} lambda {lam}, {label}, vanilla head",
                     fork_loss(z_fork, y),
                     cll_loss_of(cfg, model, z, y),
                     pairs,
@@ -1171,42 +1307,42 @@ def soc(args) -> None:
                     z,
                 )
             )
-        pairs = mapped()
-        for b in blocks:
-            b.conv.total_iters = 1
-        gamma = 0.1
+        net, fork_model, model, socs, mapped = models(lln=True, head=auto_head(cr_cfg))
+        pairs = mapped()  # the vectors as the fork built them: a first step, 50 iterations each
         z_fork, z = fork_model(x), model(x)
         cert = fork_train.lln_certificates(z_fork, y, net.last_layer, 1.0 / SOC_STD)
         fork_loss = F.cross_entropy(z_fork, y) - gamma * F.relu(cert).mean()
-        cfg = run_config(arch="LipConv-5", loss="soc_cr", cr_gamma=gamma, lip_penalty=0.0)
         rows.append(
             loss_rows(
-                f"CE - {gamma} ReLU(certificate) (the fork's loop; cll soc_cr)",
+                f"CE - {gamma} ReLU(certificate) (the fork's loop; cll soc_cr), LLN heads",
                 fork_loss,
-                cll_loss_of(cfg, model, z, y),
+                cll_loss_of(cr_cfg, model, z, y),
                 pairs,
                 z_fork,
                 z,
             )
         )
+        out("Losses and the gradients of every parameter, each with its run's head (train mode, the same vectors):")
         table(LOSS_HEADER, rows)
     known(
-        [
-            "power-iteration schedule: the fork runs 50 iterations at every 200th training forward "
-            "(total_iters % 200 == 0, its first one included), 1 otherwise; cll 1 every step (50 at "
-            "construction only). Matched here (total_iters = 1) except in the row 'the fork's first step'.",
+        followed=[
+            "power-iteration schedule: 50 iterations at every 200th training forward (the first included), 1 "
+            "otherwise; the counter is mapped (total_iters -> steps): rows 'first step' (50) and 'second step' (1).",
+            "the fourth reshape (kernel as (out h w) x in) updates its input-channel vector first, the other "
+            "from it: after a step from the same vectors all four reshapes' vectors agree to the fork's "
+            "float32 norms (the line 'Relative difference ... singular vectors').",
+            "HH1: both keep a pair where a sin(theta/2) - b cos(theta/2) <= 0 ((min, max) at theta = pi/2): "
+            "equal at their init without a map, theta copied otherwise.",
+            "heads: the fork's CLL runs' vanilla linear head is cll's linear head (head auto for loss cll); its "
+            "CR runs' --lln is cll's LLN head (head auto for soc_cr).",
+        ],
+        lines=[
             "evaluation series: the fork 12 Taylor terms, cll 15 (mapped to 12 except in the rows 'cll's 15 "
             "terms'); training: 5 on both sides.",
-            "HH1: at theta = pi/2 cll's layer gives (max, min) of each pair, the fork's (min, max); the fork's "
-            "layer at theta is cll's at theta + 2 pi (mapped).",
-            "the fork's 4th reshape (kernel as (out h w) x in) updates its column vector first and its row vector "
-            "from it, cll rows first as for the other three: one step from the same vectors gives different "
-            "vectors (the line 'After one training step'; sigma_4 moves only where it is the smallest of the "
-            "four); equal once converged. Not in the issue's list.",
             "the fork computes its singular vectors at construction (fantastic_four, 50 iterations) for the "
             "kernel it then redraws in reset_parameters(): until its first training forward (50 iterations) "
-            "sigma_hat belongs to another kernel (it can be tiny or negative, the series then diverges). cll "
-            "iterates on its own kernel at construction. Not in the issue's list.",
+            "sigma_hat belongs to another kernel (it can be tiny or negative, the series then diverges; row "
+            "'eval, as built'). cll iterates on its own kernel at construction. Not in the issue's list.",
             "the fork normalises its singular vectors by a norm computed in float32 (l2_normalize: tensor.float()), "
             "so in float64 they are unit vectors to ~1e-7 only. Not in the issue's list.",
             "the fork's CLL loss (train_robust.py) is built without detach_K and lambda_: the script's "
@@ -1218,9 +1354,8 @@ def soc(args) -> None:
             "input scale: cll's Normalize divides by 0.2507 rounded to float32 (0.25069999694...), the fork's "
             "loader by 0.2507: 1.2e-8 relative in float64 (nothing in float32); the fork's side here divides "
             "by cll's value.",
-            "heads: the fork's cross-entropy runs end in a 1x1 SOC conv (soc_fc), --lln an LLN head, its CLL "
-            "runs a vanilla linear head; cll: LLN for soc_cr (head auto), linear for cll. Compared: vanilla.",
-        ]
+            "heads: the fork's cross-entropy runs without --lln end in a 1x1 SOC conv (soc_fc); not compared.",
+        ],
     )
 
 
