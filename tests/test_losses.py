@@ -133,6 +133,30 @@ def test_gloro_trades_and_warmup():
     assert 0 < g.current_eps(0.1) < 0.15
 
 
+def test_cll_head_gradient_is_socs_train_robust_cll():
+    """cll_head_gradient: the loss of SOC's train_robust.py as its scripts run it (K_tj L not
+    detached, no penalty): CE(((z - z_t) / (L ||W_t - W_j||) + delta) / sigma), written out here;
+    without it W gets no gradient from CLL."""
+    torch.manual_seed(5)
+    z, y, w0, lip, eps, p = torch.randn(16, 5), torch.randint(0, 5, (16,)), torch.randn(5, 7), 2.5, 0.15, 0.1
+
+    def reference(w):
+        k = torch.norm(w[y][:, :, None] - w.t()[None], dim=1).scatter(1, y[:, None], 1.0) * lip
+        q = math.log((1 - p / 2) / (p / 2)) - math.log((p / 2) / (1 - p / 2))
+        delta = torch.full_like(z, eps).scatter(1, y[:, None], -eps)
+        return F.cross_entropy(((z - z.gather(1, y[:, None])) / k + delta) / (2 * eps / q), y)
+
+    w_ref, w = w0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    expected = reference(w_ref)
+    expected.backward()
+    loss = losses.CLL(eps, p, head_gradient=True)(z, y, w, torch.tensor(lip))
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-7)
+    assert not losses.CLL(eps, p)(z, y, w, torch.tensor(lip)).requires_grad  # detached: nothing reaches W
+    assert w_ref.grad.abs().max() > 1e-3
+
+
 def test_gloro_head_gradient_is_the_reference_gloro_loss():
     """With head_gradient (the CLL reference's GloroLoss), K_F has its value but the gradient of
     K_F * m(W) / m(W) detached, m = max_ij ||W_i - W_j||: the head gets the extra term

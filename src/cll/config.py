@@ -71,6 +71,12 @@ class RunConfig:
     )
     k_scale_start: float = setting(1.0, NON_NEGATIVE, "CLL K_scale schedule, polynomial from this to 1 (8C2F: 0.01)")
     k_scale_power: float = setting(10.0, NON_NEGATIVE, "power of that schedule")
+    cll_head_gradient: bool = setting(
+        False,
+        Flag(),
+        "CLL: the head's row distances in the calibration keep their gradient (false: detached, as every CLL "
+        "recipe asks; true: as SOC's train_robust.py runs, its --detach_K never reaching the loss)",
+    )
     trades: float = setting(0.0, NON_NEGATIVE, "GloRo: 0 = bottom-class cross-entropy, > 0 = TRADES weight")
     gloro_head_gradient: bool = setting(
         True,

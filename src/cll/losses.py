@@ -70,6 +70,7 @@ def cll_loss(
     form: str = "pairwise",
     offset: str = "two-sided",
     k_scale: float = 1.0,
+    head_gradient: bool = False,
 ) -> torch.Tensor:
     """Calibrated Lipschitz-margin loss (Losch et al. 2023), batch mean.
 
@@ -82,12 +83,13 @@ def cll_loss(
         u_i = z_i / (k_scale * sigma * K_F * ||W_i||) + delta/sigma * (+1 if i != t else -1 or 0).
 
     K_F and W are detached here: CLL's gradient flows through the logits only; K is steered by the
-    separate penalty. ``delta`` (the offset) defaults to ``eps``. ``k_scale`` is not applied to the
-    offset.
+    separate penalty. ``head_gradient``: W's row distances (norms) keep their gradient, as SOC's
+    ``train_robust.py`` trains (its ``--detach_K`` never reaches the loss). ``delta`` (the offset)
+    defaults to ``eps``. ``k_scale`` is not applied to the offset.
     """
     sigma = cll_sigma(eps, p)
     delta = eps if delta is None else delta
-    w = head_weight.detach()
+    w = head_weight if head_gradient else head_weight.detach()
     k_f = lip_body.detach() if torch.is_tensor(lip_body) else torch.tensor(lip_body)
     scale = k_scale * sigma * k_f.to(logits.dtype)
     if form == "pairwise":
@@ -125,16 +127,18 @@ class CLL(Loss):
         offset: str = "two-sided",
         k_scale_start: float = 1.0,
         k_scale_power: float = 10.0,
+        head_gradient: bool = False,
     ):
         super().__init__()
         self.eps, self.p, self.delta, self.form, self.offset = eps, p, delta, form, offset
-        self.k_scale_start, self.k_scale_power = k_scale_start, k_scale_power
+        self.k_scale_start, self.k_scale_power, self.head_gradient = k_scale_start, k_scale_power, head_gradient
 
     def forward(self, logits, target, head_weight, lip_body, progress: float = 1.0):
         k_scale = polynomial(self.k_scale_start, 1.0, self.k_scale_power, progress)
         return cll_loss(
-            logits, target, head_weight, lip_body, self.eps, self.p, self.delta, self.form, self.offset, k_scale
-        )
+            logits, target, head_weight, lip_body, self.eps, self.p, self.delta, self.form, self.offset, k_scale,
+            self.head_gradient,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------- GloRo
@@ -331,7 +335,10 @@ def lipschitz_penalty(
 # ---------------------------------------------------------------- registry (built from a RunConfig)
 @LOSSES.register("cll")
 def _cll(cfg) -> CLL:
-    return CLL(cfg.eps, cfg.p, cfg.delta, cfg.cll_form, cfg.cll_offset, cfg.k_scale_start, cfg.k_scale_power)
+    return CLL(
+        cfg.eps, cfg.p, cfg.delta, cfg.cll_form, cfg.cll_offset, cfg.k_scale_start, cfg.k_scale_power,
+        cfg.cll_head_gradient,
+    )  # fmt: skip
 
 
 @LOSSES.register("gloro")
