@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/snakemake --cores 2 all_tables
 	@cat results/tables/*.md
 
-## test: the whole test suite on two processes (every lane; what CI runs), about 8 minutes.
+## test: the whole test suite on two processes (every lane; what CI runs), about 5 minutes.
 ## worksteal: an idle worker takes tests queued on the other (tests/conftest.py orders them)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n 2 --dist worksteal -q

@@ -15,6 +15,7 @@ the meaning of every key.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -156,18 +157,11 @@ def recipe(arch: str, paper: dict[str, dict]) -> tuple[RunConfig, str]:
 
 
 def build(cfg: RunConfig, width: float | None = None) -> tuple[torch.nn.Module, float | None]:
-    """The run's model (train.build_model); ``width``: a narrower one where the builder takes
-    ``width`` (the peers' families), else full size. Returns (model, width used)."""
-    if width is not None:
-        info = data.dataset_info(cfg.dataset)
-        head = losses.default_head(cfg.loss) if cfg.head == "auto" else cfg.head
-        try:
-            return models.ARCHS.create(
-                cfg.arch, num_classes=info.num_classes, in_shape=info.in_shape, head=head, mean=info.mean, width=width
-            ), width
-        except TypeError:  # a builder without ``width``
-            pass
-    return train.build_model(cfg), None
+    """The run's model (train.build_model); ``width``: a narrower one (every family scales its
+    widths by ``width``), else the run's own. Returns (model, width used)."""
+    if width is None:
+        return train.build_model(cfg), None
+    return train.build_model(dataclasses.replace(cfg, width=width)), width
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -3,12 +3,23 @@ tests/ on sys.path)."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from cll import certify
+from cll import layers as L
 from cll.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+CI_GRID = ROOT / ".test" / "config.yaml"  # the CI grid, run end to end once per session (conftest.ci_run)
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -22,19 +33,108 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def check_pipeline_outputs(results: Path, cells) -> None:
-    """Every output of the tiny CI grid's pipeline exists: each cell's run files, the summary, the
-    moons and digits tables and the three figures."""
-    for cell in cells:
-        for name in ("model.pt", "train.json", "certify.json"):
+def snakemake(workdir: Path, *args: str, timeout: float = 120, env: dict | None = None):
+    """Run the project's Snakefile with ``workdir`` as working directory (results/, logs/,
+    .snakemake/ and mlflow.db all land there, never in the repository)."""
+    return subprocess.run(
+        [str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table Snakemake prints: rule -> number of jobs."""
+    block = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
+    counts = {}
+    for line in block.splitlines()[3:]:
+        match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
+        if not match:
+            break
+        counts[match[1]] = int(match[2])
+    return counts
+
+
+FIGURES = ("slack_vs_k", "cra_vs_p", "moons_boundaries")
+
+
+def check_pipeline_outputs(results: Path, grid, figures=FIGURES) -> None:
+    """Every output of a grid's pipeline exists: each runnable cell's run files (audit.json
+    included), the summary, each table of the grid and the figures (the grid's: a table of one
+    moons cell has no slack to plot)."""
+    for cell in grid.runnable():
+        for name in ("model.pt", "train.json", "certify.json", "audit.json"):
             assert (cell.path(results) / name).is_file(), cell.path(results) / name
     assert (results / "summary.csv").is_file()
-    for table in ("moons", "digits"):
+    for table in [t["name"] for t in grid.tables]:
         for ext in ("csv", "md", "tex"):
             assert (results / "tables" / f"{table}.{ext}").stat().st_size > 0
-    for figure in ("slack_vs_k", "cra_vs_p", "moons_boundaries"):
+    for figure in figures:
         for ext in ("png", "pdf"):
             assert (results / "figures" / f"{figure}.{ext}").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- a one-row grid on two moons
+MOONS_ROW = {"method": "CLL", "dataset": "moons", "arch": "moons-mlp", "loss": "cll", "eps": 0.15, "p": 0.01}
+
+
+def moons_grid(experiment: str = "x", results: str | Path | None = None, table: str = "t", **row) -> dict:
+    """A grid of one table holding one CLL row on two moons (MOONS_ROW; ``row`` changes or adds
+    row keys: p, set, audit, ...); ``results``: the grid's results folder (else the default)."""
+    grid = {"experiment": experiment, "tables": [{"name": table, "rows": [{**MOONS_ROW, **row}]}]}
+    if results is not None:
+        grid["results"] = str(results)
+    return grid
+
+
+# ---------------------------------------------------------------- layers
+class LayerCase(NamedTuple):
+    build: object  # () -> the layer (seeded by the caller)
+    shape: tuple[int, ...]  # its input shape, without the batch
+    one_lipschitz: bool = True  # by construction (tests/test_peers.py measures it)
+    rounding: bool = True  # has a proved float64 rounding bound at this shape (tests/test_soundness.py)
+
+
+# Every layer cll bounds, at small sizes (tests/test_layers.py: each class of cll.layers.__all__
+# appears): tests/test_peers.py checks the bound against the measured constant of each 1-Lipschitz
+# one, tests/test_soundness.py each one's rounding bound against its float error. SandwichConv on
+# 6 x 6 has no float64 rounding bound (its radix-2 FFT needs a power of two: the layer refuses).
+LAYERS = {
+    # cll's own layers
+    "soc-3x3": LayerCase(lambda: L.SOC(4, 4, 3), (4, 6, 6)),
+    "soc-3x3-stride2": LayerCase(lambda: L.SOC(2, 6, 3, stride=2), (2, 6, 6)),
+    "soc-1x1-stride2-shrink": LayerCase(lambda: L.SOC(4, 8, 1, stride=2), (4, 4, 4)),
+    "soc": LayerCase(lambda: L.SOC(8, 8, 3), (8, 8, 8)),
+    "soc-stride2": LayerCase(lambda: L.SOC(4, 16, 3, stride=2), (4, 8, 8)),
+    "cpl-conv": LayerCase(lambda: L.CPLConv(4, 3, (6, 6)), (4, 6, 6)),
+    "cpl-conv-8x8": LayerCase(lambda: L.CPLConv(6, 5, (8, 8)), (6, 8, 8)),
+    "cpl-linear": LayerCase(lambda: L.CPLLinear(12, 20), (12,)),
+    "cpl-dense": LayerCase(lambda: L.CPLLinear(40, 30), (40,)),
+    "sll-conv": LayerCase(lambda: L.SLLConv(4, 3), (4, 6, 6)),
+    "sll-conv-8x8": LayerCase(lambda: L.SLLConv(6, 5), (6, 8, 8)),
+    "sll-linear": LayerCase(lambda: L.SLLLinear(12, 20), (12,)),
+    "sll-dense": LayerCase(lambda: L.SLLLinear(40, 30), (40,)),
+    "sandwich-conv": LayerCase(lambda: L.SandwichConv(3, 4, 3, (6, 6)), (3, 6, 6), rounding=False),
+    "sandwich-conv-8x8": LayerCase(lambda: L.SandwichConv(4, 6, 3, (8, 8)), (4, 8, 8)),
+    "sandwich-conv-stride2": LayerCase(lambda: L.SandwichConv(2, 5, 3, (6, 6), stride=2), (2, 6, 6), rounding=False),
+    "sandwich-conv-stride2-8x8": LayerCase(lambda: L.SandwichConv(4, 6, 3, (8, 8), stride=2), (4, 8, 8)),
+    "sandwich-linear": LayerCase(lambda: L.SandwichLinear(12, 7), (12,)),
+    "sandwich-dense": LayerCase(lambda: L.SandwichLinear(20, 12), (20,)),
+    "householder": LayerCase(lambda: L.HouseHolder(6), (6, 3, 3)),
+    "hh1": LayerCase(lambda: L.HouseHolder(8), (8, 4, 4)),
+    "maxmin": LayerCase(lambda: L.MaxMin(), (6, 3, 3)),
+    "clipped-maxmin": LayerCase(lambda: L.ClippedMaxMin((6, 3, 3), init=0.5), (6, 3, 3)),
+    "clipped-relu": LayerCase(lambda: L.ClippedReLU((12,), init=0.5), (12,)),
+    "padding-channels": LayerCase(lambda: L.PaddingChannels(8), (3, 4, 4)),
+    "normalize": LayerCase(lambda: L.Normalize([0.4, 0.5, 0.6], 0.2507), (3, 4, 4), one_lipschitz=False),
+    # torch's layers in cll's table (cll.lipschitz.bound.TORCH_LAYERS)
+    "sum-pool": LayerCase(lambda: nn.AvgPool2d(4, divisor_override=4), (3, 8, 8)),
+    "conv": LayerCase(lambda: nn.Conv2d(3, 8, 3, padding=1), (3, 8, 8), one_lipschitz=False),
+    "dense": LayerCase(lambda: nn.Linear(30, 20), (30,), one_lipschitz=False),
+}
 
 
 def plain_maxmin(x: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ def test_side_by_side_summary_takes_medians_and_says_who_is_faster(monkeypatch, 
     assert len(capsys.readouterr().out.splitlines()) == 2 * (6 + 1)  # a line per measurement + summary
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path, unpack):
     data = unpack("tinyimagenet-subset.tgz")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

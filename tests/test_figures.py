@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 from fake_results import FAKE, write_fake_summary, write_fake_tree
+from helpers import moons_grid
 
 from cll import figures, results
 from cll.cli import main
@@ -95,33 +96,13 @@ def test_matplotlib_is_not_imported_by_the_cli_module():
 
 @pytest.mark.slow
 def test_figures_from_two_tiny_moons_models(tmp_path, capsys):
-    grid = {
-        "experiment": "tiny",
-        "results": str(tmp_path / "res"),
-        "tables": [
-            {
-                "name": "moons",
-                "rows": [
-                    {
-                        "method": "CLL",
-                        "dataset": "moons",
-                        "arch": "moons-mlp",
-                        "loss": "cll",
-                        "eps": 0.15,
-                        "p": [0.75, 0.01],
-                        "set": {
-                            "epochs": 2,
-                            "max_train": 200,
-                            "max_test": 500,
-                            "batch_size": 100,
-                            "certify_eps": [0.15],
-                            "device": "cpu",
-                        },
-                    }
-                ],
-            }
-        ],
-    }
+    grid = moons_grid(
+        "tiny",
+        tmp_path / "res",
+        "moons",
+        p=[0.75, 0.01],
+        set={"epochs": 2, "max_train": 200, "max_test": 500, "batch_size": 100, "certify_eps": [0.15], "device": "cpu"},
+    )
     grid_path = tmp_path / "grid.yaml"
     grid_path.write_text(yaml.safe_dump(grid))
     for cell in load_grid(grid_path).cells:

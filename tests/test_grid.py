@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import moons_grid
 
 from cll import results, workflow
 from cll.config import build_config, parse_overrides
@@ -180,25 +181,20 @@ def test_job_resources_default_and_per_row():
 
 
 # ------------------------------------------------------------------ published numbers, audit budget
-ROW = {"method": "CLL", "dataset": "moons", "arch": "moons-mlp", "loss": "cll", "eps": 0.15, "p": 0.01}
 POSTER = {"source": "Losch et al., GCPR 2023, poster", "clean": 0.398, "eps": ["36/255", 0.15], "cra": [0.259, 0.3]}
 
 
-def grid_with(**row) -> dict:
-    return {"experiment": "x", "tables": [{"name": "t", "rows": [{**ROW, **row}]}]}
-
-
 def test_published_block_becomes_fractions_by_eps_key():
-    (cell,) = parse_grid(grid_with(published={**POSTER, "k_hf": "10.6"})).cells
+    (cell,) = parse_grid(moons_grid(published={**POSTER, "k_hf": "10.6"})).cells
     assert cell.published == {
         "source": "Losch et al., GCPR 2023, poster",
         "clean": 0.398,
         "cra": {"0.1412": 0.259, "0.15": 0.3},
         "k_hf": 10.6,
     }
-    (cell,) = parse_grid(grid_with(published={"source": "S", "k_hf": 3.4})).cells
+    (cell,) = parse_grid(moons_grid(published={"source": "S", "k_hf": 3.4})).cells
     assert cell.published == {"source": "S", "clean": None, "cra": {}, "k_hf": 3.4}
-    assert parse_grid(grid_with()).cells[0].published is None
+    assert parse_grid(moons_grid()).cells[0].published is None
 
 
 def _without(key):
@@ -228,23 +224,23 @@ def _without(key):
 )  # fmt: skip
 def test_malformed_published_block_is_one_line(block, message):
     with pytest.raises(ConfigError) as err:
-        parse_grid(grid_with(published=block))
+        parse_grid(moons_grid(published=block))
     text = str(err.value)
     assert text.startswith("tables[0].rows[0]." + message) and "\n" not in text, text
 
 
 def test_published_numbers_need_a_row_of_one_eps_and_one_p():
     with pytest.raises(ConfigError, match=r"^tables\[0\]\.rows\[0\]\.published: the row expands into several"):
-        parse_grid(grid_with(p=[0.75, 0.25], published=POSTER))
+        parse_grid(moons_grid(p=[0.75, 0.25], published=POSTER))
     with pytest.raises(ConfigError, match="give one row per eps and p"):
-        parse_grid(grid_with(eps=[0.1, 0.2], published=POSTER))
-    assert len(parse_grid(grid_with(seeds=[1, 2], published=POSTER)).cells) == 2  # seeds are fine
+        parse_grid(moons_grid(eps=[0.1, 0.2], published=POSTER))
+    assert len(parse_grid(moons_grid(seeds=[1, 2], published=POSTER)).cells) == 2  # seeds are fine
 
 
 def test_audit_setting_over_the_defaults():
-    (cell,) = parse_grid(grid_with()).cells
+    (cell,) = parse_grid(moons_grid()).cells
     assert cell.audit == AUDIT_DEFAULTS and cell.audit_args() == "--n 100 --steps 30 --restarts 2"
-    (cell,) = parse_grid(grid_with(audit={"n": 500, "restarts": 5})).cells
+    (cell,) = parse_grid(moons_grid(audit={"n": 500, "restarts": 5})).cells
     assert cell.audit_args() == "--n 500 --steps 30 --restarts 5"
 
 
@@ -260,5 +256,5 @@ def test_audit_setting_over_the_defaults():
 )
 def test_malformed_audit_setting_is_one_line(audit, message):
     with pytest.raises(ConfigError) as err:
-        parse_grid(grid_with(audit=audit))
+        parse_grid(moons_grid(audit=audit))
     assert str(err.value) == "tables[0].rows[0]." + message

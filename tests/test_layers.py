@@ -1,10 +1,30 @@
-"""MaxMin's hand-written backward against autograd through its plain expression."""
+"""MaxMin's hand-written backward against autograd through its plain expression; every layer of
+cll.layers has a case in the layer table that tests/test_peers.py and tests/test_soundness.py run."""
+
+import inspect
 
 import pytest
 import torch
-from helpers import plain_maxmin
+from helpers import LAYERS, plain_maxmin
+from torch import nn
 
+from cll import layers
 from cll.layers import ClippedMaxMin, MaxMin
+
+# what cll.layers exports besides layers: the registry of the activation layers (each of them is a
+# class of __all__ too) and the function that builds a head
+NOT_LAYERS = {"ACTIVATIONS", "truncation_head", "unit_row_head"}
+
+
+def test_every_layer_class_has_a_case_in_the_layer_table():
+    """A layer added to cll.layers.__all__ gets its bound and its rounding checked (helpers.LAYERS)."""
+    exported = {name: getattr(layers, name) for name in layers.__all__ if name not in NOT_LAYERS}
+    for name, obj in exported.items():
+        assert inspect.isclass(obj) and issubclass(obj, nn.Module), f"{name}: not a layer; add it to NOT_LAYERS"
+    assert not any(inspect.isclass(getattr(layers, name)) for name in NOT_LAYERS)  # none of them a layer
+    torch.manual_seed(0)
+    covered = {type(case.build()) for case in LAYERS.values()}
+    assert [name for name, cls in exported.items() if cls not in covered] == []
 
 
 @pytest.mark.parametrize("shape,channels_last", [((4, 6, 5, 3), False), ((4, 6, 5, 3), True), ((3, 8), False)])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import math
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 import torch
@@ -340,32 +339,26 @@ def test_the_certifier_and_the_audit_use_the_local_bound():
     assert audited["broken"] == 0
 
 
-@pytest.mark.workflow(seconds=75)
+@pytest.mark.workflow(seconds=20)
 @pytest.mark.timeout(900)
-def test_digits_run_through_the_workflow_is_certified_and_audited(tmp_path):
-    """The CI grid's Local-Lip-B cell through train -> certify -> audit -> tables; then the run's
-    local certificates: never fewer than the global ones, and none broken by an attack at its
-    own radius."""
-    from test_workflow import snakemake
-
+def test_digits_run_through_the_workflow_is_certified_and_audited(ci_run):
+    """The CI grid's Local-Lip-B cell through train -> certify -> audit -> tables (the CI grid's
+    run, conftest.ci_run); then the run's local certificates: never fewer than the global ones,
+    and none broken by an attack at its own radius."""
     from cll import attack, certify, data
-    from cll.grid import load_grid
     from cll.results import read_json
     from cll.train import load_run
 
-    grid_file = Path(__file__).resolve().parents[1] / ".test" / "local_lip_b.yaml"
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    run = snakemake(tmp_path, "--cores", "2", "all_tables", "--configfile", str(grid_file), env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    (cell,) = load_grid(grid_file).runnable()
-    run_dir = cell.path(tmp_path / "results")
+    ci_run.check()
+    (cell,) = [c for c in ci_run.grid.runnable() if c.loss == "local_lip_b"]
+    run_dir = cell.path(ci_run.results)
     certified = read_json(run_dir / "certify.json")
     assert certified["cra"]["0.005"] > 0  # the global certificate already certifies a few points
     assert read_json(run_dir / "audit.json")["broken"] == 0
-    assert (tmp_path / "results" / "tables" / "digits-local.md").is_file()
+    assert (ci_run.results / "tables" / "digits-local.md").is_file()
 
     cfg, model = load_run(run_dir)
-    _, test, _ = data.load_dataset("digits", augment=False, seed=cfg.seed)
+    _, test, _ = data.load_dataset("digits", augment=False, seed=cfg.seed, max_test=cfg.max_test)  # as cll certify
     x, y = map(torch.cat, zip(*torch.utils.data.DataLoader(test, batch_size=1000)))
     out = certify.certify(model, [(x, y)], [0.005, 0.01], local=True, local_estimate_iters=50)
     # cll certify gave the same certificates: the global CRA, and the sound local one as its CRA
@@ -378,6 +371,6 @@ def test_digits_run_through_the_workflow_is_certified_and_audited(tmp_path):
     z, w = copy.deepcopy(model).double()(x.double()), model.head.weight.double()
     margin = (z.gather(1, y[:, None]) - z - 1e-9 * z.abs().amax(1, keepdim=True)).scatter(1, y[:, None], math.inf)
     sure = (z.argmax(1) == y) & (margin > 0.01 * k[:, None] * head_distances(w, y)).all(1)
-    assert 0 < sure.sum() <= out["local"][0.01]
+    assert 0 < sure.sum() <= round(out["cra"]["0.01"] * len(y))
     adversarial = attack.pgd_l2(model, x[sure], y[sure], 0.01, steps=50, restarts=2)
     assert (model(adversarial).argmax(1) == y[sure]).all()

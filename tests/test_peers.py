@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import LAYERS
 from torch import nn
 
 from cll import certify, lipschitz, losses, models
@@ -46,25 +47,14 @@ def jacobian_norm(layer, x):
     return torch.linalg.matrix_norm(jac.reshape(layer(x[None]).numel(), x.numel()).double(), ord=2).item()
 
 
-LAYERS = {
-    "soc-3x3": (lambda: L.SOC(4, 4, 3), (4, 6, 6)),
-    "soc-3x3-stride2": (lambda: L.SOC(2, 6, 3, stride=2), (2, 6, 6)),
-    "soc-1x1-stride2-shrink": (lambda: L.SOC(4, 8, 1, stride=2), (4, 4, 4)),
-    "cpl-conv": (lambda: L.CPLConv(4, 3, (6, 6)), (4, 6, 6)),
-    "cpl-linear": (lambda: L.CPLLinear(12, 20), (12,)),
-    "sll-conv": (lambda: L.SLLConv(4, 3), (4, 6, 6)),
-    "sll-linear": (lambda: L.SLLLinear(12, 20), (12,)),
-    "sandwich-conv": (lambda: L.SandwichConv(3, 4, 3, (6, 6)), (3, 6, 6)),
-    "sandwich-conv-stride2": (lambda: L.SandwichConv(2, 5, 3, (6, 6), stride=2), (2, 6, 6)),
-    "sandwich-linear": (lambda: L.SandwichLinear(12, 7), (12,)),
-    "householder": (lambda: L.HouseHolder(6), (6, 3, 3)),
-}
+# the layers: helpers.LAYERS (shared with tests/test_soundness.py); here the 1-Lipschitz ones
+ONE_LIPSCHITZ = sorted(name for name, case in LAYERS.items() if case.one_lipschitz)
 
 
-@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("name", ONE_LIPSCHITZ)
 def test_layer_is_one_lipschitz_and_within_its_bound(name):
     torch.manual_seed(0)
-    build, shape = LAYERS[name]
+    build, shape, *_ = LAYERS[name]
     layer = build().double()
     if hasattr(layer, "theta"):
         torch.nn.init.uniform_(layer.theta, 0, 2 * math.pi)  # any angle, not just MaxMin's

@@ -2,13 +2,15 @@
 that scripts/slurm-local.sh brings up on this machine (munge, slurmctld, slurmd from Debian's
 packages, two fake GPUs).
 
-1. The CI grid (.test/config.yaml) through the literal `snakemake --profile slurm all_tables`
-   (the profile found through scripts/slurm-profile.sh's link): every output exists, every train
-   and certify job (and any other per-cell job) went through Slurm (a Slurm log per job, each job
-   id COMPLETED in squeue's history, with the partition from CLL_SLURM_PARTITION) and the local
-   rules (aggregate, tables, figures) did not.
-2. A train job cancelled mid-training (scancel, as a preemption or time limit would) is
-   resubmitted by Snakemake (the profile's retries) and resumes from its model.pt checkpoint.
+One run of the smallest grid (one moons cell of the CI grid, eight epochs with a checkpoint each,
+its row asking for a GPU, memory and a time limit) through the literal `snakemake --profile slurm
+all_tables` (the profile found through scripts/slurm-profile.sh's link), what only Slurm can show:
+every train, certify and audit job went through Slurm (a Slurm log per job, each job id in
+squeue's history, with the partition from CLL_SLURM_PARTITION and the row's resources) and the
+local rules (aggregate, tables, figures) did not; the jobs logged into MLflow from the node; and
+the train job, cancelled mid-training (scancel, as a preemption or time limit would), is
+resubmitted by Snakemake (the profile's retries) and resumes from its model.pt checkpoint. The
+CI grid's outputs themselves are checked on its local run (tests/test_workflow.py).
 
 Needs root (the script installs the packages with apt-get and writes /etc/slurm); without it
 the tests skip and say why. CI runs as root, so there they run. The cluster is left running for
@@ -30,13 +32,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import check_pipeline_outputs
+from helpers import CI_GRID, ROOT, SNAKEMAKE, check_pipeline_outputs
 
 from cll.grid import load_grid
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
-CI_GRID = ROOT / ".test" / "config.yaml"
 SLURM_LOCAL = ROOT / "scripts" / "slurm-local.sh"
 
 
@@ -147,83 +146,96 @@ def submitted(output: str) -> dict[str, list[str]]:
     return jobs
 
 
-@pytest.mark.slurm(seconds=140)
+def job_details(job_id: str) -> dict[str, str]:
+    """`scontrol show job` of a job slurmctld still remembers (MinJobAge): its Key=Value fields."""
+    out = subprocess.run(
+        ["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+# the smallest grid: the CI grid's first moons cell, trained long enough to be cancelled after
+# its first checkpoint, its row asking Slurm for what no default gives
+EPOCHS = 8
+RESOURCES = {"gpus": 1, "mem_mb": 1500, "runtime": 15, "cpus": 1}
+
+
+@pytest.mark.slurm(seconds=70)
 @pytest.mark.timeout(1800)
-def test_ci_grid_through_slurm(slurm, tmp_path):
-    env = user_env(tmp_path)
-    t0 = time.time()
-    proc = start_snakemake(tmp_path, "all_tables", "--configfile", str(CI_GRID), env=env)
-    output = finish(proc, tmp_path, timeout=900)  # a hang guard: about 2-4 minutes on 2 idle cores
-    print(f"CI grid through Slurm: {time.time() - t0:.0f} s")
-
-    grid = load_grid(CI_GRID)
-    results = tmp_path / grid.results
-    cells = grid.runnable()
-    check_pipeline_outputs(results, cells)
-
-    # every train and certify job was a Slurm job that completed, on the partition from the
-    # environment, with its log where the profile puts it; the local rules never went to Slurm
-    jobs = submitted(output)
-    assert len(jobs["train"]) == len(jobs["certify"]) == len(cells), jobs
-    assert not {"aggregate", "tables", "figures", "all_tables"} & set(jobs), jobs
-    history = squeue_jobs()
-    for rule, ids in jobs.items():
-        for job_id in ids:
-            job = history[job_id]
-            assert job["state"] == "COMPLETED" and job["partition"] == "debug", (job_id, job)
-            assert job["comment"].startswith(f"rule_{rule}_wildcards_") and job["workdir"] == str(tmp_path)
-            (log,) = (tmp_path / "logs" / "slurm" / f"rule_{rule}").glob(f"*/{job_id}.log")
-            assert f"rule {rule}:" in log.read_text() or f"localrule {rule}:" in log.read_text()
-    assert sorted(p.name for p in (tmp_path / "logs" / "slurm").iterdir()) == sorted(f"rule_{r}" for r in jobs)
-
-    # the jobs logged into MLflow from the nodes: one run per cell, certified
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name(grid.experiment).experiment_id])
-    runs = [r for r in runs if r.info.run_name != "summary"]
-    assert sorted(r.data.tags["cll.run_dir"] for r in runs) == sorted(str(c.path(results).resolve()) for c in cells)
-    assert all(r.data.tags["cll.stage"] in ("certify", "audit") for r in runs)
-
-
-@pytest.mark.slurm(seconds=50)
-@pytest.mark.timeout(1800)
-def test_cancelled_train_job_is_resubmitted_and_resumes(slurm, tmp_path):
-    """scancel of a running train job, after its first checkpoint: Snakemake sees the job fail,
-    resubmits it (retries in the profile) and `cll train` continues from model.pt."""
-    epochs = 8
+def test_grid_through_slurm_resumes_a_cancelled_train_job(slurm, tmp_path):
+    """scancel of the running train job, after its first checkpoint: Snakemake sees the job fail,
+    resubmits it (retries in the profile) and `cll train` continues from model.pt; then certify,
+    audit and the local rules finish the grid."""
     grid = yaml.safe_load(CI_GRID.read_text())
     row = grid["tables"][0]["rows"][0]
-    row.update(p=0.25, set={**row["set"], "epochs": epochs, "checkpoint_every": 1})
+    row.update(p=0.25, set={**row["set"], "epochs": EPOCHS, "checkpoint_every": 1}, resources=RESOURCES)
     grid["tables"] = grid["tables"][:1]
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(grid))
-    (cell,) = load_grid(grid_file).runnable()
-    run_dir = tmp_path / cell.path(grid["results"])
-    target = str(cell.path(grid["results"]) / "train.json")
+    loaded = load_grid(grid_file)
+    (cell,) = loaded.runnable()
+    results = tmp_path / loaded.results
+    run_dir = cell.path(results)
 
-    proc = start_snakemake(tmp_path, target, "--configfile", str(grid_file), env=user_env(tmp_path))
+    env = user_env(tmp_path)
+    t0 = time.time()
+    proc = start_snakemake(tmp_path, "all_tables", "--configfile", str(grid_file), env=env)
     deadline, cancelled = time.time() + 600, None
     while cancelled is None and time.time() < deadline and proc.poll() is None:
-        running = [i for i, j in squeue_jobs().items() if j["workdir"] == str(tmp_path) and j["state"] == "RUNNING"]
+        running = [
+            i
+            for i, j in squeue_jobs().items()
+            if j["workdir"] == str(tmp_path) and j["state"] == "RUNNING" and j["comment"].startswith("rule_train_")
+        ]
         if running and (run_dir / "model.pt").is_file():
             (cancelled,) = running
             subprocess.run(["scancel", cancelled], check=True, timeout=30)
         time.sleep(0.1)
     assert cancelled is not None, "the train job never wrote its first checkpoint"
-    output = finish(proc, tmp_path, timeout=max(deadline - time.time(), 60))
+    output = finish(proc, tmp_path, timeout=max(deadline - time.time(), 60))  # a hang guard
+    print(f"grid through Slurm: {time.time() - t0:.0f} s")
+    check_pipeline_outputs(results, loaded, figures=("moons_boundaries",))  # one p: no slack figures
 
-    (first, second) = submitted(output)["train"]
+    # the cancelled train job was resubmitted and resumed from its checkpoint
+    jobs = submitted(output)
+    (first, second) = jobs["train"]
     assert first == cancelled
     history = squeue_jobs()
     assert history[first]["state"] == "CANCELLED" and history[second]["state"] == "COMPLETED"
     log = (tmp_path / "logs" / "train" / cell.path("x").relative_to("x/runs")).with_suffix(".log").read_text()
-    resumed = re.search(rf"resuming \S+ at epoch (\d+)/{epochs}", log)
-    assert resumed and 1 <= int(resumed[1]) < epochs, log  # the retry started from the checkpoint
-    assert re.search(rf"^epoch {int(resumed[1]) + 1}/{epochs} ", log, re.M)
+    resumed = re.search(rf"resuming \S+ at epoch (\d+)/{EPOCHS}", log)
+    assert resumed and 1 <= int(resumed[1]) < EPOCHS, log  # the retry started from the checkpoint
+    assert re.search(rf"^epoch {int(resumed[1]) + 1}/{EPOCHS} ", log, re.M)
     assert not re.search(r"^epoch 1/", log, re.M)  # nothing trained twice
     train = json.loads((run_dir / "train.json").read_text())
-    assert [e["epoch"] for e in train["epochs"]] == list(range(1, epochs + 1))
+    assert [e["epoch"] for e in train["epochs"]] == list(range(1, EPOCHS + 1))
+
+    # every train, certify and audit job was a Slurm job that completed (but the cancelled one), on
+    # the partition from the environment, with the row's resources and its log where the profile
+    # puts it; the local rules never went to Slurm
+    assert len(jobs["certify"]) == len(jobs["audit"]) == 1 and set(jobs) == {"train", "certify", "audit"}, jobs
+    assert not {"aggregate", "tables", "figures", "all_tables"} & set(jobs), jobs
+    for rule, ids in jobs.items():
+        for job_id in ids:
+            job = history[job_id]
+            assert job["state"] == ("CANCELLED" if job_id == cancelled else "COMPLETED"), (job_id, job)
+            assert job["partition"] == "debug", (job_id, job)
+            assert job["comment"].startswith(f"rule_{rule}_wildcards_") and job["workdir"] == str(tmp_path)
+            details = job_details(job_id)
+            assert details["TimeLimit"] == "00:15:00" and details["NumCPUs"] == "1", details
+            assert details["MinMemoryNode"] == "1500M" and details["TresPerJob"] == "gres:gpu:1", details
+            (slurm_log,) = (tmp_path / "logs" / "slurm" / f"rule_{rule}").glob(f"*/{job_id}.log")
+            assert f"rule {rule}:" in slurm_log.read_text() or f"localrule {rule}:" in slurm_log.read_text()
+    assert sorted(p.name for p in (tmp_path / "logs" / "slurm").iterdir()) == sorted(f"rule_{r}" for r in jobs)
+
+    # the jobs logged into MLflow from the node: one run per cell, certified
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name(loaded.experiment).experiment_id])
+    runs = [r for r in runs if r.info.run_name != "summary"]
+    assert sorted(r.data.tags["cll.run_dir"] for r in runs) == [str(run_dir.resolve())]
+    assert all(r.data.tags["cll.stage"] in ("certify", "audit") for r in runs)
 
 
 @pytest.mark.workflow

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import moons_grid
 
 from cll import tracking, tracking_ui
 from cll.cli import main
@@ -357,26 +358,13 @@ def test_tracking_server_down_during_jobs_then_backfilled_by_aggregate(tmp_path,
     port = _free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     monkeypatch.chdir(tmp_path)
-    grid = {
-        "experiment": "cluster",
-        "results": str(tmp_path / "results"),
-        "tables": [
-            {
-                "name": "moons",
-                "rows": [
-                    {
-                        "method": "CLL",
-                        "dataset": "moons",
-                        "arch": "moons-mlp",
-                        "loss": "cll",
-                        "eps": 0.15,
-                        "p": [0.25, 0.01],
-                        "set": {"epochs": 2, "batch_size": 100, "max_test": 200, "cll_form": "per_logit", "lr": 5.0e-3},
-                    }
-                ],
-            }
-        ],
-    }
+    grid = moons_grid(
+        "cluster",
+        tmp_path / "results",
+        "moons",
+        p=[0.25, 0.01],
+        set={"epochs": 2, "batch_size": 100, "max_test": 200, "cll_form": "per_logit", "lr": 5.0e-3},
+    )
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(grid))
     first, second = (str(c.path(grid["results"])) for c in load_grid(grid_file).runnable())
@@ -563,7 +551,7 @@ def _browse(url: str, profile: Path, screenshot: Path) -> str:
     return dom.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; .ci/run installs it)")
 def test_mlflow_ui_shows_metric_columns_and_a_run_chart(tmp_path, monkeypatch):
     """Two grid-style runs (named by method, with certify and audit results) in a real `mlflow

@@ -1,13 +1,16 @@
 """Tests for the Snakemake workflow (Snakefile, workflow/, config/, .test/, envs/) and cll.workflow.
 
-The end-to-end test runs the CI grid (.test/config.yaml: two moons cells, a digits GloRo/CLL
-pair) through train -> certify -> aggregate -> tables/figures in a temporary working directory,
-with MLflow logging into a temporary sqlite file, then checks that a second run has nothing to do
-and that deleted tables and figures are rebuilt without retraining. The other tests dry-run the
-paper grid, feed malformed grids (one line naming the field, nothing written), and check that
-the schema, the conda envs and the lint agree with the package. Every Snakemake call is a
-subprocess with a timeout (the `workflow` lane: about 2 minutes on two cores, most of it the
-end-to-end test). The last tests check cll.workflow, what the Snakefile calls, without Snakemake.
+The end-to-end tests read the CI grid's run (.test/config.yaml: two moons cells, a digits
+GloRo/CLL pair, a Local-Lip-B digits cell), made once per session by conftest's ``ci_run``
+(train -> certify -> audit -> aggregate -> tables/figures in a temporary working directory, MLflow
+logging into a temporary sqlite file): every output, the logs and MLflow's runs; then that a
+second run has nothing to do, that deleted tables and figures are rebuilt without retraining and
+that a run stopped before its train.json resumes. tests/test_local_lipschitz.py reads the same run.
+The other tests dry-run the paper grid, feed malformed grids (one line naming the field, nothing
+written), and check that the schema, the conda envs and the lint agree with the package. Every
+Snakemake call is a subprocess with a timeout (the `workflow` lane: about 3 minutes on two cores,
+most of it the CI grid's run). The last tests check cll.workflow, what the Snakefile calls,
+without Snakemake.
 """
 
 from __future__ import annotations
@@ -17,11 +20,10 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from helpers import check_pipeline_outputs
+from helpers import CI_GRID, ROOT, check_pipeline_outputs, job_counts, snakemake
 
 from cll import data, layers, losses, models, workflow
 from cll.config import KEYS, load_config, rule
@@ -29,53 +31,21 @@ from cll.errors import ConfigError
 from cll.grid import AUDIT_DEFAULTS, load_grid, parse_grid
 from cll.values import Choice
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
-CI_GRID = ROOT / ".test" / "config.yaml"
 PAPER_GRID = ROOT / "config" / "paper.yaml"
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
-def snakemake(workdir: Path, *args: str, timeout: float = 120, env: dict | None = None):
-    """Run the project's Snakefile with ``workdir`` as working directory (results/, logs/,
-    .snakemake/ and mlflow.db all land there, never in the repository)."""
-    return subprocess.run(
-        [str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The 'Job stats' table Snakemake prints: rule -> number of jobs."""
-    block = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
-    counts = {}
-    for line in block.splitlines()[3:]:
-        match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
-        if not match:
-            break
-        counts[match[1]] = int(match[2])
-    return counts
-
-
-@pytest.mark.workflow(seconds=160)
+@pytest.mark.workflow(seconds=90)  # most of it the CI grid's run (conftest.ci_run), for all its tests
 @pytest.mark.timeout(900)
-def test_ci_grid_end_to_end(tmp_path):
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    run = snakemake(tmp_path, "--cores", "2", "all_tables", "--configfile", str(CI_GRID), env=env, timeout=400)
-    assert run.returncode == 0, run.stderr[-3000:]
-
-    grid = load_grid(CI_GRID)
-    results = tmp_path / grid.results
+def test_ci_grid_end_to_end(ci_run):
+    ci_run.check()
+    grid, results, env = ci_run.grid, ci_run.results, ci_run.env
     cells = grid.runnable()
-    assert len(cells) == 4
-    check_pipeline_outputs(results, cells)
-    logs = "".join(p.read_text() for p in (tmp_path / "logs").rglob("*.log"))
+    assert len(cells) == 5
+    check_pipeline_outputs(results, grid)
+    logs = "".join(p.read_text() for p in (ci_run.workdir / "logs").rglob("*.log"))
     assert "warning" not in logs  # MLflow tracking worked in every job
-    assert "cll: each job writes its progress" in run.stdout + run.stderr
+    assert "cll: each job writes its progress" in ci_run.output
     assert (results / "tables" / "reproduction.md").is_file()
 
     # MLflow: one run per cell (train and certify logged into the same run), with metrics
@@ -95,16 +65,33 @@ def test_ci_grid_end_to_end(tmp_path):
         f.path for folder in ("tables", "figures") for f in client.list_artifacts(summary_runs[0].info.run_id, folder)
     }
     assert {"figures/moons_boundaries.png", "figures/slack_vs_k.pdf", "tables/digits.md"} <= logged
+    cell_of = {str(c.path(results).resolve()): c for c in cells}
     for r in runs:
+        cell = cell_of[r.data.tags["cll.run_dir"]]
         # the audit job logs last, unless the aggregate step's back-fill raced it
         assert r.data.tags["cll.stage"] in ("certify", "audit")
-        assert {"clean_accuracy", "cra_36_255", "lipschitz_constant", "train_loss"} <= set(r.data.metrics)
-        assert r.data.params["epochs"] in ("1", "2")
+        # the CRA at 36/255; the Local-Lip-B cell certifies at 0.005 and 0.01 only
+        cra = "cra_0.01" if cell.loss == "local_lip_b" else "cra_36_255"
+        assert {"clean_accuracy", cra, "lipschitz_constant", "train_loss"} <= set(r.data.metrics), r.info.run_name
+        assert r.data.params["epochs"] == str(cell.run_config().epochs)  # 1 or 2 (Local-Lip-B: 10)
         history = client.get_metric_history(r.info.run_id, "train_loss")
         assert [m.step for m in history] == list(range(1, int(r.data.params["epochs"]) + 1))
 
+
+@pytest.mark.workflow(seconds=25)
+@pytest.mark.timeout(900)
+def test_ci_grid_reruns_nothing_rebuilds_tables_and_resumes_a_run(ci_run):
+    """On the CI grid's run (conftest.ci_run), which this test changes and puts back."""
+    ci_run.check()
+    grid, results, env, workdir = ci_run.grid, ci_run.results, ci_run.env, ci_run.workdir
+    cells = grid.runnable()
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(grid.experiment)
+
     # nothing to do the second time
-    again = snakemake(tmp_path, "--cores", "2", "all_tables", "--configfile", str(CI_GRID), env=env)
+    again = snakemake(workdir, "--cores", "2", "all_tables", "--configfile", str(CI_GRID), env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -114,7 +101,7 @@ def test_ci_grid_end_to_end(tmp_path):
         for path in (results / folder).iterdir():
             path.unlink()
         (results / folder).rmdir()
-    rebuild = snakemake(tmp_path, "--cores", "2", "all_tables", "--configfile", str(CI_GRID), env=env)
+    rebuild = snakemake(workdir, "--cores", "2", "all_tables", "--configfile", str(CI_GRID), env=env)
     assert rebuild.returncode == 0, rebuild.stderr[-3000:]
     assert job_counts(rebuild.stdout + rebuild.stderr) == {"figures": 1, "tables": 1, "all_tables": 1, "total": 3}
     assert (results / "tables" / "digits.md").is_file() and (results / "figures" / "cra_vs_p.png").is_file()
@@ -125,17 +112,17 @@ def test_ci_grid_end_to_end(tmp_path):
     cell = cells[0]
     cell.path(results).joinpath("train.json").unlink()
     target = str(cell.path(grid.results) / "train.json")  # relative to the working directory
-    resume = snakemake(tmp_path, "--cores", "2", target, "--configfile", str(CI_GRID), env=env)
+    resume = snakemake(workdir, "--cores", "2", target, "--configfile", str(CI_GRID), env=env)
     assert resume.returncode == 0, resume.stderr[-3000:]
     assert job_counts(resume.stdout + resume.stderr) == {"train": 1, "total": 1}
     assert cell.path(results).joinpath("model.pt").stat().st_mtime_ns == models_before[cell]
-    train_log = (tmp_path / "logs" / "train" / cell.path("x").relative_to("x/runs")).with_suffix(".log")
+    train_log = (workdir / "logs" / "train" / cell.path("x").relative_to("x/runs")).with_suffix(".log")
     assert "is already trained" in train_log.read_text()
     assert len(client.search_runs([experiment.experiment_id])) == len(cells) + 1  # + the summary run
 
-    report = snakemake(tmp_path, "--report", "report.html", "--configfile", str(CI_GRID), env=env)
+    report = snakemake(workdir, "--report", "report.html", "--configfile", str(CI_GRID), env=env)
     assert report.returncode == 0, report.stderr[-3000:]
-    assert (tmp_path / "report.html").stat().st_size > 10_000
+    assert (workdir / "report.html").stat().st_size > 10_000
 
 
 @pytest.mark.workflow
@@ -368,7 +355,7 @@ def test_load_checks_the_grid_against_the_schema_file(tmp_path):
     schema = yaml.safe_load(SCHEMA.read_text())
     schema["$defs"]["row"]["else"]["properties"]["arch"]["enum"].remove("4C3F")  # the file, not the registry
     (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema))
-    with pytest.raises(ConfigError, match=r"^tables\[1\]\.rows\[[01]\]\.arch: '4C3F' is not one of"):
+    with pytest.raises(ConfigError, match=r"^tables\[[12]\]\.rows\[[01]\]\.arch: '4C3F' is not one of"):
         workflow.load(grid, [CI_GRID], tmp_path / "schema.yaml")
 
 
