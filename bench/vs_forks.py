@@ -1295,6 +1295,7 @@ def soc(args) -> None:
                 cll_form="pairwise",
                 lip_penalty=lam,
                 lip_penalty_form="batch",
+                cll_head_gradient=not detach,  # the paper grid's SOC + CLL rows: as the fork ran
             )
             z_fork, z = fork_model(x), model(x)
             rows.append(

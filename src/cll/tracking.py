@@ -30,7 +30,7 @@ method is the grid row's, ``--method``, else the loss) and tagged ``cll.method``
 Every experiment cll logs into carries two experiment tags, set where missing (never replacing
 one a person changed): the model-training kind, and a saved view ``cll`` of the runs table with
 clean accuracy, CRA at every radius logged, K^(h∘f), the sound bound and the audit's broken
-certificates as columns. :func:`ui_url` is the experiment's address that opens it.
+certificates as columns. ``tracking_ui.ui_url`` is the experiment's address that opens it.
 
 The grid's summary.csv, tables (with the reproduction summary, also as ``reproduction_*``
 metrics) and figures go into one more run of the experiment, named ``summary`` (``cll aggregate
