@@ -273,10 +273,22 @@ def forget_derived(model: torch.nn.Module) -> None:
             module.clear_cache()
 
 
-def bench_certify(cfg: RunConfig, model: torch.nn.Module, device: torch.device, n: int, batch: int) -> dict:
-    gen = torch.Generator().manual_seed(1)
-    # batches on the host, as a DataLoader would hand them to certify (which moves them)
-    batches = [random_batch(cfg, min(batch, n - s), gen) for s in range(0, n, batch)]
+def bench_certify(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    device: torch.device,
+    n: int,
+    batch: int,
+    batches: list | None = None,
+    repeats: int = 1,
+) -> dict:
+    """certify.certify of ``n`` images against inference of the same images plus one bound of the
+    body from scratch, medians of ``repeats``. ``batches``: the images (a trained run's test set),
+    else random ones."""
+    if batches is None:
+        gen = torch.Generator().manual_seed(1)
+        # batches on the host, as a DataLoader would hand them to certify (which moves them)
+        batches = [random_batch(cfg, min(batch, n - s), gen) for s in range(0, n, batch)]
     timer = Timer(device)
     model.eval()
     # untimed warm-up: kernels/allocator, and warm power-iteration iterates (a trained model's
@@ -286,24 +298,28 @@ def bench_certify(cfg: RunConfig, model: torch.nn.Module, device: torch.device, 
         model(batches[0][0].to(device))
     reset_peak(device)
 
-    forget_derived(model)
-    t0 = timer.now()
-    out = certify.certify(model, batches, device=device)
-    t1 = timer.now()
-    with torch.no_grad():
-        for x, _ in batches:
-            model(x.to(device))
-    forget_derived(model)  # the bound once more, from scratch (certify computed and cached it)
-    t2 = timer.now()
-    lipschitz.upper_bound_body(model)
-    t3 = timer.now()
-    cert, inf, bound = t1 - t0, t2 - t1, t3 - t2
+    times = []
+    for _ in range(repeats):  # alternating, each from scratch: the medians are compared
+        forget_derived(model)
+        t0 = timer.now()
+        out = certify.certify(model, batches, device=device)
+        t1 = timer.now()
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x.to(device))
+        forget_derived(model)  # the bound once more, from scratch (certify computed and cached it)
+        t2 = timer.now()
+        lipschitz.upper_bound_body(model)
+        t3 = timer.now()
+        times.append((t1 - t0, t2 - t1, t3 - t2))
+    cert, inf, bound = (statistics.median(t) for t in zip(*times))
     rec = base("certify", cfg.arch, device, batch)
     rec.update(
         {
             "n_images": n,
             "images_per_s": round(n / cert, 1),
             "seconds": round(cert, 4),
+            "repeats": repeats,
             "inference_seconds": round(inf, 4),
             "inference_images_per_s": round(n / inf, 1),
             "bound_seconds": round(bound, 4),
@@ -339,6 +355,17 @@ def bench_dryrun() -> dict:
     if proc.returncode != 0:
         rec["stderr_tail"] = proc.stderr[-500:]
     return rec
+
+
+def bench_run(run_dir: str, device: torch.device, n: int, batch: int) -> dict:
+    """``bench_certify`` of a trained run (``cll train``) on the first ``n`` images of its own test
+    set, medians of 5: random weights and inputs hide the float64 share a trained model's near-ties
+    cost."""
+    cfg, model = train.load_run(run_dir, device)
+    _, test, _ = data.load_dataset(cfg.dataset, root=cfg.data_root, augment=False, seed=cfg.seed, max_test=n)
+    batches = list(torch.utils.data.DataLoader(test, batch_size=batch))
+    rec = bench_certify(cfg, model, device, len(test), batch, batches, repeats=5)
+    return {**rec, "arch": cfg.arch, "run": str(run_dir), "epochs": cfg.epochs}
 
 
 def one_per_family(names: list[str]) -> list[str]:
@@ -378,6 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cert-images", type=int, help="images certified per arch, in batches of up to 1000 (default 10000; quick 100)"
     )
+    ap.add_argument(
+        "--run",
+        action="append",
+        metavar="DIR",
+        help="certify this trained run on its test set instead of the archs (repeatable; see bench/README.md)",
+    )
     args = ap.parse_args(argv)
     unknown = [a for a in args.arch or [] if a not in names]
     if unknown:
@@ -402,9 +435,14 @@ def main(argv: list[str] | None = None) -> int:
         f"# torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} cpus, "
         f"threads {torch.get_num_threads()}, device {device}, quick={args.quick}"
     )
-    paper = paper_recipes()
-
     t_start = time.perf_counter()
+    if args.run:
+        for run_dir in args.run:
+            log(f"certify the trained run {run_dir}")
+            guarded("certify", None, device, lambda: bench_run(run_dir, device, n_cert, cert_batch))
+        log(f"# total {time.perf_counter() - t_start:.1f} s")
+        return 0
+    paper = paper_recipes()
     for arch in archs:
         try:
             cfg, source = recipe(arch, paper)

@@ -51,7 +51,9 @@ def test_side_by_side_summary_takes_medians_and_says_who_is_faster(monkeypatch, 
 @pytest.mark.slow(seconds=60)
 def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path, unpack):
     data = unpack("tinyimagenet-subset.tgz")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    # one thread, as the test process has (conftest): two threads beside the other worker's jobs
+    # oversubscribe the two cores, and its steps then take seconds instead of a fraction of one
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     argv = [
         sys.executable,
         "bench/gpu.py",
