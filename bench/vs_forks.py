@@ -238,6 +238,21 @@ PI_ITERS = 5  # the config's GloroLoss num_iter = cll's pi_iters
 GLORO_NAMES = ("conv1", "conv2", "conv3", "conv4", "fc1", "fc2", "fc")  # the reference's layer names
 
 
+def cll_recipe(arch: str, c: dict) -> cll.config.RunConfig:
+    """cll's run config of a fork's CLL script (``c``: its eps, p, delta and lambda): pairwise CLL,
+    the K penalty in the forks' per-batch form."""
+    return run_config(
+        arch=arch,
+        loss="cll",
+        eps=c["eps"],
+        p=c["p"],
+        delta=c["delta"],
+        cll_form="pairwise",
+        lip_penalty=c["lam"],
+        lip_penalty_form="batch",
+    )
+
+
 def reference_4c3f(root: Path, dtype: torch.dtype, state: dict | None = None):
     """The reference's 4C3F with its GloroLoss, built by its own config loader and model builder from
     the eps-sweep config (metrics and evaluations left out: they are not part of the loss), eps fixed
@@ -741,16 +756,7 @@ def sll(args) -> None:
 
         depth, depth_linear, channels = cll.models.peers.FAMILY_SIZES["S"]
         c = SLL_CLL
-        cll_cfg = run_config(
-            arch="SLL-S",
-            loss="cll",
-            eps=c["eps"],
-            p=c["p"],
-            delta=c["delta"],
-            cll_form="pairwise",
-            lip_penalty=c["lam"],
-            lip_penalty_form="batch",
-        )
+        cll_cfg = cll_recipe("SLL-S", c)
         offset_cfg = run_config(arch="SLL-S", loss="sll_offset_ce", lip_penalty=0.0)  # the SLL recipe
 
         def models(last_layer: str, cfg: cll.config.RunConfig):
@@ -958,16 +964,7 @@ def cpl(args) -> None:
             cll.models.scaled(cll.models.peers.INNER_DENSE, CPL_WIDTH),
         )
         c = CPL_CLL
-        cll_cfg = run_config(
-            arch="CPL-S",
-            loss="cll",
-            eps=c["eps"],
-            p=c["p"],
-            delta=c["delta"],
-            cll_form="pairwise",
-            lip_penalty=c["lam"],
-            lip_penalty_form="batch",
-        )
+        cll_cfg = cll_recipe("CPL-S", c)
         hinge_cfg = run_config(arch="CPL-S", loss="cpl_hinge", lip_penalty=0.0)  # the CPL recipe
 
         def models(cfg: cll.config.RunConfig):
