@@ -422,6 +422,13 @@ def test_soc_power_iteration_follows_socs_schedule():
         ref._power_step(n_iter)
         assert all(torch.equal(getattr(layer, f"u{n}"), getattr(ref, f"u{n}")) for n in range(4)), steps
     assert layer.steps.item() == 202
+    resumed = L.SOC(4, 4, 3).train()  # a checkpoint's count, loaded in place, is the one it goes on from
+    resumed.load_state_dict({**layer.state_dict(), "steps": torch.tensor(399)})
+    for steps, n_iter in ((399, 1), (400, 50)):
+        ref = copy.deepcopy(resumed)
+        resumed(x)
+        ref._power_step(n_iter)
+        assert all(torch.equal(getattr(resumed, f"u{n}"), getattr(ref, f"u{n}")) for n in range(4)), steps
 
 
 def test_cpl_training_sigma_is_cpls_estimate_and_gradient():

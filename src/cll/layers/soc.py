@@ -99,6 +99,7 @@ class SOC(EvalCache):
             if not self.weight.is_meta:  # (a model built on the meta device only counts parameters)
                 self._power_step(INIT_ITERS)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training forwards so far
+        self._steps_seen: tuple[tuple[int, int], int] | None = None  # (the buffer's id and version, value)
 
     def skew(self) -> torch.Tensor:
         return (self.weight - transpose_kernel(self.weight)) / 2
@@ -130,11 +131,22 @@ class SOC(EvalCache):
     def terms(self) -> int:
         return self.train_terms if self.training else self.eval_terms
 
+    def _step_count(self) -> int:
+        """The ``steps`` buffer's value, read from its device only when something else wrote it (a
+        checkpoint, a tracing pass that put its copy back): every training forward reading it would
+        make a GPU wait for the queued work of every SOC layer."""
+        key = (id(self.steps), self.steps._version)
+        if self._steps_seen is None or self._steps_seen[0] != key:
+            self._steps_seen = (key, int(self.steps))
+        return self._steps_seen[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            refresh = not self.steps.is_meta and int(self.steps) % REFRESH_EVERY == 0
-            self._power_step(INIT_ITERS if refresh else 1)
+            count = None if self.steps.is_meta else self._step_count()  # (meta: shapes only)
+            self._power_step(INIT_ITERS if count is not None and count % REFRESH_EVERY == 0 else 1)
             self.steps += 1
+            if count is not None:
+                self._steps_seen = ((id(self.steps), self.steps._version), count + 1)
         kernel = self.cached(self.kernel)
         return self.series(x, kernel, self.bias, self.terms)
 
