@@ -701,6 +701,14 @@ def auto_head(cfg: cll.config.RunConfig) -> str:
     return cll.losses.create(cfg).head if cfg.head == "auto" else cfg.head
 
 
+def cll_loss_row(c: dict, fork_loss, cll_cfg, fork_model, model, pairs: list[Pair], x, y) -> list:
+    """The loss row of a fork's CLL script (``c``) against cll's ``cll_cfg``, both models on ``x``
+    with vanilla heads."""
+    z_fork, z = fork_model(x), model(x)
+    label = f"CLL eps {c['eps']} p {c['p']} delta {c['delta']} lambda {c['lam']} (the fork's trainer), vanilla head"
+    return loss_rows(label, fork_loss(z_fork, y), cll_loss_of(cll_cfg, model, z, y), pairs, z_fork, z)
+
+
 def small_batch(n: int = 8, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, 32, 32, generator=gen, dtype=F64), torch.randint(0, 10, (n,), generator=gen)
@@ -805,20 +813,9 @@ def sll(args) -> None:
         fork_model.eval(), model.eval()
         rows.append(layer_rows("whole model, vanilla head, dense epsilon 0, eval mode", fork_model, model, pairs, x))
         fork_model.train(), model.train()
-        z_fork, z = fork_model(x), model(x)
         with quiet():
             fork_loss = fork_trainer.CLL(c["eps"], c["p"], c["delta"], False, net, 1.0, detach_K=True, lambda_=c["lam"])
-        losses = [
-            loss_rows(
-                f"CLL eps {c['eps']} p {c['p']} delta {c['delta']} lambda {c['lam']} (the fork's trainer), "
-                "vanilla head",
-                fork_loss(z_fork, y),
-                cll_loss_of(cll_cfg, model, z, y),
-                pairs,
-                z_fork,
-                z,
-            )
-        ]
+        losses = [cll_loss_row(c, fork_loss, cll_cfg, fork_model, model, pairs, x, y)]
 
         config, net, fork_model, model, pairs = models("pooling_linear", offset_cfg)
         rows.append(layer_rows("whole model, truncation heads, as is", fork_model, model, pairs, x))
@@ -1000,18 +997,7 @@ def cpl(args) -> None:
             fork_loss = fork_trainer.CLL(
                 c["eps"], (c["p"], c["p"], 1.0), c["delta"], False, net, 1.0, detach_K=True, lambda_=c["lam"]
             )
-        z_fork, z = fork_model(x), model(x)
-        losses = [
-            loss_rows(
-                f"CLL eps {c['eps']} p {c['p']} delta {c['delta']} lambda {c['lam']} (the fork's trainer), "
-                "vanilla head",
-                fork_loss(z_fork, y),
-                cll_loss_of(cll_cfg, model, z, y),
-                pairs,
-                z_fork,
-                z,
-            )
-        ]
+        losses = [cll_loss_row(c, fork_loss, cll_cfg, fork_model, model, pairs, x, y)]
 
         net, fork_model, model, layers, heads = models(hinge_cfg)
         rows += cpl_rows("whole model, truncation heads", fork_model, model, layers, heads, x)
