@@ -109,6 +109,7 @@ LAYERS = {
     "soc-1x1-stride2-shrink": LayerCase(lambda: L.SOC(4, 8, 1, stride=2), (4, 4, 4)),
     "soc": LayerCase(lambda: L.SOC(8, 8, 3), (8, 8, 8)),
     "soc-stride2": LayerCase(lambda: L.SOC(4, 16, 3, stride=2), (4, 8, 8)),
+    "soc-summed-in-blocks": LayerCase(lambda: L.SOC(32, 32, 3), (32, 5, 5)),  # 4 blocks of 72 products
     "cpl-conv": LayerCase(lambda: L.CPLConv(4, 3, (6, 6)), (4, 6, 6)),
     "cpl-conv-8x8": LayerCase(lambda: L.CPLConv(6, 5, (8, 8)), (6, 8, 8)),
     "cpl-linear": LayerCase(lambda: L.CPLLinear(12, 20), (12,)),

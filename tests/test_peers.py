@@ -93,6 +93,37 @@ def test_soc_bound_accounts_for_the_truncated_series():
     assert exact15 <= lipschitz.upper_bound_layer(layer, shape) < exact
 
 
+def test_soc_evaluation_sums_its_convolutions_in_blocks_and_bounds_that():
+    """The evaluation forward is the series with its first convolutions summed over input-channel
+    blocks in order (what ``rounding`` bounds with gamma_(n/G + G - 1)); the same function as the
+    plain convolutions to float32 rounding, and a float32 bound ~4x below the whole fan-in's."""
+    from cll.layers.soc import BLOCKED_TERMS, sum_groups
+
+    assert [sum_groups(c, k) for c, k in [(16, 3), (32, 3), (256, 3), (512, 1), (6, 3)]] == [2, 4, 32, 4, 1]
+    torch.manual_seed(0)
+    layer = L.SOC(32, 32, 3).eval()
+    assert layer.groups == 4
+    x = torch.randn(3, 32, 5, 5)
+    kernel = layer.derived(layer.kernel)
+    z = term = x
+    for i in range(1, layer.eval_terms + 1):
+        if i <= BLOCKED_TERMS:
+            parts = [F.conv2d(term[:, 8 * g : 8 * g + 8], kernel[:, 8 * g : 8 * g + 8], padding=1) for g in range(4)]
+            term = (((parts[0] + parts[1]) + parts[2]) + parts[3]) / i
+        else:
+            term = F.conv2d(term, kernel, padding=1) / i
+        z = z + term
+    with torch.no_grad():
+        assert torch.equal(layer(x), z + layer.bias.view(1, -1, 1, 1))
+        plain = layer.series(x, kernel, layer.bias, layer.eval_terms)
+    assert torch.allclose(layer(x), plain, rtol=0, atol=1e-5)
+    blocked = layer.rounding((32, 5, 5), torch.float32).alpha
+    layer.groups = 1
+    layer.clear_cache()
+    whole = layer.rounding((32, 5, 5), torch.float32).alpha
+    assert 3.4 < whole / blocked < 3.85  # gamma_288 / gamma_75, less the later terms' plain sums
+
+
 def test_training_mode_soc_uses_fewer_terms():
     layer = L.SOC(4, 4, 3)
     assert layer.train().terms == 5 and layer.eval().terms == 15

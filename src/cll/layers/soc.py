@@ -24,6 +24,14 @@ as the ICLR 2022 follow-up recommends measuring rather than assuming. The networ
 the series of the evaluation forward with its derived float32 kernel (cached, so the bound, the
 forward and the certifier's float64 pass use the same one).
 
+The evaluation forward sums the first ``BLOCKED_TERMS`` convolutions of its series over G
+input-channel blocks explicitly (``SUM_FAN_IN`` products per block, the blocks added one after
+another), so that their float32 rounding is bounded by gamma_(n/G + G - 1) instead of gamma_n for
+the whole fan-in n = c k^2 (see ``rounding``). Those terms carry almost all of the rounding (the
+i-th term's norm is at most rho^i/i! of the input's); on a trained LipConv-5 the certifier's
+float32 bound shrinks up to 25x and 4 % instead of 41 % of the samples need its float64 pass.
+Training keeps the plain convolutions (its rounding is never bounded).
+
 Stride 2 folds 2x2 pixel blocks into channels first (an orthogonal re-indexing); channel-count
 changes zero-pad the input channels or keep the first ``out_channels`` (both 1-Lipschitz).
 """
@@ -50,6 +58,29 @@ TRAIN_TERMS = 5
 EVAL_TERMS = 15
 INIT_ITERS = 50  # power iterations at construction and at every REFRESH_EVERY-th training step
 REFRESH_EVERY = 200
+SUM_FAN_IN = 72  # products per explicitly summed block of the evaluation forward's convolutions ...
+BLOCKED_TERMS = 4  # ... in its first terms (the later ones are small: their rounding is too)
+
+
+def sum_groups(channels: int, kernel_size: int, fan_in: int = SUM_FAN_IN) -> int:
+    """How many input-channel blocks the evaluation forward sums explicitly: the largest power of two
+    dividing ``channels`` that leaves at least ``fan_in`` products per output in each block (1 for a
+    fan-in already that small)."""
+    groups = 1
+    while channels % (2 * groups) == 0 and channels * kernel_size**2 // (2 * groups) >= fan_in:
+        groups *= 2
+    return groups
+
+
+def conv_in_blocks(x: torch.Tensor, blocks: list[torch.Tensor], padding: int) -> torch.Tensor:
+    """sum_g conv(x_g, K_g) over consecutive input-channel blocks x_g, K_g (``blocks``: the kernel's
+    column blocks), the partial results added in order: each block's inner products have at most
+    c k^2 / G terms, whatever order the backend sums them in."""
+    width = blocks[0].shape[1]
+    out = F.conv2d(x[:, :width], blocks[0], padding=padding)
+    for g, block in enumerate(blocks[1:], start=1):
+        out = out + F.conv2d(x[:, g * width : (g + 1) * width], block, padding=padding)
+    return out
 
 
 def transpose_kernel(kernel: torch.Tensor) -> torch.Tensor:
@@ -88,6 +119,7 @@ class SOC(EvalCache):
         self.kernel_size = kernel_size
         self.train_terms, self.eval_terms = train_terms, eval_terms
         self.correction = 0.7 if kernel_size > 1 else 1.0
+        self.groups = sum_groups(self.channels, kernel_size)
         c = self.channels
         self.weight = nn.Parameter(torch.randn(c, c, kernel_size, kernel_size) / c**0.5)
         self.bias = nn.Parameter(torch.empty(out_channels).uniform_(-(out_channels**-0.5), out_channels**-0.5))
@@ -147,16 +179,28 @@ class SOC(EvalCache):
             self.steps += 1
             if count is not None:
                 self._steps_seen = ((id(self.steps), self.steps._version), count + 1)
-        kernel = self.cached(self.kernel)
-        return self.series(x, kernel, self.bias, self.terms)
+            return self.series(x, self.kernel(), self.bias, self.terms)
+        return self.series(x, self.derived(self.kernel), self.bias, self.terms, self.derived(self.kernel_blocks))
 
-    def series(self, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, terms: int) -> torch.Tensor:
-        """sum_{i<=terms} conv_kernel^i x / i! on the (unshuffled, channel-padded) input, plus the bias."""
+    def kernel_blocks(self) -> list[torch.Tensor]:
+        """The evaluation kernel's ``groups`` input-channel blocks, each contiguous."""
+        return [block.contiguous() for block in self.derived(self.kernel).split(self.channels // self.groups, dim=1)]
+
+    def series(
+        self, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor, terms: int, blocks: list | None = None
+    ) -> torch.Tensor:
+        """sum_{i<=terms} conv_kernel^i x / i! on the (unshuffled, channel-padded) input, plus the bias;
+        with ``blocks`` (the kernel's input-channel blocks) the first ``BLOCKED_TERMS`` convolutions
+        summed block by block."""
         if self.stride > 1:
             x = F.pixel_unshuffle(x, self.stride)
         z = term = F.pad(x, (0, 0, 0, 0, 0, self.channels - x.shape[1]))
+        pad = self.kernel_size // 2
         for i in range(1, terms + 1):
-            term = F.conv2d(term, kernel, padding=self.kernel_size // 2) / i
+            if blocks is not None and i <= BLOCKED_TERMS:
+                term = conv_in_blocks(term, blocks, pad) / i
+            else:
+                term = F.conv2d(term, kernel, padding=pad) / i
             z = z + term
         return z[:, : self.out_channels] + bias.view(1, -1, 1, 1)
 
@@ -191,7 +235,11 @@ class SOC(EvalCache):
 
     def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
         """The series as ``series`` computes it, term by term. With rho >= ||K||, A >= || |K| || and
-        g = gamma_n (n = c k^2, the conv's fan-in), per unit of ||x||: the computed conv of the
+        g = gamma_n (n = c k^2, the conv's fan-in), or for the first ``BLOCKED_TERMS`` convolutions, summed
+        in G blocks, g = gamma_(n/G + G - 1) (each block's inner products are off by gamma_(n/G)
+        |K_g||x_g| (Higham 2002, eq. 3.5, any order), the G partial results added in order by
+        gamma_(G-1) of their absolute sum, and (1 + gamma_a)(1 + gamma_b) <= 1 + gamma_(a+b)), per unit
+        of ||x||: the computed conv of the
         computed term t'_{i-1} (norm <= tau_{i-1}) is off by g A tau_{i-1} and has norm
         <= c_i = (rho + g A) tau_{i-1}; dividing by i adds v c_i / i, v = (1 + u)^2 - 1 (CUDA divides
         by a Python scalar as a product with the rounded fl(1/i): two roundings); the error d_i of
@@ -201,9 +249,11 @@ class SOC(EvalCache):
         u, kernel = unit(dtype), self.derived(self.kernel)
         v = (1 + u) ** 2 - 1
         n = kernel[0].numel()
-        g, a, rho = gamma(n, dtype), abs_operator_norm(kernel), self._rho(in_shape)
+        a, rho = abs_operator_norm(kernel), self._rho(in_shape)
+        blocked, plain = gamma(n // self.groups + self.groups - 1, dtype), gamma(n, dtype)
         tau, d, zeta, err = 1.0, 0.0, 1.0, 0.0
         for i in range(1, self.eval_terms + 1):
+            g = blocked if i <= BLOCKED_TERMS else plain
             c = (rho + g * a) * tau
             d = (rho * d + g * a * tau + v * c) / i
             tau = (1 + v) * c / i
