@@ -26,12 +26,13 @@ FILE_DATASETS = {  # name -> folder the loader looks into, relative to the data 
     "cifar10": "cifar-10-batches-py",
     "cifar100": "cifar-100-python",
     "tinyimagenet": "tiny-imagenet-200",
+    "cifar10-jpg": "cifar10-jpg",
 }
 
 
 # ------------------------------------------------------------------------- names and info
 def test_dataset_names_and_info():
-    assert dataset_names() == ["moons", "digits", "mnist", "cifar10", "cifar100", "tinyimagenet"]
+    assert dataset_names() == ["moons", "digits", "mnist", "cifar10", "cifar100", "tinyimagenet", "cifar10-jpg"]
     expected = {
         "moons": (2, (2,)),
         "digits": (10, (1, 8, 8)),
@@ -39,6 +40,7 @@ def test_dataset_names_and_info():
         "cifar10": (10, (3, 32, 32)),
         "cifar100": (100, (3, 32, 32)),
         "tinyimagenet": (200, (3, 64, 64)),
+        "cifar10-jpg": (10, (3, 32, 32)),
     }
     for name in dataset_names():
         info = dataset_info(name)
@@ -207,6 +209,41 @@ def _fake_tinyimagenet(root: Path) -> Path:
     return folder
 
 
+def _fake_cifar10_jpg(root: Path, per_class: dict[str, int]) -> Path:
+    folder = root / "cifar10-jpg"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls, n in per_class.items():
+            (folder / split / cls).mkdir(parents=True)
+            for i in range(n):
+                image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(image).save(folder / split / cls / f"{i:04d}.jpg")
+    return folder
+
+
+def test_cifar10_jpg_labels_go_round_robin_over_the_classes(tmp_path):
+    from cll.data import CIFAR10_CLASSES
+
+    counts = dict.fromkeys(CIFAR10_CLASSES, 2) | {"cat": 3}
+    _fake_cifar10_jpg(tmp_path, counts)
+    train, test, _ = load_dataset("cifar10-jpg", root=tmp_path, augment=False, max_train=10)
+    assert [y for _, y in train] == list(range(10))  # the first N are balanced
+    assert [y for _, y in test] == [*range(10), *range(10), 3]
+    assert test[0][0].shape == (3, 32, 32) and test[0][0].dtype == torch.float32
+    (tmp_path / "cifar10-jpg" / "test" / "frog" / "0000.jpg").rename(tmp_path / "x.jpg")
+    Image.new("RGB", (31, 32)).save(tmp_path / "cifar10-jpg" / "test" / "frog" / "0000.jpg")
+    _, test, _ = load_dataset("cifar10-jpg", root=tmp_path)
+    with pytest.raises(DataError, match=r"0000\.jpg is 31x32, expected 32x32"):
+        test[6]
+    for f in (tmp_path / "cifar10-jpg" / "train" / "truck").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=r"no images .* in .*truck"):
+        load_dataset("cifar10-jpg", root=tmp_path)
+    (tmp_path / "cifar10-jpg" / "train" / "truck").rmdir()
+    with pytest.raises(DataError, match=r"missing class folder .*truck"):
+        load_dataset("cifar10-jpg", root=tmp_path)
+
+
 def test_fake_tinyimagenet_labels_and_greyscale(tmp_path):
     _fake_tinyimagenet(tmp_path)
     train, test, _ = load_dataset("tinyimagenet", root=tmp_path)
@@ -299,6 +336,16 @@ def test_real_cifar100(unpack):
     assert all(0 <= y < 100 for y in labels) and len(set(labels)) > 1
     assert torch.equal(train[5][0], test[5][0])  # this file has train = test
     assert test[0][0].shape == (3, 32, 32)
+
+
+@pytest.mark.data
+def test_real_cifar10_jpg(unpack, tmp_path):
+    (tmp_path / "cifar10-jpg").symlink_to(unpack("cifar10-jpg-full.tgz"))
+    train, test, info = load_dataset("cifar10-jpg", root=tmp_path, augment=False)
+    assert (len(train), len(test), info.num_classes) == (50000, 10000, 10)
+    assert train.targets[:20] == [*range(10), *range(10)] and sorted(set(test.targets)) == list(range(10))
+    x, _ = test[0]
+    assert x.shape == (3, 32, 32) and x.min() >= 0 and x.max() <= 1 and x.std() > 0.05
 
 
 @pytest.mark.data

@@ -18,6 +18,10 @@ Data sets (``root`` is ``$CLL_DATA`` if set, else ``./data``):
 - ``tinyimagenet`` (Le & Yang, "Tiny ImageNet Visual Recognition Challenge", 2015):
   ``<root>/tiny-imagenet-200/`` in the official layout (``wnids.txt``, ``train/<wnid>/images/``,
   ``val/images/`` + ``val/val_annotations.txt``); the official val split is our test set.
+- ``cifar10-jpg``: CIFAR-10 as image files, ``<root>/cifar10-jpg/{train,test}/<class>/*.jpg`` with
+  the ten class folders named as CIFAR-10's classes (``airplane`` ... ``truck``, labels in that
+  order); e.g. a lossy JPEG copy, on which a CPU run reads no pickle. Items go round-robin over the
+  classes, so the first N of either split (``max_train``, ``max_test``) are balanced.
 
 Nothing is ever downloaded; a missing or malformed data set raises :class:`DataError` with one line
 that says what was expected where.
@@ -35,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .errors import ConfigError, DataError
+from .image_folders import ClassFolders, TinyImageNet, fix_hint
 
 
 def _transforms():
@@ -67,19 +71,17 @@ _INFO = {
     "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465)),
     "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409)),
     "tinyimagenet": DatasetInfo("tinyimagenet", 200, (3, 64, 64), (0.4802, 0.4481, 0.3975)),
+    "cifar10-jpg": DatasetInfo("cifar10-jpg", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465)),
 }
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # The folder of each file-based data set under the data root (moons and digits are made in memory).
 FOLDERS = {
     "mnist": "MNIST",
     "cifar10": "cifar-10-batches-py",
     "cifar100": "cifar-100-python",
     "tinyimagenet": "tiny-imagenet-200",
+    "cifar10-jpg": "cifar10-jpg",
 }
-
-
-def _fix(top: str) -> str:
-    """How to repair a missing file-based data set; ``top`` is its folder directly under the root."""
-    return f"; unpack it there, or point data_root (or $CLL_DATA) at the folder that contains {top}/"
 
 
 def dataset_names() -> list[str]:
@@ -179,7 +181,7 @@ def _load_mnist(root: Path) -> tuple[Dataset, Dataset]:
         )
         raise DataError(
             f"dataset 'mnist': {what} under {raw} (expected the four gunzipped files "
-            f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte){_fix(FOLDERS['mnist'])}"
+            f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte){fix_hint(FOLDERS['mnist'])}"
         )
     for split in ("train", "t10k"):
         n_images = _check_idx(raw / f"{split}-images-idx3-ubyte", 2051, (28, 28))
@@ -232,7 +234,7 @@ def _load_cifar(name: str, root: Path, augment: bool) -> tuple[Dataset, Dataset]
     if missing:
         nothing = len(missing) == len(others) + len(all_train)
         what = f"no {title} files" if nothing else f"incomplete {title} files (missing {', '.join(missing)})"
-        raise DataError(f"dataset {name!r}: {what} under {folder} (expected {expected}){_fix(folder.name)}")
+        raise DataError(f"dataset {name!r}: {what} under {folder} (expected {expected}){fix_hint(folder.name)}")
     if len(train_files) < len(all_train):
         # Legitimate for subsets (e.g. test data), but a full run should know it trains on less.
         warnings.warn(
@@ -263,65 +265,6 @@ def _load_cifar(name: str, root: Path, augment: bool) -> tuple[Dataset, Dataset]
     return splits[0], splits[1]
 
 
-# -------------------------------------------------------------------------------- Tiny-ImageNet
-class TinyImageNet(Dataset):
-    """Tiny-ImageNet-200 read from the official layout, one JPEG per item (loaded lazily).
-
-    Labels are line indices of ``wnids.txt``. Train images are taken class by class in sorted file
-    order; the test split is the official validation set, in the order and with the labels of
-    ``val/val_annotations.txt`` (tab-separated: file name, wnid, bounding box).
-    """
-
-    def __init__(self, folder: Path, train: bool, transform):
-        self.transform = transform
-        wnids = [w.strip() for w in (folder / "wnids.txt").read_text().splitlines() if w.strip()]
-        if len(wnids) != 200 or len(set(wnids)) != 200:
-            raise DataError(
-                f"dataset 'tinyimagenet': {folder / 'wnids.txt'} lists {len(set(wnids))} distinct "
-                "class ids, expected 200"
-            )
-        self.classes = wnids
-        index = {w: i for i, w in enumerate(wnids)}
-        self.samples: list[tuple[Path, int]] = []
-        if train:
-            for wnid in wnids:
-                images = folder / "train" / wnid / "images"
-                if not images.is_dir():
-                    raise DataError(f"dataset 'tinyimagenet': missing class folder {images}{_fix(folder.name)}")
-                self.samples += [
-                    (images / f, index[wnid])
-                    for f in sorted(os.listdir(images))
-                    if f.lower().endswith((".jpeg", ".jpg"))
-                ]
-        else:
-            images = folder / "val" / "images"
-            present = set(os.listdir(images))  # one listdir instead of 10000 stat calls
-            for line_no, line in enumerate((folder / "val" / "val_annotations.txt").read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                fields = line.split("\t")
-                if len(fields) < 2 or fields[1] not in index or fields[0] not in present:
-                    raise DataError(
-                        f"dataset 'tinyimagenet': line {line_no} of {folder / 'val' / 'val_annotations.txt'}"
-                        f" names an unknown class or a missing image: {line.strip()!r}"
-                    )
-                self.samples.append((images / fields[0], index[fields[1]]))
-        if not self.samples:
-            raise DataError(f"dataset 'tinyimagenet': no {'train' if train else 'val'} images under {folder}")
-        self.targets = [label for _, label in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[i]
-        with Image.open(path) as im:
-            img = im.convert("RGB")  # about 2% of the JPEGs are greyscale
-        if img.size != (64, 64):
-            raise DataError(f"dataset 'tinyimagenet': {path} is {img.size[0]}x{img.size[1]}, expected 64x64")
-        return self.transform(img), label
-
-
 def _load_tinyimagenet(root: Path, augment: bool) -> tuple[Dataset, Dataset]:
     folder = root / FOLDERS["tinyimagenet"]
     needed = ["wnids.txt", "train", "val/images", "val/val_annotations.txt"]
@@ -334,11 +277,23 @@ def _load_tinyimagenet(root: Path, augment: bool) -> tuple[Dataset, Dataset]:
         )
         raise DataError(
             f"dataset 'tinyimagenet': {what} under {folder} (expected wnids.txt, train/<wnid>/images/"
-            f"*.JPEG, val/images/*.JPEG and val/val_annotations.txt from tiny-imagenet-200.zip){_fix(folder.name)}"
+            f"*.JPEG, val/images/*.JPEG and val/val_annotations.txt from tiny-imagenet-200.zip){fix_hint(folder.name)}"
         )
     T = _transforms()
     train = TinyImageNet(folder, True, _augmented(64, 8) if augment else T.ToTensor())
     return train, TinyImageNet(folder, False, T.ToTensor())
+
+
+def _load_class_folders(name: str, root: Path, augment: bool) -> tuple[Dataset, Dataset]:
+    folder = root / FOLDERS[name]
+    if not all((folder / split).is_dir() for split in ("train", "test")):
+        raise DataError(
+            f"dataset {name!r}: no train/ and test/ folders under {folder} (expected "
+            f"{{train,test}}/<class>/*.jpg, classes {', '.join(CIFAR10_CLASSES)}){fix_hint(folder.name)}"
+        )
+    T = _transforms()
+    train = ClassFolders(name, folder / "train", CIFAR10_CLASSES, 32, _augmented(32, 4) if augment else T.ToTensor())
+    return train, ClassFolders(name, folder / "test", CIFAR10_CLASSES, 32, T.ToTensor())
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -389,6 +344,8 @@ def load_dataset(
         train, test = _load_mnist(root)
     elif name in ("cifar10", "cifar100"):
         train, test = _load_cifar(name, root, augment)
+    elif name == "cifar10-jpg":
+        train, test = _load_class_folders(name, root, augment)
     else:
         train, test = _load_tinyimagenet(root, augment)
     return _first(train, max_train, "max_train"), _first(test, max_test, "max_test"), info
