@@ -205,6 +205,12 @@ MALFORMED = [
     ({"cll_head_gradient": "yes"}, (), "cll_head_gradient: 'yes'", ["true or false"]),
     ({"gloro_head_gradient": 0}, (), "gloro_head_gradient: 0", ["true or false"]),
     ({"checkpoint_every": 0}, (), "checkpoint_every: 0", [">= 1"]),
+    ({"emma_eps_start": -0.1}, (), "emma_eps_start: -0.1", [">= 0"]),
+    ({"emma_eps_end": "x"}, (), "emma_eps_end: 'x'", ["not a number"]),
+    ({"lookahead": "yes"}, (), "lookahead: 'yes'", ["true or false"]),
+    ({"warmup_epochs": -1}, (), "warmup_epochs: -1", [">= 0"]),
+    ({"grad_clip": 0}, (), "grad_clip: 0", ["> 0"]),
+    ({"optimizer": "nadamw"}, (), "optimizer: 'nadamw'", ["nadam"]),
 ]
 
 

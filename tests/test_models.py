@@ -24,7 +24,7 @@ PARAMS = {
 }
 
 
-PEER_FAMILIES = ("LipConv-", "CPL-", "SLL-", "Sandwich")
+PEER_FAMILIES = ("LipConv-", "CPL-", "SLL-", "Sandwich", "LiResNet-")  # tests/test_peers.py, tests/test_liresnet.py
 
 
 def test_every_registered_arch_has_a_use():

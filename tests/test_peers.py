@@ -363,6 +363,7 @@ def test_each_loss_gets_the_head_its_code_base_trains():
         "soc_cr": "lln",
         "cpl_hinge": "trunc",
         "sll_offset_ce": "trunc",
+        "emma": "lln",  # LiResNet's use_lln
     }
     assert [n for n, f in loss.items() if f.local_certificate] == ["local_lip_b"]  # cll certify --local
 
@@ -393,6 +394,8 @@ CLI_RUNS = {
     "CPL-S": dict(loss="cpl_hinge", width=0.1),
     "SLL-S": dict(loss="cll", eps=1.0, p=3e-3, width=0.1, lip_penalty=1e-5, lip_penalty_form="batch"),
     "Sandwich": dict(loss="sll_offset_ce", width=1 / 16, lr=0.01, head="lln"),
+    # LiResNet's recipe keys (docs/recipes.md): NAdam with Lookahead (its state in the checkpoint), warm-up, clipping
+    "LiResNet-L2W32": dict(loss="emma", optimizer="nadam", lookahead=True, warmup_epochs=0.5, grad_clip=3.0),
 }
 
 

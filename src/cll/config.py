@@ -87,9 +87,12 @@ class RunConfig:
     eps_warmup: float = setting(
         1.0,
         NON_NEGATIVE,
-        "gloro, local_lip_b: fraction of training over which eps ramps 0 -> eps (gloro: power 5; local_lip_b: "
-        "linear, and its CE weight kappa 1 -> 0 alongside)",
+        "gloro, local_lip_b, emma: fraction of training over which eps ramps 0 -> eps (gloro: power 5; local_lip_b: "
+        "linear, and its CE weight kappa 1 -> 0 alongside; emma: emma_eps_start eps -> emma_eps_end eps, linear "
+        "in whole epochs; LiResNet: 0.5)",
     )
+    emma_eps_start: float = setting(0.1, NON_NEGATIVE, "emma: training eps at the start, as a factor on eps")
+    emma_eps_end: float = setting(3.0, NON_NEGATIVE, "emma: training eps after its ramp, as a factor on eps")
     sparsity: float = setting(
         0.01, NON_NEGATIVE, "local_lip_b: weight of the sparsity term on the clipped activations' bounds"
     )
@@ -127,10 +130,13 @@ class RunConfig:
     seed: int = setting(0, COUNT, "random seed")
     epochs: int = setting(801, AT_LEAST_ONE, "training epochs")
     batch_size: int = setting(128, AT_LEAST_ONE, "training batch size")
-    optimizer: str = setting("adamw", Choice(("adamw", "adam", "sgd")), "optimizer")
+    optimizer: str = setting("adamw", Choice(("adamw", "adam", "sgd", "nadam")), "optimizer")
+    lookahead: bool = setting(
+        False, Flag(), "Lookahead around the optimizer (k 6, alpha 0.5, synced at every epoch end: LiResNet's)"
+    )
     lr: float = setting(1e-3, POSITIVE, "learning rate")
     weight_decay: float = setting(0.0, NON_NEGATIVE, "weight decay")
-    betas: list = setting([0.9, 0.999], Numbers(Number(0, 1, open_high=True), size=2), "adam/adamw betas")
+    betas: list = setting([0.9, 0.999], Numbers(Number(0, 1, open_high=True), size=2), "adam/adamw/nadam betas")
     momentum: float = setting(0.9, NON_NEGATIVE, "sgd momentum")
     schedule: str = setting(
         "multistep",
@@ -143,6 +149,15 @@ class RunConfig:
         "multistep: epochs at which the learning rate drops; exp: [the epoch the decay starts]",
     )
     gamma: float = setting(0.1, NON_NEGATIVE, "multistep: factor of each drop; exp: the factor reached at the end")
+    warmup_epochs: float = setting(
+        0.0,
+        NON_NEGATIVE,
+        "linear learning-rate warm-up over this many epochs (lr/n .. lr per iteration); the schedule then runs "
+        "on the iterations after it (LiResNet: 20)",
+    )
+    grad_clip: float | None = setting(
+        None, Number(low=0, open_low=True, null="off"), "clip the gradient's global l2 norm to this (LiResNet: 3)"
+    )
     # ---- data ----
     data_root: str | None = setting(
         None, Text("a directory path", null="$CLL_DATA, else ./data"), "folder holding the data sets"

@@ -1,6 +1,6 @@
 """Training losses: CLL (pairwise and per-logit), GloRo (bottom class, TRADES), cross-entropy,
 the peers' own losses: SOC's cross-entropy with certificate regularisation, CPL's multi-class
-hinge, SLL's (and LBDN's) offset cross-entropy, and Local-Lip-B's loss on a local bound.
+hinge, SLL's (and LBDN's) offset cross-entropy, Local-Lip-B's loss on a local bound, EMMA (``emma``).
 
 Every loss is called as ``loss(logits, target, head_weight, lip_body, progress)``:
 ``logits`` (N, C), ``target`` (N,) int64, ``head_weight`` the classifier's W (C, d), ``lip_body``
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .emma import emma_eps, emma_loss
 from .lipschitz.operators import max_row_distance, row_distances
 from .local_lipschitz import LocalEstimate, estimate_local
 from .registry import Registry
@@ -310,6 +311,21 @@ class LocalLipB(Loss):
         return (1 - ramp) * F.cross_entropy(logits, target) + ramp * robust
 
 
+# ---------------------------------------------------------------- EMMA (LiResNet)
+class EMMA(Loss):
+    """LiResNet's loss (``cll.emma.emma_loss``) at its training eps (``cll.emma.emma_eps``)."""
+
+    needs_lipschitz = True
+    head = "lln"  # LiResNet's last layer (use_lln in every config)
+
+    def __init__(self, eps: float, start: float, end: float, ramp: float, epochs: int):
+        super().__init__()
+        self.eps, self.schedule = eps, (start, end, ramp, epochs)
+
+    def forward(self, logits, target, head_weight, lip_body, progress: float = 1.0):
+        return emma_loss(logits, target, head_weight, lip_body, emma_eps(self.eps, *self.schedule, progress))
+
+
 # ---------------------------------------------------------------- the K penalty
 def lipschitz_penalty(
     lip_body: torch.Tensor,
@@ -369,6 +385,9 @@ def _sll_offset_ce(cfg) -> OffsetCrossEntropy:
 @LOSSES.register("local_lip_b")
 def _local_lip_b(cfg) -> LocalLipB:
     return LocalLipB(cfg.eps, cfg.sparsity, cfg.eps_warmup, cfg.pi_iters)
+
+
+LOSSES.register("emma")(lambda cfg: EMMA(cfg.eps, cfg.emma_eps_start, cfg.emma_eps_end, cfg.eps_warmup, cfg.epochs))
 
 
 def create(cfg) -> nn.Module:

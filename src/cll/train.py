@@ -4,7 +4,8 @@ One step, in the CLL reference's order (the penalty refreshes the estimate CLL r
   1. refresh the body's Lipschitz estimate K_F with ``pi_iters`` warm-started power iterations,
      keeping the graph (the penalty differentiates through them);
   2. loss = criterion(logits, y, W, K_F) + lip_penalty * (K_F * max_ij ||W_i - W_j||)^lip_pow;
-  3. backward, optimizer step, LR schedule step (per iteration).
+  3. backward, optimizer step (gradient clipping and Lookahead where the run asks: ``cll.optim``),
+     LR schedule step (per iteration).
 At each epoch end the iterates are converged and the estimate is logged. The run is checkpointed
 every ``checkpoint_every`` epochs with model, optimizer, schedule and RNG states, so rerunning the
 same command resumes where it stopped. The sound bound is computed once at the end.
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader
 from . import batches, data, distributed, lipschitz, losses, models, results
 from .config import RunConfig, build_config
 from .errors import CllError, ConfigError
+from .optim import clip_gradients, make_optimizer, make_schedule, sync_lookahead
 from .progress import fmt_time
 
 
@@ -46,38 +48,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The run's optimizer; parameters of modules flagged ``no_weight_decay`` (HH1's angles, as in
-    SOC's recipe) get no weight decay."""
-    exempt = {id(p) for m in model.modules() if getattr(m, "no_weight_decay", False) for p in m.parameters()}
-    params = [{"params": [p for p in model.parameters() if id(p) not in exempt]}]
-    if exempt:
-        params.append({"params": [p for p in model.parameters() if id(p) in exempt], "weight_decay": 0.0})
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-
-
-def make_schedule(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """LR multiplier per iteration (the reference steps its schedulers every iteration)."""
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "multistep":
-        epochs = cfg.milestones or [round(f * cfg.epochs) for f in (0.5, 0.75, 0.975)]
-        steps = [e * steps_per_epoch for e in epochs]
-        factor = lambda it: cfg.gamma ** sum(it >= s for s in steps)
-    elif cfg.schedule == "cosine":
-        factor = lambda it: 0.5 * (1 + math.cos(math.pi * min(it / total, 1.0)))
-    elif cfg.schedule == "triangular":  # CPL's: 0 -> lr at 40%, -> lr/20 at 80%, -> 0 at the end
-        factor = lambda it: float(np.interp(it / total, [0, 0.4, 0.8, 1.0], [0, 1, 0.05, 0]))
-    elif cfg.schedule == "exp":  # Local-Lip-B's: constant, then exponential decay to lr * gamma at the end
-        start = (cfg.milestones[0] if cfg.milestones else 0.6 * cfg.epochs) * steps_per_epoch
-        factor = lambda it: cfg.gamma ** min(max(it - start, 0) / max(total - start, 1), 1.0)
-    else:
-        factor = lambda it: 1.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _rng_state() -> dict:
@@ -213,12 +183,15 @@ def make_step(
     A loss with a ``local_estimate`` (Local-Lip-B) gets, in place of K_F, its per-sample estimate of
     the body's local constant around the batch (``cll.local_lipschitz``). Layers with a
     ``constrain_`` method (the clipped activations' thresholds) are projected back into their
-    range after every optimizer step."""
+    range after every optimizer step. ``grad_clip`` registers the clipping on ``optimizer`` here:
+    a data-parallel ``distributed.attach`` must come first, so that the global gradient is clipped."""
     needs_k = criterion.needs_lipschitz or cfg.lip_penalty > 0
     local_estimate = getattr(criterion, "local_estimate", None)
     constrained = [m for m in model.modules() if hasattr(m, "constrain_")]
     body = torch.compile(model.body) if cfg.compile else model.body
     amp = cfg.amp and device.type == "cuda"
+    if cfg.grad_clip is not None:
+        clip_gradients(optimizer, model, cfg.grad_clip)
 
     def step(x: torch.Tensor, y: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
         lip_body = lipschitz.estimate_body(model, cfg.pi_iters) if needs_k else None
@@ -291,8 +264,8 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
         history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
         log(f"resuming {out_dir} at epoch {start_epoch}/{cfg.epochs}")
 
-    step = make_step(cfg, model, criterion, optimizer, device)
     distributed.attach(model, optimizer, log)  # data-parallel: global-batch gradients, shared iterates
+    step = make_step(cfg, model, criterion, optimizer, device)  # (after attach: it clips the global gradient)
     in_memory = batches.in_memory(train_set, device)  # moons, digits: batches gathered on the device
     if cfg.amp and device.type != "cuda":
         log("amp: true has no effect on the CPU (bf16 autocast is a GPU option); training in fp32")
@@ -331,6 +304,7 @@ def train(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] | None
                     f"epoch ETA {fmt_time((steps_per_epoch - i - 1) * cfg.batch_size / rate)}"
                 )
 
+        sync_lookahead(optimizer)  # the epoch-end pull of LiResNet's Lookahead (no-op without it)
         total_loss, total_correct, total_n = distributed.all_sum(total_loss, total_correct, total_n)
         mean_loss = float(total_loss) / total_n
         # the converged estimate where one exists (None for the peers' families: see cll.lipschitz)

@@ -4,6 +4,7 @@
   arXiv 1811.05381). It sorts each pair of adjacent channels, so it is 1-Lipschitz in l2 and
   gradient-norm preserving. Pairing follows the CLL/GloRo reference: channels (0,1), (2,3), ...;
   the output is ``cat([maxes, mins])`` along the channel axis.
+- ``MaxMinHalves``: GroupSort-2 on the pairs (c, c + C/2), each sorted in place (LiResNet's MinMax).
 - ``HouseHolder``: the order-1 Householder activation HH1 (Singla, Singla, Feizi, "Improved
   deterministic l2 robustness on CIFAR-10 and CIFAR-100", ICLR 2022, arXiv 2108.04062), used by
   the SOC LipConvNets. Channel c of the first half is paired with channel c of the second half.
@@ -142,6 +143,27 @@ class MaxMin(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             return _MaxMinFunction.apply(x)
         return _max_min(x)
+
+
+class MaxMinHalves(nn.Module):
+    """GroupSort-2 over the pairs (c, c + C/2), sorted in place: (N, C, ...) -> cat([max(a, b),
+    min(a, b)]) with a, b the two halves of the channels (LiResNet's ``MinMax``; a tie gives the max
+    b's gradient, as its ``where`` does). Not cll's ``MaxMin`` relabelled: that one pairs adjacent
+    channels and writes each pair to (c, c + C/2), a channel permutation on top of the sort, which
+    would turn LiResNet's identity skip into a permutation. 1-Lipschitz, exact in floating point."""
+
+    exact_bound = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        larger = a > b
+        return torch.cat([torch.where(larger, a, b), torch.where(larger, b, a)], dim=1)
+
+    def upper_bound(self, in_shape: tuple[int, ...]) -> float:
+        return 1.0
+
+    def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
+        return EXACT
 
 
 class HouseHolder(nn.Module):

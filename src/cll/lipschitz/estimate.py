@@ -6,7 +6,9 @@ Power iteration runs on the *true* operator of every plain conv/linear layer of 
 input size (stride, padding and the exact adjoint: ``conv_transpose2d`` with the ``output_padding``
 that restores the input shape). The iterates persist in the model's buffers (warm start), a few
 iterations run per training step with gradient (the K penalty differentiates through them, as the
-CLL reference does), and ``converge`` iterates to a tolerance for evaluation.
+CLL reference does), and ``converge`` iterates to a tolerance for evaluation. A layer of cll whose
+map is one convolution or dense map of a *derived* weight (LiResNet's block: the kernel I + s gamma
+V) is followed too: its ``power_operator()`` names a plain layer of that geometry and the weight.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ TRACKED = (nn.Linear, nn.Conv2d)  # the layers power iteration follows (exact ty
 
 
 def is_tracked(layer: nn.Module) -> bool:
-    return type(layer) in TRACKED
+    return type(layer) in TRACKED or hasattr(layer, "power_operator")
+
+
+def operator_of(layer: nn.Module) -> tuple[nn.Module, torch.Tensor]:
+    """(a plain conv/linear layer with the geometry of ``layer``'s map, the weight of that map): the
+    layer and its own weight, or what its ``power_operator()`` gives (with gradient in training)."""
+    own = getattr(layer, "power_operator", None)
+    return own() if own is not None else (layer, layer.weight)
 
 
 def weight_gradient(layer: nn.Module, inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -43,16 +52,18 @@ def power_iterate(forward: Operator, adjoint: Operator, u: torch.Tensor, n_iter:
 
 
 def power_norm(
-    layer: nn.Module, shape: tuple[int, ...], u: torch.Tensor, n_iter: int
+    layer: nn.Module, shape: tuple[int, ...], u: torch.Tensor, n_iter: int, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigma, u_n): ``n_iter`` power-iteration steps from ``u``, then sigma = ||A u_n|| / ||u_n||.
+    """(sigma, u_n): ``n_iter`` power-iteration steps from ``u``, then sigma = ||A u_n|| / ||u_n||
+    (``weight``: in place of ``layer.weight``, same shape).
 
     Where autograd needs the weight's gradient, through every step (the K penalty of the recipe),
     the steps run as ``_PowerNorm``: the same operations forward and the same gradient, with the
     weight gradient of all the steps formed in one call."""
-    if n_iter > 0 and torch.is_grad_enabled() and layer.weight.requires_grad:
-        return _PowerNorm.apply(layer.weight, u, layer, shape, n_iter)
-    forward, adjoint = linear_operator(layer, shape)
+    weight = layer.weight if weight is None else weight
+    if n_iter > 0 and torch.is_grad_enabled() and weight.requires_grad:
+        return _PowerNorm.apply(weight, u, layer, shape, n_iter)
+    forward, adjoint = linear_operator(layer, shape, weight)
     u = power_iterate(forward, adjoint, u, n_iter)
     return forward(u).norm() / (u.norm() + 1e-12), u
 
@@ -115,7 +126,8 @@ class _PowerNorm(torch.autograd.Function):
 
 
 class PowerIteration(nn.Module):
-    """Persistent power-iteration state for the plain conv/linear layers of a sequential body.
+    """Persistent power-iteration state for the plain conv/linear layers of a sequential body (and
+    the layers of cll that name such a map by ``power_operator``, see ``operator_of``).
 
     One buffer ``u<i>`` per layer holds the current (unit-norm) right singular vector estimate at
     the layer's real input shape, so it is saved in ``state_dict`` and training resumes warm.
@@ -141,6 +153,9 @@ class PowerIteration(nn.Module):
             else:
                 self.factor *= exact
 
+    def _operators(self) -> list[tuple[nn.Module, torch.Tensor, tuple[int, ...]]]:
+        return [(*operator_of(layer), shape) for layer, shape in self._layers]
+
     def iterates(self) -> list[torch.Tensor]:
         return [getattr(self, f"u{i}") for i in range(len(self._layers))]
 
@@ -151,7 +166,8 @@ class PowerIteration(nn.Module):
         the stored iterates are updated detached."""
         norms = []
         for i, (layer, shape) in enumerate(self._layers):
-            sigma, u = power_norm(layer, shape, getattr(self, f"u{i}"), n_iter)
+            geometry, weight = operator_of(layer)
+            sigma, u = power_norm(geometry, shape, getattr(self, f"u{i}"), n_iter, weight)
             norms.append(sigma)
             if update:  # rebind, not copy_: the old iterate may be saved for this step's backward
                 setattr(self, f"u{i}", u.detach())
@@ -168,7 +184,7 @@ class PowerIteration(nn.Module):
         the first iteration that met the tolerance, with the result of checking at every one.
         A u that is checked is also the next iteration's start: its image A u serves both, so an
         iteration costs two operator applications, not three."""
-        ops = [linear_operator(layer, shape) for layer, shape in self._layers]
+        ops = [linear_operator(geometry, shape, weight.detach()) for geometry, weight, shape in self._operators()]
         us = self.iterates()
         if not ops:
             return []
