@@ -8,12 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from cll.config import build_config
+from cll.models import gloro_net
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+import vs_local_lip  # noqa: E402
 import vs_reference  # noqa: E402
 from vs_reference import COMMON, REFERENCE_RECIPES  # noqa: E402
 
@@ -46,6 +50,46 @@ def test_side_by_side_summary_takes_medians_and_says_who_is_faster(monkeypatch, 
     assert (cert["cll_certify_s"], cert["speedup_vs_cll_certify"]) == (11, round(80 / 11, 3))
     assert cert["reference_peak_rss_mb"] == 9.0 and cert["cll_peak_rss_mb"] == 5.0
     assert len(capsys.readouterr().out.splitlines()) == 2 * (6 + 1)  # a line per measurement + summary
+
+
+class ClampGroupSort(nn.Module):
+    """The Local-Lip-B authors' clipped MaxMin as their code describes it (written here, not
+    imported): channel c paired with c + C/2, output [min(max, max_t), max(min, min_t)], one
+    threshold per neuron of shape (1, C/2, ...)."""
+
+    def __init__(self, half_shape):
+        super().__init__()
+        self.max = nn.Parameter(torch.zeros(1, *half_shape))
+        self.min = nn.Parameter(torch.zeros(1, *half_shape))
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return torch.cat(
+            [torch.minimum(torch.maximum(a, b), self.max), torch.maximum(torch.minimum(a, b), self.min)], 1
+        )
+
+
+def test_local_lip_parameter_map_gives_the_authors_net_cll_s_function():
+    """vs_local_lip's map: cll's clipped-MaxMin weights in a net paired as the authors pair theirs
+    compute cll's function (float64, to rounding), and map back exactly."""
+    torch.manual_seed(0)
+    ours = gloro_net([(4, 3, 1, 1)], [6], 3, (2, 5, 5), activation="clipped_maxmin").double()
+    with torch.no_grad():
+        for act in (ours.body[1], ours.body[4]):  # thresholds where the inputs reach them
+            act.theta_max.uniform_(0.0, 0.5)
+            act.theta_min.uniform_(-0.5, 0.0)
+    conv, dense = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(100, 6)
+    theirs = nn.Sequential(conv, ClampGroupSort((2, 5, 5)), nn.Flatten(), dense, ClampGroupSort((3,)), nn.Linear(6, 3))
+    theirs = theirs.double()
+    vs_local_lip.to_theirs(ours, theirs)
+    x = torch.randn(16, 2, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(theirs(x), ours(x), rtol=1e-13, atol=1e-13)
+        again = gloro_net([(4, 3, 1, 1)], [6], 3, (2, 5, 5), activation="clipped_maxmin").double()
+        vs_local_lip.to_cll(theirs, again)
+    mapped = dict(again.named_parameters())
+    for name, value in ours.named_parameters():
+        assert torch.equal(mapped[name], value), name
 
 
 @pytest.mark.slow(seconds=60)

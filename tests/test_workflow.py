@@ -15,6 +15,7 @@ without Snakemake.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -133,18 +134,20 @@ def test_paper_grid_dry_run_lists_every_runnable_cell(tmp_path):
     cells = {str(c.path(grid.results)): c for c in grid.runnable()}
     # Tiny-ImageNet: GloRo, Local-Lip-B, CLL eps 0.5, SOC LipConv-10/20, CLL LipConv-20, SLL, LBDN
     # 3 seeds each, CLL eps 1.0 9 seeds; CIFAR-100: SOC, CLL LipConv-20, CPL, CLL CPL-XL, SLL 3 seeds
-    # each, CLL SLL-XL 9 seeds; moons 4 slacks
-    assert len(cells) == 33 + 24 + 4
+    # each, CLL SLL-XL 9 seeds; moons 4 slacks; hosts: LiResNet with EMMA and with CLL on CIFAR-100
+    # and Tiny-ImageNet, 3 seeds each
+    assert len(cells) == 33 + 24 + 4 + 12
     assert len(grid.runnable()) == len(grid.cells)  # no row is pending
     counts = job_counts(run.stdout)
     assert counts["train"] == counts["certify"] == len(cells)
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
     # each printed command is one line a person can paste, and reproduces its cell's run config
+    # (a cell with several GPUs trains under torchrun, one process per GPU)
     commands = [
         line.removeprefix("Shell command: ")
         for line in run.stdout.splitlines()
-        if line.removeprefix("Shell command: ").startswith("cll train ")
+        if line.removeprefix("Shell command: ").startswith(("cll train ", "torchrun "))
     ]
     assert len(commands) == len(cells)
     for line in commands:
@@ -153,6 +156,10 @@ def test_paper_grid_dry_run_lists_every_runnable_cell(tmp_path):
         assert argv[argv.index("--track") + 1] == grid.experiment
         cfg = load_config(None, argv[argv.index("--set") + 1 :])
         assert cfg == cells[out].run_config(), out
+        gpus = cells[out].resources.get("gpus", 0)
+        assert (argv[0] == "torchrun") == (gpus > 1), out
+        if gpus > 1:
+            assert argv[argv.index("--nproc-per-node") + 1] == str(gpus)
 
     # each audit job runs with its row's budget (GPU rows 1000 points, 100 steps, 5 restarts; moons
     # the defaults)
@@ -163,6 +170,46 @@ def test_paper_grid_dry_run_lists_every_runnable_cell(tmp_path):
         cell = cells[argv[argv.index("--run") + 1]]
         budget = {key: int(argv[argv.index(f"--{key}") + 1]) for key in ("n", "steps", "restarts")}
         assert budget == ({"n": 1000, "steps": 100, "restarts": 5} if cell.dataset != "moons" else AUDIT_DEFAULTS)
+
+
+HOSTS_GRID = ROOT / "config" / "hosts-cpu.yaml"
+
+
+@pytest.mark.data
+@pytest.mark.workflow(seconds=60)
+@pytest.mark.timeout(900)
+def test_hosts_cpu_grid_runs_end_to_end_on_its_smallest_cells(tmp_path, unpack):
+    """config/hosts-cpu.yaml through the whole workflow on the real CIFAR-10 JPEGs, each row at one
+    seed and toy size (its own 30-minute run is measured in docs/recipes.md): every host's own loss
+    and CLL at both slacks are trained, certified soundly, audited, tabulated side by side, and the
+    slack sweep gives the slack-vs-K figure."""
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    (data_root / "cifar10-jpg").symlink_to(unpack("cifar10-jpg-full.tgz"))
+    grid = yaml.safe_load(HOSTS_GRID.read_text())
+    grid["defaults"].update(max_train=256, max_test=100, epochs=1, batch_size=64)
+    for table in grid["tables"]:
+        for row in table["rows"]:
+            row["seeds"] = row["seeds"][:1]
+            row["audit"] = {"n": 20, "steps": 5, "restarts": 1}
+    path = tmp_path / "hosts.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CLL_DATA": str(data_root)}
+    run = snakemake(tmp_path, "--cores", "2", "all_tables", "--configfile", str(path), env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = load_grid(path)
+    cells, results = loaded.runnable(), tmp_path / loaded.results
+    assert {(c.arch, c.loss) for c in cells} >= {("LiResNet-L2W32", "emma"), ("LiResNet-L2W32", "cll")}
+    check_pipeline_outputs(results, loaded, figures=("slack_vs_k", "cra_vs_p"))  # no moons: no boundaries
+    for table in grid["tables"]:
+        text = (results / "tables" / f"{table['name']}.md").read_text()
+        own, cll = (row["method"] for row in table["rows"])
+        assert f"| {own} |" in text and f"| {cll} p=0.01 |" in text and f"| {cll} p=0.3 |" in text
+    for cell in cells:
+        certified = json.loads((cell.path(results) / "certify.json").read_text())
+        assert certified["rounding"] == "rigorous" and certified["float32_rounding"] == "rigorous"
+        audit = json.loads((cell.path(results) / "audit.json").read_text())
+        assert audit["broken"] == 0
 
 
 def _bad(mutate):
