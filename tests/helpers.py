@@ -129,6 +129,12 @@ LAYERS = {
     "cholesky-linear": LayerCase(lambda: L.CholeskyLinear(20, 12), (20,)),
     "cholesky-residual-linear": LayerCase(lambda: L.CholeskyResidualLinear(16, 8), (16,)),
     "cholesky-patch-conv": LayerCase(lambda: L.CholeskyPatchConv(3, 8, 2), (3, 8, 8)),
+    # BRO conv: canvases 8 (radix-2 FFT in the float64 pass), 7 (odd: the direct DFT, no Nyquist column)
+    "bro-conv": LayerCase(lambda: L.BROConv(4, 2, 3), (4, 6, 6)),
+    "bro-conv-odd-canvas": LayerCase(lambda: L.BROConv(6, 3, 12), (6, 5, 5)),
+    "bro-residual-linear": LayerCase(lambda: L.BROResidualLinear(16, 4, 8), (16,)),
+    "bro-linear": LayerCase(lambda: L.BROLinear(20, 12), (20,)),
+    "bro-patch-conv": LayerCase(lambda: L.BROPatchConv(3, 8, 2), (3, 8, 8)),
     "householder": LayerCase(lambda: L.HouseHolder(6), (6, 3, 3)),
     "hh1": LayerCase(lambda: L.HouseHolder(8), (8, 4, 4)),
     "maxmin": LayerCase(lambda: L.MaxMin(), (6, 3, 3)),

@@ -183,6 +183,7 @@ MALFORMED = [
     ({"hinge_margin": None}, (), "hinge_margin: None", ["not a number"]),
     ({"offset": -2}, (), "offset: -2", [">= 0"]),
     ({"temperature": 0}, (), "temperature: 0", ["> 0"]),
+    ({"la_gamma": -1}, (), "la_gamma: -1", [">= 0"]),
     ({"head": "softmax"}, (), "head: 'softmax'", ["auto", "linear", "lln"]),
     ({"width": 0}, (), "width: 0", ["> 0"]),
     ({"activation": 3}, (), "activation: 3", ["a name"]),

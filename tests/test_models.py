@@ -24,7 +24,8 @@ PARAMS = {
 }
 
 
-PEER_FAMILIES = ("LipConv-", "CPL-", "SLL-", "Sandwich", "LiResNet-")  # tests/test_peers.py, tests/test_liresnet.py
+# tests/test_peers.py, tests/test_liresnet.py, tests/test_bronet.py
+PEER_FAMILIES = ("LipConv-", "CPL-", "SLL-", "Sandwich", "LiResNet-", "BRONet-")
 
 
 def test_every_registered_arch_has_a_use():

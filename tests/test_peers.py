@@ -364,6 +364,7 @@ def test_each_loss_gets_the_head_its_code_base_trains():
         "cpl_hinge": "trunc",
         "sll_offset_ce": "trunc",
         "emma": "lln",  # LiResNet's use_lln
+        "logit_annealing": "lln",  # BRONet's use_lln
     }
     assert [n for n, f in loss.items() if f.local_certificate] == ["local_lip_b"]  # cll certify --local
 
@@ -396,6 +397,17 @@ CLI_RUNS = {
     "Sandwich": dict(loss="sll_offset_ce", width=1 / 16, lr=0.01, head="lln"),
     # LiResNet's recipe keys (docs/recipes.md): NAdam with Lookahead (its state in the checkpoint), warm-up, clipping
     "LiResNet-L2W32": dict(loss="emma", optimizer="nadam", lookahead=True, warmup_epochs=0.5, grad_clip=3.0),
+    # BRONet's (docs/recipes.md): Logit Annealing, NAdam with Lookahead and weight decay, warm-up, clipping
+    "BRONet-L2W32": dict(
+        loss="logit_annealing",
+        offset=2.0,
+        temperature=0.75,
+        optimizer="nadam",
+        lookahead=True,
+        weight_decay=4e-5,
+        warmup_epochs=0.5,
+        grad_clip=3.0,
+    ),
 }
 
 

@@ -16,8 +16,8 @@ from cll import layers as L
 from cll.attack import pgd_l2
 from cll.certify.passes import float64_layer
 from cll.certify.radius import certified_radius
-from cll.layers.sandwich import fft2_error, fft2_radix2
 from cll.lipschitz import layer_rounding
+from cll.lipschitz.fft import dft2, dft2_direct, dft2_error, fft2_error, fft2_radix2
 from cll.lipschitz.operators import row_distances
 
 
@@ -55,7 +55,7 @@ def test_every_layer_bounds_its_own_rounding_in_both_precisions(name):
         assert (error > 0).any()  # rounding happened: the check was not vacuous
     assert (error <= 1e-5 * y64.flatten(1).norm(dim=1)).all()  # one function in two precisions
     assert r64.rigorous and r64.alpha < 1e-10
-    assert r32.rigorous == (not isinstance(layer, L.SandwichConv))  # torch.fft: an estimate only
+    assert r32.rigorous == (not isinstance(layer, (L.SandwichConv, L.BROConv)))  # torch.fft: an estimate only
 
 
 @pytest.mark.parametrize("n", [2, 8, 32])
@@ -69,6 +69,23 @@ def test_radix2_fft_is_the_dft_within_its_proved_error(n):
     low = fft2_radix2(x.to(torch.complex64)).to(torch.complex128)
     error = (low - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)
     assert (error <= fft2_error(n, torch.float32)).all() and (error > 0).all()
+
+
+@pytest.mark.parametrize("n", [3, 6, 7, 18, 34])
+def test_direct_dft_is_the_dft_within_its_proved_error(n):
+    """Any side (BRONet's canvases are 18 and 34): the same check as the radix-2 FFT's, and ``dft2``
+    picks the direct DFT for these sides and the radix-2 FFT for powers of two."""
+    torch.manual_seed(n)
+    x = torch.randn(3, 5, n, n, dtype=torch.complex128)
+    exact = torch.fft.fft2(x)
+    assert torch.allclose(dft2_direct(x), exact, rtol=0, atol=1e-10)
+    assert torch.allclose(dft2_direct(exact, inverse=True) / (n * n), x, rtol=0, atol=1e-12)
+    four = torch.randn(2, 4, 4, dtype=torch.complex128)
+    assert torch.equal(dft2(x), dft2_direct(x)) and torch.equal(dft2(four), fft2_radix2(four))
+    low = dft2_direct(x.to(torch.complex64)).to(torch.complex128)
+    error = (low - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)
+    assert (error <= dft2_error(n, torch.float32)).all() and (error > 0).all()
+    assert dft2_error(n, torch.float64) < 1e-12
 
 
 def _sandwich_with_a_large_constant(seed: int = 0) -> nn.Module:

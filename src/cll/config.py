@@ -87,19 +87,30 @@ class RunConfig:
     eps_warmup: float = setting(
         1.0,
         NON_NEGATIVE,
-        "gloro, local_lip_b, emma: fraction of training over which eps ramps 0 -> eps (gloro: power 5; local_lip_b: "
-        "linear, and its CE weight kappa 1 -> 0 alongside; emma: emma_eps_start eps -> emma_eps_end eps, linear "
-        "in whole epochs; LiResNet: 0.5)",
+        "gloro, local_lip_b, emma, logit_annealing: fraction of training over which eps ramps 0 -> eps (gloro: "
+        "power 5; local_lip_b: linear, and its CE weight kappa 1 -> 0 alongside; emma, logit_annealing: "
+        "emma_eps_start eps -> emma_eps_end eps, linear in whole epochs; LiResNet, BRONet: 0.5)",
     )
-    emma_eps_start: float = setting(0.1, NON_NEGATIVE, "emma: training eps at the start, as a factor on eps")
-    emma_eps_end: float = setting(3.0, NON_NEGATIVE, "emma: training eps after its ramp, as a factor on eps")
+    emma_eps_start: float = setting(
+        0.1, NON_NEGATIVE, "emma, logit_annealing: training eps at the start, as a factor on eps"
+    )
+    emma_eps_end: float = setting(
+        3.0, NON_NEGATIVE, "emma, logit_annealing: training eps after its ramp, as a factor on eps"
+    )
     sparsity: float = setting(
         0.01, NON_NEGATIVE, "local_lip_b: weight of the sparsity term on the clipped activations' bounds"
     )
     cr_gamma: float = setting(0.0, NON_NEGATIVE, "soc_cr: weight of SOC's certificate regulariser")
     hinge_margin: float = setting(0.7, NON_NEGATIVE, "cpl_hinge: margin of CPL's multi-class hinge")
-    offset: float = setting(2.1213203435596424, NON_NEGATIVE, "sll_offset_ce: logit offset u (3 sqrt2 / 2)")
-    temperature: float = setting(0.25, POSITIVE, "sll_offset_ce: temperature tau")
+    offset: float = setting(
+        2.1213203435596424,
+        NON_NEGATIVE,
+        "sll_offset_ce, logit_annealing: offset u taken off the label's logit (SLL: 3 sqrt2 / 2; BRONet: 2)",
+    )
+    temperature: float = setting(
+        0.25, POSITIVE, "sll_offset_ce, logit_annealing: temperature tau dividing the logits (SLL: 0.25; BRONet: 0.75)"
+    )
+    la_gamma: float = setting(5.0, NON_NEGATIVE, "logit_annealing: power of its annealing factor (1 - p_t)^la_gamma")
     head: str = setting(
         "auto",
         Choice(("auto", "linear", "lln", "trunc")),

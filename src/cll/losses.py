@@ -1,6 +1,8 @@
 """Training losses: CLL (pairwise and per-logit), GloRo (bottom class, TRADES), cross-entropy,
 the peers' own losses: SOC's cross-entropy with certificate regularisation, CPL's multi-class
-hinge, SLL's (and LBDN's) offset cross-entropy, Local-Lip-B's loss on a local bound, EMMA (``emma``).
+hinge, SLL's (and LBDN's) offset cross-entropy, Local-Lip-B's loss on a local bound, LiResNet's EMMA
+(``cll.emma``) and BRONet's Logit Annealing (``cll.logit_annealing``). Their common base, ``Loss``, is
+``cll.loss_base``.
 
 Every loss is called as ``loss(logits, target, head_weight, lip_body, progress)``:
 ``logits`` (N, C), ``target`` (N,) int64, ``head_weight`` the classifier's W (C, d), ``lip_body``
@@ -22,20 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .emma import emma_eps, emma_loss
+from .emma import EMMA
 from .lipschitz.operators import max_row_distance, row_distances
 from .local_lipschitz import LocalEstimate, estimate_local
+from .logit_annealing import LogitAnnealing
+from .loss_base import Loss
 from .registry import Registry
 
 LOSSES = Registry("loss")
-
-
-class Loss(nn.Module):
-    """What the trainer and the certifier read from a loss besides its forward."""
-
-    needs_lipschitz: bool  # it reads K_F: the trainer refreshes the power iteration every step
-    head = "linear"  # the head of a run with head: auto (the CLL reference's unconstrained last layer)
-    local_certificate = False  # its runs are certified and audited with sound local bounds as well
 
 
 # ---------------------------------------------------------------- CLL
@@ -311,21 +307,6 @@ class LocalLipB(Loss):
         return (1 - ramp) * F.cross_entropy(logits, target) + ramp * robust
 
 
-# ---------------------------------------------------------------- EMMA (LiResNet)
-class EMMA(Loss):
-    """LiResNet's loss (``cll.emma.emma_loss``) at its training eps (``cll.emma.emma_eps``)."""
-
-    needs_lipschitz = True
-    head = "lln"  # LiResNet's last layer (use_lln in every config)
-
-    def __init__(self, eps: float, start: float, end: float, ramp: float, epochs: int):
-        super().__init__()
-        self.eps, self.schedule = eps, (start, end, ramp, epochs)
-
-    def forward(self, logits, target, head_weight, lip_body, progress: float = 1.0):
-        return emma_loss(logits, target, head_weight, lip_body, emma_eps(self.eps, *self.schedule, progress))
-
-
 # ---------------------------------------------------------------- the K penalty
 def lipschitz_penalty(
     lip_body: torch.Tensor,
@@ -388,6 +369,12 @@ def _local_lip_b(cfg) -> LocalLipB:
 
 
 LOSSES.register("emma")(lambda cfg: EMMA(cfg.eps, cfg.emma_eps_start, cfg.emma_eps_end, cfg.eps_warmup, cfg.epochs))
+
+
+@LOSSES.register("logit_annealing")
+def _logit_annealing(cfg) -> LogitAnnealing:
+    schedule = (cfg.emma_eps_start, cfg.emma_eps_end, cfg.eps_warmup, cfg.epochs)
+    return LogitAnnealing(cfg.eps, *schedule, cfg.offset, cfg.temperature, cfg.la_gamma)
 
 
 def create(cfg) -> nn.Module:

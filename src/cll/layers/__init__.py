@@ -9,6 +9,8 @@
 ``sandwich``     Sandwich layers of LBDN (Wang & Manchester, ICML 2023)
 ``liresnet``     LiResNet's linear residual block and Cholesky-orthogonalised layers (Hu et al.,
                  NeurIPS 2023, ICLR 2024)
+``bro``          BRONet's block reflector orthogonal layers: the conv per frequency, dense, neck (Lai
+                 et al., ICML 2025)
 
 Every layer bounds itself next to its forward (``upper_bound(in_shape)``, ``rounding(in_shape,
 dtype)``, ``forward64`` where it derives tensors from its parameters): a bound computed from the
@@ -19,6 +21,7 @@ multiplies them (torch's own layer types have a table there) and refuses an unkn
 from ..registry import Registry
 from .activations import HouseHolder, MaxMin, MaxMinHalves
 from .basic import Normalize, PaddingChannels, truncation_head, unit_row_head
+from .bro import BROConv, BROLinear, BROPatchConv, BROResidualLinear
 from .clipped import ClippedMaxMin, ClippedReLU
 from .cpl import CPLConv, CPLLinear
 from .liresnet import CholeskyLinear, CholeskyPatchConv, CholeskyResidualLinear, LiResBlock
@@ -29,6 +32,10 @@ from .soc import SOC
 __all__ = [
     "ACTIVATIONS",
     "SOC",
+    "BROConv",
+    "BROLinear",
+    "BROPatchConv",
+    "BROResidualLinear",
     "CPLConv",
     "CPLLinear",
     "CholeskyLinear",

@@ -8,6 +8,8 @@
   everywhere (the loss, the certifier, the K penalty) and nothing else needs to know. An LLN head
   is not globally 1-Lipschitz; the certifier's pairwise rule ||W_j - W_i|| is what makes it sound.
 - ``EvalCache``: what an evaluation-mode forward derives from the parameters, computed once.
+- ``one_cpu_thread``: the batched linear solves of the layers that orthogonalise (Sandwich, BRO) run
+  on one CPU thread (a fault of torch's MKL, below).
 
 Every layer of cll bounds itself next to its forward (``upper_bound``, ``rounding``; see
 ``cll.lipschitz.bound``); ``exact_bound`` marks a bound that is the Lipschitz constant itself.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -183,3 +186,20 @@ def same_tensor(t: torch.Tensor, saved: torch.Tensor) -> bool:
 def same_tensors(now: list[torch.Tensor], saved: list[torch.Tensor]) -> bool:
     """As many tensors as ``saved``, each ``same_tensor`` as its copy there."""
     return len(now) == len(saved) and all(map(same_tensor, now, saved))
+
+
+@contextmanager
+def one_cpu_thread(device: torch.device):
+    """One intra-op thread on the CPU. The MKL that ships with torch 2.14.1 fails batched LU
+    factorisations of matrices from about 256 x 256 when it runs on 2 or more threads ("Parameter 6
+    was incorrect on entry to CLASWP", then "Pivots given to lu_solve must all be greater or equal
+    to 1"): a 256-channel Sandwich layer hits it; on one thread the same solve is correct."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

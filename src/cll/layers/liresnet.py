@@ -19,7 +19,9 @@ the reference treats it): then Q Q^T = I - eps (L^T L)^-1, so ||Q|| < 1 in exact
 ``CholeskyResidualLinear`` takes X = I + s gamma V (square, gamma per row, s = depth^(-1/2): the
 "Cholesky-orthogonalised residual dense" layers), ``CholeskyPatchConv`` uses Q as a p x p
 convolution of stride p (disjoint patches: the operator is Q on every patch, so its norm is ||Q||;
-the reference's neck).
+the reference's neck). ``DerivedLinear`` and ``DerivedPatchConv`` hold what these share with
+BRONet's dense and neck layers (``cll.layers.bro``): a matrix derived from the parameters, used as
+an affine map or a patch convolution and bounded by its own norm.
 
 What is certified: each layer's evaluation forward on its *derived* float32 tensors (K with the
 bias less the running mean; Q), cached once per weights (``EvalCache``), so the forward, the bound
@@ -119,14 +121,13 @@ class LiResBlock(EvalCache):
         return affine_rounding(kernel, bias, math.prod(in_shape[1:]), dtype)
 
 
-class _Cholesky(EvalCache):
-    """A layer whose weight is ``cholesky_orthogonal(self.free())``, used as an affine map."""
-
-    def free(self) -> torch.Tensor:
-        raise NotImplementedError
+class DerivedMatrix(EvalCache):
+    """A layer whose weight is a matrix Q = ``matrix()`` derived from its free parameters by an
+    orthogonalisation (Cholesky here, BRO in ``cll.layers.bro``), bounded by the norm of the float32
+    Q it uses, never by "orthogonal by construction"."""
 
     def matrix(self) -> torch.Tensor:
-        return cholesky_orthogonal(self.free())
+        raise NotImplementedError
 
     def weight_used(self) -> torch.Tensor:
         """Q: with gradient in training, derived once per weights in evaluation."""
@@ -137,16 +138,8 @@ class _Cholesky(EvalCache):
         return self.derived(lambda: spectral_norm_exact(self.derived(self.matrix)), name="bound")
 
 
-class CholeskyLinear(_Cholesky):
-    """Q h + b, (N, in_features) -> (N, out_features), Q from a free X ~ N(0, 1/in_features)."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5)
-        self.bias = nn.Parameter(torch.zeros(out_features))
-
-    def free(self) -> torch.Tensor:
-        return self.weight
+class DerivedLinear(DerivedMatrix):
+    """Q h + b, (N, in_features) -> (N, out_features)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_used(), self.bias)
@@ -161,34 +154,13 @@ class CholeskyLinear(_Cholesky):
         return affine_rounding(self.derived(self.matrix), self.bias, 1, dtype)
 
 
-class CholeskyResidualLinear(CholeskyLinear):
-    """CholeskyLinear on features -> features with X = I + s gamma V (V ~ N(0, 1) / features, gamma 1
-    per row, s = depth^(-1/2)): LiResNet's "Cholesky-orthogonalised residual dense" layer."""
-
-    def __init__(self, features: int, depth: int):
-        super().__init__(features, features)
-        self.scale = depth**-0.5
-        with torch.no_grad():
-            self.weight.copy_(torch.randn(features, features) / features)
-        self.gamma = nn.Parameter(torch.ones(features, 1))
-
-    def free(self) -> torch.Tensor:
-        eye = torch.eye(self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device)
-        return eye + self.weight * self.gamma * self.scale
-
-
-class CholeskyPatchConv(_Cholesky):
+class DerivedPatchConv(DerivedMatrix):
     """(N, in_channels, H, W) -> (N, out_channels, H/p, W/p): a p x p convolution of stride p, no
-    padding, no bias, whose (out, in p p) matrix is Q (X ~ N(0, 1/(in p p)))."""
+    padding, no bias, whose (out, in p p) matrix is Q."""
 
     def __init__(self, in_channels: int, out_channels: int, patch: int):
         super().__init__()
         self.in_channels, self.out_channels, self.patch = in_channels, out_channels, patch
-        fan_in = in_channels * patch * patch
-        self.weight = nn.Parameter(torch.randn(out_channels, fan_in) / fan_in**0.5)
-
-    def free(self) -> torch.Tensor:
-        return self.weight
 
     def _kernel(self, q: torch.Tensor) -> torch.Tensor:
         return q.reshape(self.out_channels, self.in_channels, self.patch, self.patch)
@@ -208,3 +180,47 @@ class CholeskyPatchConv(_Cholesky):
     def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
         positions = (in_shape[1] // self.patch) * (in_shape[2] // self.patch)
         return affine_rounding(self._kernel(self.derived(self.matrix)), None, positions, dtype)
+
+
+class CholeskyLinear(DerivedLinear):
+    """Q h + b, (N, in_features) -> (N, out_features), Q = ``cholesky_orthogonal(X)`` from a free
+    X ~ N(0, 1/in_features)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5)
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def free(self) -> torch.Tensor:
+        return self.weight
+
+    def matrix(self) -> torch.Tensor:
+        return cholesky_orthogonal(self.free())
+
+
+class CholeskyResidualLinear(CholeskyLinear):
+    """CholeskyLinear on features -> features with X = I + s gamma V (V ~ N(0, 1) / features, gamma 1
+    per row, s = depth^(-1/2)): LiResNet's "Cholesky-orthogonalised residual dense" layer."""
+
+    def __init__(self, features: int, depth: int):
+        super().__init__(features, features)
+        self.scale = depth**-0.5
+        with torch.no_grad():
+            self.weight.copy_(torch.randn(features, features) / features)
+        self.gamma = nn.Parameter(torch.ones(features, 1))
+
+    def free(self) -> torch.Tensor:
+        eye = torch.eye(self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device)
+        return eye + self.weight * self.gamma * self.scale
+
+
+class CholeskyPatchConv(DerivedPatchConv):
+    """The neck's patch convolution with Q = ``cholesky_orthogonal(X)``, X ~ N(0, 1/(in p p))."""
+
+    def __init__(self, in_channels: int, out_channels: int, patch: int):
+        super().__init__(in_channels, out_channels, patch)
+        fan_in = in_channels * patch * patch
+        self.weight = nn.Parameter(torch.randn(out_channels, fan_in) / fan_in**0.5)
+
+    def matrix(self) -> torch.Tensor:
+        return cholesky_orthogonal(self.weight)

@@ -28,45 +28,26 @@ Float rounding (``rounding``): the dense layer is matrix products and elementwis
 bounded from the standard model in either precision. The conv layer's float32 forward runs
 ``torch.fft`` (pocketfft on the CPU, cuFFT on a GPU), whose algorithms have no published error
 bound: its float32 bound is an estimate (``rigorous=False``), so the certifier recomputes every
-sample it would certify in float64. There ``forward64`` runs our own radix-2 Cooley-Tukey FFT,
-whose error Higham bounds (Thm. 24.2 of "Accuracy and Stability of Numerical Algorithms", 2nd
-ed., 2002): for n = 2^t and twiddle factors off by at most mu,
+sample it would certify in float64. There ``forward64`` runs our own radix-2 Cooley-Tukey FFT
+(``cll.lipschitz.fft``), whose error Higham bounds (Thm. 24.2 of "Accuracy and Stability of
+Numerical Algorithms", 2nd ed., 2002): for n = 2^t and twiddle factors off by at most mu,
 ||fl(F x) - F x|| <= t eta / (1 - t eta) ||F x||, eta = mu + gamma_4 (sqrt2 + mu).
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lipschitz.fft import fft2_error, fft2_radix2, full_spectrum, hermitian_columns, torch_fft_estimate
 from ..lipschitz.operators import ROUNDING_SLACK, abs_operator_norm
 from ..lipschitz.rounding import Rounding, gamma, underflow, unit
-from .basic import EvalCache, float32_value
+from .basic import EvalCache, float32_value, one_cpu_thread
 
 SQRT2 = float32_value(math.sqrt(2.0))  # the float32 number the forward multiplies by
-TWIDDLE_ULPS = 24  # |computed - exact| of our float64 twiddle factors, in units of u (see _twiddles)
-FFT32_SAFETY = 4.0  # the float32 FFT estimate: 4x the radix-2 bound with twiddles off by 8 u
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device):
-    """One intra-op thread on the CPU. The MKL that ships with torch 2.14.1 fails batched LU
-    factorisations of matrices from about 256 x 256 when it runs on 2 or more threads ("Parameter 6
-    was incorrect on entry to CLASWP", then "Pivots given to lu_solve must all be greater or equal
-    to 1"): a 256-channel Sandwich layer hits it; on one thread the same solve is correct."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def cayley_rows(w: torch.Tensor) -> torch.Tensor:
@@ -76,73 +57,10 @@ def cayley_rows(w: torch.Tensor) -> torch.Tensor:
     u, v = y[..., :m, :], y[..., m:, :]
     z = u - u.mH + v.mH @ v
     eye = torch.eye(m, dtype=w.dtype, device=w.device)
-    with _one_cpu_thread(w.device):
+    with one_cpu_thread(w.device):
         top = torch.linalg.solve(eye + z, eye - z)  # (I+Z)^{-1} (I-Z)
         bottom = -2 * torch.linalg.solve((eye + z).mT, v.mT).mT  # -2 V (I+Z)^{-1}
     return torch.cat([top, bottom], dim=-2).transpose(-2, -1)
-
-
-def hermitian_columns(q: torch.Tensor) -> torch.Tensor:
-    """Make the rfft2 columns 0 and n/2 of q (n, n//2+1, ...) conjugate-symmetric in the row
-    frequency (row r = conj(row n-r), self-conjugate rows real), as the spectrum of a real
-    operator must be."""
-    n = q.shape[0]
-    rows = torch.arange(n, device=q.device)
-    mirror = (-rows) % n
-    shape = (n,) + (1,) * (q.dim() - 2)
-    keep, real = (rows < mirror).view(shape), (rows == mirror).view(shape)
-    columns = [0] + ([n // 2] if n % 2 == 0 and n > 1 else [])
-    out = q.clone()
-    for c in columns:
-        col = q[:, c]
-        fixed = torch.where(keep, col, col[mirror].conj())
-        out[:, c] = torch.where(real, col.real.to(col.dtype), fixed)
-    return out
-
-
-# ------------------------------------------------------------------- our own radix-2 FFT (float64 pass)
-def _twiddles(n: int, sign: float, like: torch.Tensor) -> torch.Tensor:
-    """exp(sign 2 pi i k / n), k < n/2, complex128: the angle is off by <= 2 u |angle| <= 4 pi u and
-    sin/cos by a few ulps more, so each factor is off by < TWIDDLE_ULPS u in absolute value."""
-    k = torch.arange(n // 2, dtype=torch.float64, device=like.device)
-    return torch.polar(torch.ones_like(k), sign * 2 * math.pi * k / n)
-
-
-def _fft_last(x: torch.Tensor, sign: float) -> torch.Tensor:
-    """Unnormalised DFT over the last axis (a power of two) by radix-2 Cooley-Tukey decimation in
-    time: the butterflies even +- w odd that Higham's Thm 24.2 analyses."""
-    n = x.shape[-1]
-    if n == 1:
-        return x
-    even, odd = _fft_last(x[..., 0::2], sign), _fft_last(x[..., 1::2], sign)
-    t = _twiddles(n, sign, x) * odd
-    return torch.cat([even + t, even - t], dim=-1)
-
-
-def fft2_radix2(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Unnormalised 2-D DFT (sign -1) or inverse DFT without the 1/n^2 (sign +1) over the last two
-    axes of a complex tensor, both sides powers of two."""
-    sign = 1.0 if inverse else -1.0
-    return _fft_last(_fft_last(x, sign).transpose(-2, -1), sign).transpose(-2, -1)
-
-
-def fft2_error(n: int, dtype: torch.dtype, ulps: float = TWIDDLE_ULPS) -> float:
-    """Relative l2 error bound of ``fft2_radix2`` on an n x n input at ``dtype``'s unit roundoff:
-    (1 + e)^2 - 1 with Higham's e = t eta / (1 - t eta) per axis, t = log2 n, eta = mu + gamma_4
-    (sqrt2 + mu), mu = ``ulps`` u."""
-    u, t = unit(dtype), int(math.log2(n))
-    mu = ulps * u
-    eta = mu + gamma(4, dtype) * (math.sqrt(2) + mu)
-    e = t * eta / (1 - t * eta)
-    return (1 + e) ** 2 - 1
-
-
-def full_spectrum(half: torch.Tensor, n: int) -> torch.Tensor:
-    """(n, n//2+1, ...) rfft2 half of a real operator's spectrum -> all n x n frequencies, column c > n/2
-    the conjugate of frequency (-r, n - c)."""
-    rows = (-torch.arange(n, device=half.device)) % n
-    rest = half[rows][:, 1 : n - n // 2].flip(1).conj()  # columns n//2+1 .. n-1
-    return torch.cat([half, rest], dim=1)
 
 
 # ------------------------------------------------------------------- the layers
@@ -320,19 +238,18 @@ class SandwichConv(_Sandwich):
 
     def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
         """The steps as computed, each FFT off by at most e relative (``fft2_error``: proved for
-        ``fft2_radix2`` in float64; an estimate, FFT32_SAFETY times the radix-2 bound, for
-        ``torch.fft`` in float32, so that bound is marked not rigorous), each per-frequency complex
-        product by sqrt2 gamma_{m+2} ||B_f||_F ||X_f|| (Higham sec. 3.6), each elementwise product or
-        sum by u of its result; errors pass on through the factors' norms (<= sqrt(1 + ||E||)), the
-        scales and the ReLU. Norms: an unnormalised n x n DFT multiplies l2 norms by n."""
+        ``fft2_radix2`` in float64; an estimate for ``torch.fft`` in float32, ``torch_fft_estimate``,
+        so that bound is marked not rigorous), each per-frequency complex product by sqrt2
+        gamma_{m+2} ||B_f||_F ||X_f|| (Higham sec. 3.6), each elementwise product or sum by u of its
+        result; errors pass on through the factors' norms (<= sqrt(1 + ||E||)), the scales and the
+        ReLU. Norms: an unnormalised n x n DFT multiplies l2 norms by n."""
         n = self.n
         u, k = unit(dtype), self._norms()
         if dtype == torch.float64:
             self._require_power_of_two()
             fft, rigorous = fft2_error(n, dtype), True
-        else:  # torch.fft on half spectra: rounded up to a power of two, x2 for the half spectrum
-            fft = 2 * FFT32_SAFETY * fft2_error(2 ** math.ceil(math.log2(n)), dtype, ulps=8)
-            rigorous = False
+        else:
+            fft, rigorous = torch_fft_estimate(n, dtype), False
         g_b = math.sqrt(2) * gamma(self.in_channels + 2, dtype)
         g_a = math.sqrt(2) * gamma(self.out_channels + 2, dtype)
         g2, bias = gamma(2, dtype), k["bias"] * n

@@ -9,12 +9,11 @@ and the eigenvalue bounds are those of ``cll.lipschitz.operators``."""
 
 from __future__ import annotations
 
-import functools
 import math
 
-import mpmath
 import torch
 
+from .fft import roots_of_unity
 from .operators import (
     EXPLICIT_MAX_ENTRIES,
     ROUNDING_SLACK,
@@ -43,7 +42,7 @@ def conv_norm_bound(
 
 
 # conv_fft_bound: float64 eigvalsh runs only at frequencies that may hold the maximum (see
-# _max_top_eigenvalue); the others are ruled out by guaranteed upper bounds.
+# max_top_eigenvalue); the others are ruled out by guaranteed upper bounds.
 FFT_PRUNE_SLACK = 1e-6  # relative margin on those bounds, >> their rounding error (< 1e-9)
 FFT_GRAM_STEPS = 8  # Gram-iteration squarings at most
 FFT_SEEDS = 8  # frequencies solved first, to have a maximum to compare with
@@ -55,7 +54,7 @@ FFT_PRUNE_DEVICES = ("cuda",)
 FFT_CHUNK_ENTRIES = 2**24  # complex entries per batched step (memory: 256 MB)
 
 
-def _max_top_eigenvalue(spectrum: torch.Tensor) -> float:
+def max_top_eigenvalue(spectrum: torch.Tensor) -> float:
     """A proved upper bound on max_f lambda_max(A_f^H A_f) over the float64 batch ``spectrum`` (F, m, n),
     read as exact: the largest ``gram_top_bound`` over the frequencies that may hold the maximum.
 
@@ -127,17 +126,6 @@ def _max_top_eigenvalue(spectrum: torch.Tensor) -> float:
     return max(best, 0.0)
 
 
-@functools.lru_cache(maxsize=32)
-def _roots_of_unity(n: int) -> torch.Tensor:
-    """exp(-2 pi i k / n) for k < n, complex128: each part is an 80-bit mpmath value (error < 2^-76)
-    rounded to the nearest float64, so every entry is within sqrt2 (u + 2^-76) < 2u of exact.
-    (mpmath ships with torch, through sympy.)"""
-    with mpmath.workprec(80):
-        turns = [mpmath.mpf(2 * k) / n for k in range(n)]
-        values = [complex(float(mpmath.cospi(t)), -float(mpmath.sinpi(t))) for t in turns]
-    return torch.tensor(values, dtype=torch.complex128)
-
-
 def conv_fft_bound(
     weight: torch.Tensor, in_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int]
 ) -> float:
@@ -148,11 +136,11 @@ def conv_fft_bound(
     singular value over frequencies f of A_f = sum_t W_t w_t(f), W_t the (polyphase) kernel's tap t,
     w_t(f) = exp(-2 pi i (f_h t_h / n_h + f_w t_w / n_w)). A real kernel's spectrum is conjugate-
     symmetric (A(-f) = conj A(f), the same singular values), so rfft2's half of the frequencies
-    covers them all; ``_max_top_eigenvalue`` bounds the top eigenvalue of the Gram matrices of the
+    covers them all; ``max_top_eigenvalue`` bounds the top eigenvalue of the Gram matrices of the
     *computed* A~_f, skipping the ones that provably cannot hold the maximum.
 
     The spectrum is a direct DFT, one complex matmul over the T taps with the correctly rounded
-    twiddles of ``_roots_of_unity`` (|w~ - w| <= 2u), so its rounding is proved rather than assumed
+    twiddles of ``roots_of_unity`` (|w~ - w| <= 2u), so its rounding is proved rather than assumed
     of an FFT library: |A~_f - A_f| <= gamma_{T+2} sum_t |W_t| |w~_t| + 2u sum_t |W_t| <=
     gamma_{T+4} S entrywise, S = sum_t |W_t|, hence ||A~_f - A_f||_2 <= delta = gamma_{T+4} ||S||_F
     (S~ is within gamma_T of S) at every f, and ||A_f|| <= sqrt(max lambda bound) + delta."""
@@ -175,9 +163,9 @@ def conv_fft_bound(
     th, tw = torch.arange(kh2, device=dev), torch.arange(kw2, device=dev)
     index = (fh[:, None, None, None] * th[None, None, :, None]) % nh * nw
     index = (index + (fw[None, :, None, None] * tw[None, None, None, :]) % nw * nh) % (nh * nw)
-    twiddles = _roots_of_unity(nh * nw).to(dev)[index.reshape(-1, kh2 * kw2)]
+    twiddles = roots_of_unity(nh * nw).to(dev)[index.reshape(-1, kh2 * kw2)]
     spectrum = (twiddles @ taps.t().to(torch.complex128)).reshape(-1, c_out, c_in * sh * sw)
     t = kh2 * kw2
     s_fro = math.sqrt(frobenius_sq_bound(taps.abs().sum(1, keepdim=True)).item()) / (1 - gamma64(t))
     delta = gamma64(t + 4) * s_fro
-    return (math.sqrt(_max_top_eigenvalue(spectrum)) + delta) * (1 + ROUNDING_SLACK)
+    return (math.sqrt(max_top_eigenvalue(spectrum)) + delta) * (1 + ROUNDING_SLACK)

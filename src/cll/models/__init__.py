@@ -9,7 +9,8 @@ conv/linear layers. The normalisation is the body's first layer (factor 1/std,
 
 The families register themselves into ``ARCHS`` when their module is imported: the GloRo family
 (2C2F, 4C3F, 6C2F, 8C2F, moons-mlp) in ``cll.models.gloro``, the peers' (SOC LipConvNets, CPL,
-SLL, Sandwich) in ``cll.models.peers``, LiResNet in ``cll.models.liresnet``. A new family is a new
+SLL, Sandwich) in ``cll.models.peers``, LiResNet in ``cll.models.liresnet``, BRONet in
+``cll.models.bronet``. A new family is a new
 module imported here.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import gloro, liresnet, peers  # noqa: F401  (each registers its family into ARCHS)
+from . import bronet, gloro, liresnet, peers  # noqa: F401  (each registers its family into ARCHS)
 from .gloro import GLORO_FAMILY, gloro_net, without_gloro_options
 from .net import ARCHS, LipschitzNet, make_head, scaled
 

@@ -19,6 +19,8 @@ Sizes: L12W512 is the configuration of the reference's CIFAR-10/100 and Tiny-Ima
 size of the same skeleton (dense 256 x 2), for tests and the CPU grid. The stem is defined for
 32x32 and 64x64 inputs (the reference's ImageNet patchify stem is not built: cll has no ImageNet).
 
+``skeleton`` builds this layout from its parts; BRONet (``cll.models.bronet``) shares it.
+
 The activation is the reference's MinMax (``MaxMinHalves``: channel c sorted with c + n/2, in
 place), not cll's adjacent-pair MaxMin, which also permutes the channels and so would make each
 block's identity skip a permutation.
@@ -26,7 +28,7 @@ block's identity skip a permutation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -35,6 +37,40 @@ from .net import ARCHS, LipschitzNet, make_head, scaled
 
 INPUT_SHIFT = 0.5  # the reference subtracts 0.5 from [0, 1] pixels
 PATCH = 4  # the neck's patch (and stride)
+
+
+def check_side(family: str, in_shape: Sequence[int]) -> int:
+    """The side of a square 32x32 or 64x64 input, the sizes the stem is defined for."""
+    side = in_shape[1]
+    if side not in (32, 64) or tuple(in_shape[1:]) != (side, side):
+        raise ValueError(f"{family}'s stem is defined for 32x32 and 64x64 inputs, got {tuple(in_shape)}")
+    return side
+
+
+def skeleton(
+    in_shape: Sequence[int],
+    channels: int,
+    blocks: Callable[[], list[nn.Module]],
+    neck: Callable[[int], list[nn.Module]],
+    dense: Callable[[], list[nn.Module]],
+    head: Callable[[], nn.Linear],
+) -> LipschitzNet:
+    """The skeleton LiResNet and BRONet share: x - 0.5, the stem Conv(in, channels, 5, stride 2,
+    padding 2) with bias and orthogonal init, then ``blocks()``, ``neck(cells)`` (a patch conv and a
+    dense map on the ``cells`` positions it leaves), ``dense()``, each layer of them followed by
+    MinMax but the patch conv (followed by the flattening), and the head. The parts are built in
+    that order (the reference's), as their builders are called here."""
+    stem = nn.Conv2d(in_shape[0], channels, 5, stride=2, padding=2)
+    nn.init.orthogonal_(stem.weight)
+    body: list[nn.Module] = [stem, L.MaxMinHalves()]
+    for block in blocks():
+        body += [block, L.MaxMinHalves()]
+    cells = (in_shape[1] // 2 // PATCH) ** 2  # positions after the stem (stride 2) and the patch conv
+    patch, linear = neck(cells)
+    body += [patch, nn.Flatten(), linear, L.MaxMinHalves()]
+    for layer in dense():
+        body += [layer, L.MaxMinHalves()]
+    return LipschitzNet(nn.Sequential(*body), head(), in_shape, mean=[INPUT_SHIFT] * in_shape[0])
 
 
 def liresnet(
@@ -50,25 +86,18 @@ def liresnet(
 ) -> LipschitzNet:
     """The skeleton of the module docstring; ``width`` scales ``channels`` and ``dense_width``.
     ``mean`` is accepted and not used: the reference shifts every data set by 0.5."""
-    side = in_shape[1]
-    if side not in (32, 64) or tuple(in_shape[1:]) != (side, side):
-        raise ValueError(f"LiResNet's stem is defined for 32x32 and 64x64 inputs, got {tuple(in_shape)}")
+    check_side("LiResNet", in_shape)
     channels, dense_width = scaled(channels, width), scaled(dense_width, width)
-    stem = nn.Conv2d(in_shape[0], channels, 5, stride=2, padding=2)
-    nn.init.orthogonal_(stem.weight)
-    body: list[nn.Module] = [stem, L.MaxMinHalves()]
-    for _ in range(depth):
-        body += [L.LiResBlock(channels, depth), L.MaxMinHalves()]
-    cells = (side // 2 // PATCH) ** 2  # positions after the stem (stride 2) and the patch conv
-    body += [L.CholeskyPatchConv(channels, channels, PATCH), nn.Flatten()]
-    body += [L.CholeskyLinear(channels * cells, dense_width), L.MaxMinHalves()]
-    for _ in range(dense_depth):
-        body += [L.CholeskyResidualLinear(dense_width, dense_depth), L.MaxMinHalves()]
-    return LipschitzNet(
-        nn.Sequential(*body),
-        make_head(head, dense_width, num_classes),
+    return skeleton(
         in_shape,
-        mean=[INPUT_SHIFT] * in_shape[0],
+        channels,
+        blocks=lambda: [L.LiResBlock(channels, depth) for _ in range(depth)],
+        neck=lambda cells: [
+            L.CholeskyPatchConv(channels, channels, PATCH),
+            L.CholeskyLinear(channels * cells, dense_width),
+        ],
+        dense=lambda: [L.CholeskyResidualLinear(dense_width, dense_depth) for _ in range(dense_depth)],
+        head=lambda: make_head(head, dense_width, num_classes),
     )
 
 
