@@ -134,9 +134,9 @@ def test_paper_grid_dry_run_lists_every_runnable_cell(tmp_path):
     cells = {str(c.path(grid.results)): c for c in grid.runnable()}
     # Tiny-ImageNet: GloRo, Local-Lip-B, CLL eps 0.5, SOC LipConv-10/20, CLL LipConv-20, SLL, LBDN
     # 3 seeds each, CLL eps 1.0 9 seeds; CIFAR-100: SOC, CLL LipConv-20, CPL, CLL CPL-XL, SLL 3 seeds
-    # each, CLL SLL-XL 9 seeds; moons 4 slacks; hosts: LiResNet with EMMA and with CLL on CIFAR-100
-    # and Tiny-ImageNet, 3 seeds each
-    assert len(cells) == 33 + 24 + 4 + 12
+    # each, CLL SLL-XL 9 seeds; moons 4 slacks; hosts: LiResNet (EMMA) and BRONet (Logit Annealing),
+    # each also with CLL, on CIFAR-100 and Tiny-ImageNet, 3 seeds each
+    assert len(cells) == 33 + 24 + 4 + 24
     assert len(grid.runnable()) == len(grid.cells)  # no row is pending
     counts = job_counts(run.stdout)
     assert counts["train"] == counts["certify"] == len(cells)
