@@ -23,6 +23,31 @@ PARAMS = {
     ("moons-mlp", (2,)): 3_782,
 }
 
+# Parameter counts of the reference builds: models.GloroNet(depth=12, width=512, input_size=...,
+# num_classes=...) of github.com/hukkai/liresnet at 0c0611a (its configs' size; 2048 x 8 dense layers
+# fixed in its model.py), built once by hand on the meta device and summed over model.parameters().
+HOST_PARAMS = {
+    ("LiResNet-L12W512", 10, (3, 32, 32)): 82_944_010,
+    ("LiResNet-L12W512", 100, (3, 32, 32)): 83_128_420,
+    ("LiResNet-L12W512", 200, (3, 64, 64)): 133_664_968,
+    # models.BRONet(**cfg["model"], **cfg["dataset"]) of
+    # github.com/ntuaislab/BRONet at 9d59c9b (bronet/), with bronet/configs/benchmark_reproduce/
+    # {cifar10,cifar100,tiny_imagenet}.yaml, built once by hand on the meta device (a one-process gloo
+    # group for its dense layers' world-size check) and summed over model.parameters(); L2W32: cifar10.yaml
+    # with depth 2, width 32, dense_width 256, linear_num 2.
+    ("BRONet-L12W512", 10, (3, 32, 32)): 68_788_234,
+    ("BRONet-L12W512", 100, (3, 32, 32)): 68_972_644,
+    ("BRONet-L6W512", 200, (3, 64, 64)): 75_643_080,
+    ("BRONet-L2W32", 10, (3, 32, 32)): 294_154,
+}
+
+
+@pytest.mark.parametrize("arch,num_classes,in_shape", list(HOST_PARAMS))
+def test_host_parameter_counts_are_the_reference_builds(arch, num_classes, in_shape):
+    with torch.device("meta"):
+        model = models.create(arch, num_classes, in_shape, head="lln")
+    assert sum(p.numel() for p in model.parameters()) == HOST_PARAMS[(arch, num_classes, in_shape)]
+
 
 # tests/test_peers.py, tests/test_liresnet.py, tests/test_bronet.py
 PEER_FAMILIES = ("LipConv-", "CPL-", "SLL-", "Sandwich", "LiResNet-", "BRONet-")

@@ -21,7 +21,29 @@ def fix_hint(top: str) -> str:
     return f"; unpack it there, or point data_root (or $CLL_DATA) at the folder that contains {top}/"
 
 
-class ClassFolders(Dataset):
+class ImageFiles(Dataset):
+    """``samples``, a list of (image file, label), read lazily: each item one RGB image (greyscale
+    files are converted) of ``size`` x ``size`` through ``transform``."""
+
+    name: str
+    size: int
+    transform: object
+    samples: list[tuple[Path, int]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+        if img.size != (self.size, self.size):
+            width, height = img.size
+            raise DataError(f"dataset {self.name!r}: {path} is {width}x{height}, expected {self.size}x{self.size}")
+        return self.transform(img), label
+
+
+class ClassFolders(ImageFiles):
     """The images of ``folder/<class>/`` for the given ``classes`` (label = position in the list),
     ordered round-robin over the classes (the first image of every class, then the second, ...) so
     that a first-N subset (``max_train``) is balanced. Every image must be ``size`` x ``size``."""
@@ -42,20 +64,8 @@ class ClassFolders(Dataset):
         self.samples = [files[i] for i in range(longest) for files in per_class if i < len(files)]
         self.targets = [label for _, label in self.samples]
 
-    def __len__(self) -> int:
-        return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[i]
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-        if img.size != (self.size, self.size):
-            width, height = img.size
-            raise DataError(f"dataset {self.name!r}: {path} is {width}x{height}, expected {self.size}x{self.size}")
-        return self.transform(img), label
-
-
-class TinyImageNet(Dataset):
+class TinyImageNet(ImageFiles):
     """Tiny-ImageNet-200 read from the official layout, one JPEG per item (loaded lazily).
 
     Labels are line indices of ``wnids.txt``. Train images are taken class by class in sorted file
@@ -64,7 +74,7 @@ class TinyImageNet(Dataset):
     """
 
     def __init__(self, folder: Path, train: bool, transform):
-        self.transform = transform
+        self.name, self.size, self.transform = "tinyimagenet", 64, transform
         wnids = [w.strip() for w in (folder / "wnids.txt").read_text().splitlines() if w.strip()]
         if len(wnids) != 200 or len(set(wnids)) != 200:
             raise DataError(
@@ -100,14 +110,3 @@ class TinyImageNet(Dataset):
         if not self.samples:
             raise DataError(f"dataset 'tinyimagenet': no {'train' if train else 'val'} images under {folder}")
         self.targets = [label for _, label in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[i]
-        with Image.open(path) as im:
-            img = im.convert("RGB")  # about 2% of the JPEGs are greyscale
-        if img.size != (64, 64):
-            raise DataError(f"dataset 'tinyimagenet': {path} is {img.size[0]}x{img.size[1]}, expected 64x64")
-        return self.transform(img), label
