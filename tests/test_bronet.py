@@ -14,6 +14,7 @@ from cll import certify, lipschitz, losses, models
 from cll import layers as L
 from cll.config import build_config
 from cll.layers.bro import BRO_SHIFT, block_reflector, bro_rank
+from cll.lipschitz.fft import real_irdft2_crop, real_rdft2
 
 
 # ---------------------------------------------------------------- the block reflector
@@ -117,10 +118,10 @@ def test_bro_conv_bound_is_the_largest_norm_of_the_float32_matrices_used():
     assert torch.linalg.matrix_norm(jac, ord=2).item() <= bound
 
 
-def test_float32_rounding_is_an_estimate_and_the_float64_pass_is_proved_on_the_references_canvas():
-    """CIFAR's 16 x 16 features give an 18 x 18 canvas (not a power of two: the direct DFT): the
-    float64 pass agrees with the float32 forward within the two rounding terms, only the float64 one
-    rigorous."""
+def test_both_roundings_are_proved_on_the_references_canvas():
+    """CIFAR's 16 x 16 features give an 18 x 18 canvas (not a power of two: the direct DFT in float64,
+    real cos/sin products in float32): the float64 pass agrees with the float32 forward within the
+    two rounding terms, both rigorous."""
     layer = _bro_conv(dtype=torch.float32)
     shape = (4, 16, 16)
     x = 5 * torch.randn(8, *shape)
@@ -129,7 +130,46 @@ def test_float32_rounding_is_an_estimate_and_the_float64_pass_is_proved_on_the_r
     r32, r64 = layer.rounding(shape, torch.float32), layer.rounding(shape, torch.float64)
     norm = x.flatten(1).double().norm(dim=1)
     assert (gap > 0).all() and (gap <= r32.alpha * norm + r32.beta + r64.alpha * norm + r64.beta).all()
-    assert not r32.rigorous and r64.rigorous and r64.alpha < 1e-12
+    assert r32.rigorous and r64.rigorous and r64.alpha < 1e-12 and r32.alpha < 1e-3
+
+
+@pytest.mark.parametrize("side", [4, 5, 16])  # canvases 6, 7 (odd: no Nyquist column), 18
+def test_real_dft_products_are_rfft2_and_irfft2_on_the_canvas(side):
+    """``real_rdft2`` is rfft2 of the padded input ([Re; Im], unnormalised) and ``real_irdft2_crop``
+    irfft2's interior for any half spectrum, conjugate-symmetric or not (irfft2 drops the imaginary
+    parts of columns 0 and n/2 and takes the real part of the row transform): float64 to 1e-12."""
+    torch.manual_seed(side)
+    n = side + 2
+    x = torch.randn(3, 2, side, side, dtype=torch.float64)
+    half = torch.fft.rfft2(F.pad(x, (1, 1, 1, 1)))
+    torch.testing.assert_close(real_rdft2(x), torch.cat([half.real, half.imag], -2), rtol=0, atol=1e-12)
+    z = torch.randn(3, 2, n, n // 2 + 1, dtype=torch.complex128)
+    expected = torch.fft.irfft2(z, s=(n, n))[..., 1:-1, 1:-1] * n * n
+    torch.testing.assert_close(real_irdft2_crop(torch.cat([z.real, z.imag], -2)), expected, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("side", [5, 16])
+def test_evaluation_forward_is_the_torch_fft_forward_within_float32_rounding(side):
+    """The evaluation forward (real products, proved) computes the function the torch.fft one does
+    (kept for training): float32 outputs within the proved bound plus torch.fft's estimate; and the
+    float32 bound holds against the float64 pass on inputs of every scale."""
+    layer = _bro_conv(channels=6, rank=3, dtype=torch.float32)
+    shape = (6, side, side)
+    n = side + 2
+    x = torch.randn(16, *shape) * torch.logspace(-3, 3, 16)[:, None, None, None]
+    w, bias = layer.evaluated(n)
+    with torch.no_grad():
+        new, old, exact = layer(x), layer.frequency_conv(x, w) + bias[:, None, None], layer.forward64(x)
+    r32, r64 = layer.rounding(shape, torch.float32), layer.rounding(shape, torch.float64)
+    norm = x.flatten(1).double().norm(dim=1)
+    proved = r32.alpha * norm + r32.beta
+    assert ((new.double() - exact).flatten(1).norm(dim=1) <= proved + r64.alpha * norm + r64.beta).all()
+    gap = (new - old).double().flatten(1).norm(dim=1)
+    assert (gap <= 2 * proved).all() and (gap <= 1e-5 * exact.flatten(1).norm(dim=1)).all()
+    layer.train()  # training still runs torch.fft: the same function
+    with torch.no_grad():
+        trained = layer.frequency_conv(x, layer.spectrum(n))
+    torch.testing.assert_close(trained + bias[:, None, None], new, rtol=1e-4, atol=1e-4)
 
 
 def test_bro_conv_training_centres_by_the_batch_mean_and_keeps_a_running_mean():
@@ -228,7 +268,7 @@ def test_bronet_trains_a_logit_annealing_step_and_certifies(num_classes, shape):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     model.eval()
     out = certify.certify(model, [(x, y)], [36 / 255])
-    assert out["rounding"] == "rigorous" and out["float32_rounding"] == "estimated"
+    assert out["rounding"] == "rigorous" and out["float32_rounding"] == "rigorous"
     assert out["lipschitz_body"] >= 1 and 0 <= out["cra"]["0.1412"] <= out["clean_accuracy"] <= 1
     # the float64 pass (BRO convs on the canvas by cll's own DFT) gives the float32 logits to ~1e-6
     certifier = certify.Certifier(model)

@@ -29,9 +29,12 @@ bias less the running mean), cached once per weights (``EvalCache``), so the for
 the float64 pass use the same ones. Computed in float32 the W_f are orthogonal only up to the
 rounding of the solve (whose Gram matrix may be ill-conditioned: eps is only 1e-7 relative), so
 ``upper_bound`` is max_f ||W_f|| of those matrices, proved in float64 (``max_top_eigenvalue``), never
-"1 by construction". Rounding: the float32 forward runs ``torch.fft``, which has no proved error
-bound, so its rounding is an estimate (``rigorous=False``: the certifier only screens with it); the
-float64 pass (``forward64``) runs ``cll.lipschitz.fft.dft2`` on the canvas, whose error is proved.
+"1 by construction". Rounding: in evaluation the forward runs no FFT library (``torch.fft`` has no
+proved error bound; training keeps it, for speed and gradients) but real matrix products with the
+canvas's cos/sin DFT matrices from correctly rounded roots of unity (``real_rdft2``, ``real_conv``,
+``real_irdft2_crop``), whose float32 rounding is proved from Higham's gamma_n (``rigorous=True``), so
+the certifier's float32 pass certifies by itself; the float64 pass (``forward64``) runs
+``cll.lipschitz.fft.dft2`` on the whole canvas, whose error is proved too.
 
 The dense BRO layers are matrices like LiResNet's Cholesky layers (``DerivedLinear``,
 ``DerivedPatchConv``): ``BROResidualLinear`` (``LiBroMLP``) with V = I_{:, :k} + s gamma X, and the
@@ -49,7 +52,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lipschitz.conv import max_top_eigenvalue
-from ..lipschitz.fft import dft2, dft2_error, full_spectrum, hermitian_columns, torch_fft_estimate
+from ..lipschitz.fft import (
+    ROOT_ULPS,
+    dft2,
+    dft2_error,
+    full_spectrum,
+    hermitian_columns,
+    real_irdft2_crop,
+    real_rdft2,
+)
 from ..lipschitz.operators import ROUNDING_SLACK, frobenius_sq_bound
 from ..lipschitz.rounding import Rounding, gamma, underflow, unit
 from .basic import EvalCache, one_cpu_thread
@@ -136,11 +147,30 @@ class BROConv(EvalCache):
         z = torch.einsum("hwoi,bihw->bohw", w, torch.fft.rfft2(x, norm="ortho"))
         return torch.fft.irfft2(z, s=(n, n), norm="ortho")[..., 1:-1, 1:-1]
 
+    def real_spectrum(self, n: int) -> torch.Tensor:
+        """W_f as real 2c x 2c blocks [[Re, -Im], [Im, Re]]: (n, n//2+1, 2, c, 2, c), (out part, out
+        channel, in part, in channel), exactly the parts of ``evaluated(n)``'s W, once per weights."""
+
+        def make() -> torch.Tensor:
+            w = self.evaluated(n)[0]
+            re, im = w.real, w.imag
+            return torch.stack([torch.stack([re, -im], dim=3), torch.stack([im, re], dim=3)], dim=2)
+
+        return self.derived(make, name=f"real{n}")
+
+    def real_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The evaluation forward without the bias, all in real matrix products (``rounding``): the
+        half spectrum [Re; Im] of the padded canvas (``real_rdft2``), W_f X_f per frequency as one
+        real 2c x 2c product, irfft2's inverse at the interior (``real_irdft2_crop``), / n^2."""
+        n = x.shape[-1] + 2
+        spectrum = real_rdft2(x).unflatten(-2, (2, n))  # (N, c, 2, n, m)
+        product = torch.einsum("hwpoqi,biqhw->bophw", self.real_spectrum(n).to(x.dtype), spectrum)
+        return real_irdft2_crop(product.flatten(-3, -2)) / (n * n)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.canvas(tuple(x.shape[1:]))
         if not self.training:
-            w, bias = self.evaluated(n)
-            return self.frequency_conv(x, w) + bias[:, None, None]
+            return self.real_conv(x) + self.evaluated(n)[1][:, None, None]
         out = self.frequency_conv(x, self.spectrum(n))
         mean = out.mean((0, 2, 3))
         with torch.no_grad():  # centring in place of a normalisation: the batch mean, and its average
@@ -183,30 +213,75 @@ class BROConv(EvalCache):
         return math.sqrt(top) * (1 + ROUNDING_SLACK)
 
     def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:
-        """The steps as computed, in unitary units (an unnormalised DFT scales l2 norms by n, which
-        cancels): each transform off by at most e relative (``dft2_error``, proved, for the float64
-        pass; ``torch_fft_estimate`` for ``torch.fft`` in float32, so that bound is not rigorous), each
-        per-frequency product by sqrt2 gamma_{c+2} ||W_f||_F ||X_f|| (Higham sec. 3.6), the final
-        scaling (1/n^2, or "ortho"'s 1/n) by u, the bias by u of the sum; errors pass on through
-        w = max_f ||W_f|| (``upper_bound``); the padding, the real part and the crop add nothing."""
+        """float64: ``forward64``'s steps in unitary units (an unnormalised DFT scales l2 norms by n,
+        which cancels): each transform off by at most e relative (``dft2_error``, proved), each
+        per-frequency product by sqrt2 gamma_{c+2} ||W_f||_F ||X_f|| (Higham sec. 3.6), the scaling
+        by u, the bias by u of the sum; errors pass on through w = max_f ||W_f|| (``upper_bound``).
+        float32: ``real_conv``'s five real products, proved the same way (``_real_error``)."""
         n, u = self.canvas(in_shape), unit(dtype)
-        if dtype == torch.float64:
-            e, rigorous = dft2_error(n, dtype), True
-        else:
-            e, rigorous = torch_fft_estimate(n, dtype), False
         w = self.upper_bound(in_shape)
-        g = math.sqrt(2) * gamma(self.channels + 2, dtype) * self.derived(lambda: self._frobenius(n), f"fro{n}")
+        fro = self.derived(lambda: self._frobenius(n), f"fro{n}")
         bias = self.evaluated(n)[1].detach().double().norm().item() * in_shape[1]
+        if dtype == torch.float32:
+            error = self._real_error(n, w, fro, bias, dtype)
+        else:
+            e, g = dft2_error(n, dtype), math.sqrt(2) * gamma(self.channels + 2, dtype) * fro
 
-        def error(xn: float) -> float:
-            err, size = e * xn, (1 + e) * xn  # X = F pad(x)
-            err, size = w * err + g * size, (w + g) * size  # Z = W X
-            err, size = err + (e + u * (1 + e)) * size, (1 + e) * (1 + u) * size  # F^-1 Z, scaled
-            return err + u * (size + bias)  # + b
+            def error(xn: float) -> float:
+                err, size = e * xn, (1 + e) * xn  # X = F pad(x)
+                err, size = w * err + g * size, (w + g) * size  # Z = W X
+                err, size = err + (e + u * (1 + e)) * size, (1 + e) * (1 + u) * size  # F^-1 Z, scaled
+                return err + u * (size + bias)  # + b
 
         ops = 8 * self.channels + 16 * n + 8
         tiny = underflow(ops, self.channels * n * n, dtype, float(n * n))
-        return Rounding(error(1.0) - error(0.0), error(0.0) + tiny, rigorous)
+        return Rounding(error(1.0) - error(0.0), error(0.0) + tiny, True)
+
+    def _real_error(self, n: int, w: float, fro: float, bias: float, dtype: torch.dtype):
+        """The error of ``real_conv`` (+ b) on an input of norm xn, unnormalised until the last step.
+
+        Each step is a batch of real inner products of length L with float32 matrices whose entries
+        are within mu = ROOT_ULPS u of exact and at most a (1 + mu) in size (a = 1, or 2 in the last
+        step): an output is within gamma_L a (1 + mu) ||v||_1 of the exact product with the computed
+        matrix (Higham Thm 3.1, any order) and a mu ||v||_1 more of the exact one, ||v||_1 <= sqrt(L)
+        ||v||_2 for its input v; over the R outputs sharing v, sqrt(R L) a c_L ||v||, c_L = gamma_L
+        (1 + mu) + mu. So a step with exact matrix A turns an error E on an input of exact size S
+        into ||A|| E + sqrt(R L) a c_L (S + E). Steps (H = n - 2, m = n//2 + 1, per channel):
+        [P | Q] = x [C | S]: L = H, R = 2m, exact size <= sqrt(n) ||x|| (a row DFT);
+        [Re X; Im X]: L = 2H, R = 2n, ||A|| <= sqrt(n) (columns of the n x n DFT), size n ||x||;
+        W_f X_f: one real 2c x 2c product per frequency, error w E + sqrt2 gamma_{2c} ||W_f||_F S (|.| of
+        the real form has norm <= its Frobenius norm, sqrt2 ||W_f||_F), size w n ||x||;
+        back rows: L = 2n, R = 2H, ||A|| <= sqrt(n); last: L = 2m, R = H, a = 2, ||A|| <= sqrt(2n) (a
+        middle column counts as itself and its conjugate, the others at most once), and the exact
+        cropped canvas is n^2 times the unitary map's, <= w n^2 ||x||; / n^2 rounds by u, + b by u of
+        the sum. Underflows: at most 4 L TINY per output of each product (2L operations, each error
+        carried on by < 2), added to E where they happen."""
+        u, mu, h, m, c = unit(dtype), ROOT_ULPS * unit(dtype), n - 2, n // 2 + 1, self.channels
+        rn = math.sqrt(n)
+
+        def cost(length: int, outputs: int, scale: float = 1.0) -> float:
+            return math.sqrt(outputs * length) * scale * (gamma(length, dtype) * (1 + mu) + mu)
+
+        def tiny(length: int, outputs: int) -> float:
+            return underflow(4 * length, outputs, dtype)
+
+        g = math.sqrt(2) * gamma(2 * c, dtype) * fro
+
+        def error(xn: float) -> float:
+            err = cost(h, 2 * m) * xn + tiny(h, 2 * m * h * c)  # [P | Q]
+            size = rn * xn
+            err = rn * err + cost(2 * h, 2 * n) * (size + err) + tiny(2 * h, 2 * n * m * c)  # X
+            size = n * xn
+            err = w * err + g * (size + err) + tiny(2 * c, 2 * n * m * c)  # Z = W X
+            size = w * n * xn
+            err = rn * err + cost(2 * n, 2 * h) * (size + err) + tiny(2 * n, 2 * h * m * c)  # U
+            size = rn * size
+            err = math.sqrt(2 * n) * err + cost(2 * m, h, 2.0) * (size + err) + tiny(2 * m, h * h * c)
+            size = w * n * n * xn  # the exact cropped canvas (unnormalised)
+            err, size = (err + u * (size + err)) / (n * n), (1 + u) * (size + err) / (n * n)  # / n^2
+            return err + u * (size + bias)  # + b
+
+        return error
 
 
 class BROResidualLinear(DerivedLinear):

@@ -1,9 +1,10 @@
 """Discrete Fourier transforms with a proved rounding bound, and the spectra of real operators.
 
-The layers evaluated per frequency (Sandwich's conv, BRO's conv) run ``torch.fft`` in their float32
-forward, whose algorithms (pocketfft, cuFFT) have no published error bound, so that pass is only an
-estimate; the certifier's float64 pass recomputes them with the transforms here, whose error is
-proved from the standard model (``cll.lipschitz.rounding``):
+Sandwich's conv runs ``torch.fft`` in its float32 forward, whose algorithms (pocketfft, cuFFT) have
+no published error bound, so that pass is only an estimate; the certifier's float64 pass recomputes
+it with the transforms here, whose error is proved from the standard model (``cll.lipschitz.rounding``).
+BRO's conv evaluates in float32 with ``real_rdft2`` / ``real_irdft2_crop`` (real matrix products with
+correctly rounded cos/sin, its bound in ``BROConv.rounding``) and in float64 with ``dft2``:
 
 * ``fft2_radix2``: radix-2 Cooley-Tukey for sides that are powers of two. Higham, "Accuracy and
   Stability of Numerical Algorithms", 2nd ed. 2002, Thm. 24.2: for n = 2^t and twiddle factors off
@@ -16,7 +17,8 @@ proved from the standard model (``cll.lipschitz.rounding``):
 
 All transforms are unnormalised (the inverse without its 1/n^2) and act on the last two axes of a
 complex tensor; errors are relative to the l2 norm of the exact result, for the whole tensor.
-``hermitian_columns`` and ``full_spectrum`` handle the half spectra ``rfft2`` gives of real operators.
+``hermitian_columns`` and ``full_spectrum`` handle the half spectra ``rfft2`` gives of real operators;
+``real_dft_matrices`` holds the real cos/sin matrices of a canvas (rfft2 layout) for the products.
 """
 
 from __future__ import annotations
@@ -158,3 +160,58 @@ def full_spectrum(half: torch.Tensor, n: int, rows: torch.Tensor | None = None) 
     rows = torch.arange(n, device=half.device) if rows is None else rows.to(half.device)
     rest = half[(-rows) % n][:, 1 : n - n // 2].flip(1).conj()  # columns n//2+1 .. n-1
     return torch.cat([half[rows], rest], dim=1)
+
+
+# ------------------------------------------------------------------- real matrix products on a canvas
+@functools.lru_cache(maxsize=16)
+def real_dft_matrices(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The real cos/sin matrices of the n x n canvas's DFT, rfft2 layout (m = n//2+1 columns), for
+    the interior (n-2) x (n-2) of a canvas zero-padded by one pixel, every entry cos or sin of
+    2 pi j k / n from ``roots_of_unity`` (within ROOT_ULPS u of exact, |entry| <= 1), or 2 of it:
+
+    * ``first`` (H, 2m): x @ first = [P | Q], P = x cos^T, Q = x sin^T along the last axis (the row
+      DFT of the canvas is P - i Q);
+    * ``rows`` (2n, 2H) on rows (j, part) of [P; Q] interleaved: [Re X; Im X] over the n row
+      frequencies (Re = C P - S Q, Im = -(S P + C Q));
+    * ``back`` (2H, 2n) on [Re Z; Im Z]: the inverse row DFT e^(+i) at the H interior rows, rows
+      (j, part) interleaved (Re U = C Re Z - S Im Z, Im U = S Re Z + C Im Z);
+    * ``last`` (2m, H) on [Re U | Im U]: irfft's c2r at the H interior columns, sum_k a_k (Re U_k
+      cos - Im U_k sin), a_k = 1 for columns 0 and n/2 (their imaginary parts drop out), else 2."""
+    m, h = n // 2 + 1, n - 2
+    roots, half, full, inner = roots_of_unity(n), torch.arange(m), torch.arange(n), torch.arange(1, n - 1)
+
+    def cos_sin(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        phase = roots[(a[:, None] * b[None, :]) % n]
+        return phase.real, -phase.imag
+
+    c, s = cos_sin(inner, half)
+    first = torch.cat([c, s], dim=1)
+    c, s = cos_sin(full, inner)
+    rows = torch.stack([torch.stack([c, -s], -1), torch.stack([-s, -c], -1)]).reshape(2 * n, 2 * h)
+    c, s = cos_sin(inner, full)
+    back = torch.stack([torch.cat([c, -s], 1), torch.cat([s, c], 1)], dim=1).reshape(2 * h, 2 * n)
+    c, s = cos_sin(half, inner)
+    a = torch.full((m, 1), 2.0, dtype=torch.float64)
+    a[0] = 1.0
+    if n % 2 == 0:
+        a[n // 2] = 1.0
+    last = torch.cat([a * c, -a * s], dim=0)
+    return tuple(t.to(dtype=dtype, device=device).contiguous() for t in (first, rows, back, last))
+
+
+def real_rdft2(x: torch.Tensor) -> torch.Tensor:
+    """[Re; Im] (..., 2n, n//2+1) of the unnormalised rfft2 of x (..., H, H) zero-padded to n = H + 2,
+    by two real matrix products (inner lengths H and 2H)."""
+    h = x.shape[-1]
+    first, rows, _, _ = real_dft_matrices(h + 2, x.dtype, x.device)
+    pq = (x @ first).reshape(*x.shape[:-2], 2 * h, -1)  # rows (j, part): P_j, Q_j interleaved
+    return rows @ pq
+
+
+def real_irdft2_crop(z: torch.Tensor) -> torch.Tensor:
+    """The H x H interior of irfft2's unnormalised inverse (no 1/n^2) of the half spectrum [Re; Im]
+    (..., 2n, n//2+1), by two real matrix products (inner lengths 2n and 2m)."""
+    n = z.shape[-2] // 2
+    _, _, back, last = real_dft_matrices(n, z.dtype, z.device)
+    u = (back @ z).reshape(*z.shape[:-2], n - 2, -1)  # (..., H, 2m): [Re U | Im U] per row
+    return u @ last
