@@ -268,9 +268,11 @@ def test_profile_dry_run_plans_gpu_jobs(tmp_path):
     for rule in ("train", "certify"):
         assert sorted(jobs[rule]) == sorted(str(c.path(grid.results)) for c in grid.runnable())
         for cell in grid.runnable():
-            assert jobs[rule][str(cell.path(grid.results))]["gpu"] == str(cell.resources.get("gpus", 0))
+            gpus = cell.resources.get("gpus", 0)  # certify runs on one GPU of a multi-GPU row (hosts)
+            assert jobs[rule][str(cell.path(grid.results))]["gpu"] == str(gpus if rule == "train" else min(gpus, 1))
             assert jobs[rule][str(cell.path(grid.results))]["slurm_partition"] == "debug"
     assert any(c.resources.get("gpus") for c in grid.runnable())  # the poster's image cells
+    assert any(c.resources.get("gpus", 0) > 1 for c in grid.runnable())  # the hosts' rows
     assert not {"aggregate", "tables", "figures"} & set(jobs)  # local rules print no resources
 
     two = yaml.safe_load(CI_GRID.read_text())
