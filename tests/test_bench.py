@@ -17,6 +17,7 @@ from cll.models import gloro_net
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+import vs_hosts  # noqa: E402
 import vs_local_lip  # noqa: E402
 import vs_reference  # noqa: E402
 from vs_reference import COMMON, REFERENCE_RECIPES  # noqa: E402
@@ -90,6 +91,46 @@ def test_local_lip_parameter_map_gives_the_authors_net_cll_s_function():
     mapped = dict(again.named_parameters())
     for name, value in ours.named_parameters():
         assert torch.equal(mapped[name], value), name
+
+
+@pytest.mark.parametrize("host", ["liresnet", "bronet"])
+def test_host_parameter_map_covers_cll_s_model_and_round_trips(host):
+    """vs_hosts' map: every parameter, running mean and power iterate of cll's L2W32 net has a place
+    in the reference's stacked tensors (shapes as its builder makes them), and cll -> reference ->
+    cll gives every tensor back exactly."""
+    torch.manual_seed(0)
+    ours = vs_hosts.build_cll(host)
+    c, d, w, dd = vs_hosts.WIDTH, vs_hosts.DEPTH, vs_hosts.DENSE, vs_hosts.DENSE_DEPTH
+    rank = c // 2 if host == "bronet" else c
+    shapes = {
+        "stem.0.weight": (c, 3, 5, 5),
+        "stem.0.bias": (c,),
+        "stem.0.init_x": (1, 3, 32, 32),
+        "conv.weights": (d, c, rank, 3, 3),
+        "conv.gamma": (d, c, 1, 1, 1),
+        "conv.bias": (d, c),
+        "conv.running_mean": (d, c),
+        "conv.init_x": (1, d * c, 16, 16),
+        "neck.kernel": (c, c * 16),
+        "neck.weight": (w, c * 16),
+        "neck.bias": (w,),
+        "linear.weights": (dd, w, w),
+        "linear.gamma": (dd, w, 1),
+        "linear.bias": (dd, w),
+        "head.weight": (vs_hosts.CLASSES, w),
+        "head.bias": (vs_hosts.CLASSES,),
+    }
+    like = {k: torch.zeros(s) for k, s in shapes.items()}
+    if host == "bronet":
+        del like["conv.init_x"]  # its BRO layers have no power iterate, nor does cll's BROConv
+    state = {k: torch.randn_like(v) for k, v in ours.state_dict().items()}  # distinct values everywhere
+    pairs = vs_hosts.host_pairs(host)
+    theirs = vs_hosts.cll_to_ref(state, like, pairs)
+    assert {k: tuple(v.shape) for k, v in theirs.items()} == {k: tuple(v.shape) for k, v in like.items()}
+    back = vs_hosts.ref_to_cll(theirs, pairs)
+    assert set(back) == set(state) - {"body.0.mean"}  # the input shift is a constant on both sides
+    for key, value in back.items():
+        assert torch.equal(value.reshape(state[key].shape), state[key]), key
 
 
 @pytest.mark.slow(seconds=60)
