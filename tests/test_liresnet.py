@@ -15,6 +15,8 @@ from cll import certify, lipschitz, losses, models
 from cll import layers as L
 from cll.config import build_config
 from cll.layers.liresnet import cholesky_orthogonal
+from cll.lipschitz.estimate import operator_of, power_iterate
+from cll.lipschitz.operators import linear_operator
 
 
 def _block(channels=4, depth=2, seed=0) -> L.LiResBlock:
@@ -72,6 +74,33 @@ def test_power_iteration_follows_the_folded_kernel_with_gradient():
     small = models.LipschitzNet(nn.Sequential(_block().float(), L.MaxMinHalves()), nn.Linear(4 * 36, 3), shape)
     (sigma,) = small.power.converge(tol=1e-12)
     assert sigma == pytest.approx(jacobian_norm(small.body[0].double(), torch.zeros(shape, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("arch", ["LiResNet-L2W32", "BRONet-L2W32"])
+def test_training_estimate_differentiates_the_last_application_only_as_the_references(arch):
+    """The hosts' references iterate without gradient and differentiate sigma = ||A u_n|| / ||u_n|| at
+    the final iterate; the value is the full-gradient path's exactly, the gradient that of sigma with
+    u_n held constant (and it differs from the gradient through every step, which the GloRo family's
+    CLL reference takes)."""
+    torch.manual_seed(0)
+    model = models.create(arch, 10, (3, 32, 32))
+    assert model.power.last_step_gradient
+    start = [u.clone() for u in model.power.iterates()]
+    k = lipschitz.estimate_body(model, 3, update=False)
+    (grad,) = torch.autograd.grad(k, model.body[1].weight)
+    expected = torch.ones(())
+    for (layer, shape), u in zip(model.power._layers, start):
+        geometry, weight = operator_of(layer)
+        forward, _ = linear_operator(geometry, shape, weight)
+        with torch.no_grad():
+            u = power_iterate(*linear_operator(geometry, shape, weight.detach()), u, 3)
+        expected = expected * forward(u).norm() / (u.norm() + 1e-12)
+    expected = expected * model.input_lipschitz  # estimate_body's product
+    torch.testing.assert_close(k, expected, rtol=0, atol=0)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, model.body[1].weight)[0])
+    model.power.last_step_gradient = False
+    (full,) = torch.autograd.grad(lipschitz.estimate_body(model, 3, update=False), model.body[1].weight)
+    assert not torch.allclose(full, grad, rtol=1e-3)
 
 
 @pytest.mark.parametrize("make", [lambda: L.CholeskyLinear(40, 24), lambda: L.CholeskyResidualLinear(24, 8)])

@@ -52,19 +52,29 @@ def power_iterate(forward: Operator, adjoint: Operator, u: torch.Tensor, n_iter:
 
 
 def power_norm(
-    layer: nn.Module, shape: tuple[int, ...], u: torch.Tensor, n_iter: int, weight: torch.Tensor | None = None
+    layer: nn.Module,
+    shape: tuple[int, ...],
+    u: torch.Tensor,
+    n_iter: int,
+    weight: torch.Tensor | None = None,
+    last_step_gradient: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma, u_n): ``n_iter`` power-iteration steps from ``u``, then sigma = ||A u_n|| / ||u_n||
     (``weight``: in place of ``layer.weight``, same shape).
 
-    Where autograd needs the weight's gradient, through every step (the K penalty of the recipe),
-    the steps run as ``_PowerNorm``: the same operations forward and the same gradient, with the
-    weight gradient of all the steps formed in one call."""
+    Where autograd needs the weight's gradient, through every step (the K penalty of the CLL
+    reference), the steps run as ``_PowerNorm``: the same operations forward and the same gradient,
+    with the weight gradient of all the steps formed in one call. With ``last_step_gradient`` the
+    steps run without gradient and only sigma's own application of A is differentiated, u_n held
+    constant (LiResNet's and BRONet's ``sub_lipschitz``): the same value, the gradient of sigma at
+    a fixed iterate, which equals the full one where the iterate has converged."""
     weight = layer.weight if weight is None else weight
-    if n_iter > 0 and torch.is_grad_enabled() and weight.requires_grad:
+    grad = n_iter > 0 and torch.is_grad_enabled() and weight.requires_grad
+    if grad and not last_step_gradient:
         return _PowerNorm.apply(weight, u, layer, shape, n_iter)
-    forward, adjoint = linear_operator(layer, shape, weight)
-    u = power_iterate(forward, adjoint, u, n_iter)
+    forward, _ = linear_operator(layer, shape, weight)
+    with torch.no_grad():
+        u = power_iterate(*linear_operator(layer, shape, weight.detach()), u, n_iter)
     return forward(u).norm() / (u.norm() + 1e-12), u
 
 
@@ -138,6 +148,9 @@ class PowerIteration(nn.Module):
 
     def __init__(self, body: nn.Sequential, in_shape: tuple[int, ...]):
         super().__init__()
+        # the training estimate's gradient: through every step (False, the CLL reference's), or
+        # through the last application only (True: the hosts' references, set by their builders)
+        self.last_step_gradient = False
         shapes = trace_input_shapes(body, in_shape)
         self._layers: list[tuple[nn.Module, tuple[int, ...]]] = []
         self.factor, self.complete = 1.0, True  # the product of the known exact constants
@@ -167,7 +180,7 @@ class PowerIteration(nn.Module):
         norms = []
         for i, (layer, shape) in enumerate(self._layers):
             geometry, weight = operator_of(layer)
-            sigma, u = power_norm(geometry, shape, getattr(self, f"u{i}"), n_iter, weight)
+            sigma, u = power_norm(geometry, shape, getattr(self, f"u{i}"), n_iter, weight, self.last_step_gradient)
             norms.append(sigma)
             if update:  # rebind, not copy_: the old iterate may be saved for this step's backward
                 setattr(self, f"u{i}", u.detach())

@@ -70,7 +70,10 @@ def skeleton(
     body += [patch, nn.Flatten(), linear, L.MaxMinHalves()]
     for layer in dense():
         body += [layer, L.MaxMinHalves()]
-    return LipschitzNet(nn.Sequential(*body), head(), in_shape, mean=[INPUT_SHIFT] * in_shape[0])
+    net = LipschitzNet(nn.Sequential(*body), head(), in_shape, mean=[INPUT_SHIFT] * in_shape[0])
+    # the references' sub_lipschitz: power iteration without gradient, the last application with it
+    net.power.last_step_gradient = True
+    return net
 
 
 def liresnet(
