@@ -507,6 +507,7 @@ def sound_certificate(model: nn.Module, batches) -> dict:
 
 
 def part_b(models, host: str, args) -> list[dict]:
+    Path(args.work).mkdir(parents=True, exist_ok=True)  # the runs' scratch folders go inside
     train_set, test_set = datasets(args)
     batches = test_batches(test_set)
     records = []
