@@ -13,9 +13,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from cll import certify
+from cll import certify, lipschitz, losses, models
 from cll import layers as L
 from cll.cli import main
+from cll.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -171,3 +172,23 @@ def screened_decides_as_float64(model, x: torch.Tensor, y: torch.Tensor) -> cert
     for e in eps:
         assert torch.equal((pred == y) & (radius > e), (pred_all == y) & (radius_all > e))
     return screened
+
+
+# ---------------------------------------------------------------- today's hosts
+def host_step_and_certify(arch: str, loss: str, num_classes: int, shape: tuple[int, ...], **keys):
+    """One training step of a host (LiResNet, BRONet) with its own loss, every gradient finite, then
+    a certification of the 4 samples: (model, x, certify's output)."""
+    torch.manual_seed(0)
+    cfg = build_config({"dataset": "cifar100", "arch": arch, "loss": loss, "eps": "36/255", **keys})
+    criterion = losses.create(cfg)
+    model = models.create(arch, num_classes, shape, head=criterion.head, mean=[0.4] * 3)
+    assert model.body[0].mean.flatten().tolist() == [0.5] * 3  # the reference's x - 0.5, whatever the data
+    x, y = torch.rand(4, *shape), torch.randint(0, num_classes, (4,))
+    k = lipschitz.estimate_body(model, cfg.pi_iters)
+    criterion(model(x), y, model.head.weight, k, 0.3).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    out = certify.certify(model, [(x, y)], [36 / 255])
+    assert out["rounding"] == "rigorous" and out["float32_rounding"] == "rigorous"
+    assert out["lipschitz_body"] >= 1 and 0 <= out["cra"]["0.1412"] <= out["clean_accuracy"] <= 1
+    return model, x, out

@@ -8,11 +8,11 @@ via helpers.LAYERS.)"""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import host_step_and_certify
 from test_peers import jacobian_norm
 
-from cll import certify, lipschitz, losses, models
+from cll import certify, lipschitz, models
 from cll import layers as L
-from cll.config import build_config
 from cll.layers.bro import BRO_SHIFT, block_reflector, bro_rank
 from cll.lipschitz.fft import real_irdft2_crop, real_rdft2
 
@@ -253,23 +253,8 @@ def test_skeletons_of_the_references_configs():
 
 @pytest.mark.parametrize("num_classes,shape", [(10, (3, 32, 32)), (200, (3, 64, 64))])
 def test_bronet_trains_a_logit_annealing_step_and_certifies(num_classes, shape):
-    torch.manual_seed(0)
-    cfg = build_config(
-        {"dataset": "cifar100", "arch": "BRONet-L2W32", "loss": "logit_annealing", "eps": "36/255", "offset": 2.0}
-    )
-    criterion = losses.create(cfg)
-    model = models.create("BRONet-L2W32", num_classes, shape, head=criterion.head, mean=[0.4] * 3)
-    assert model.body[0].mean.flatten().tolist() == [0.5] * 3  # the reference's x - 0.5, whatever the data
+    model, x, _ = host_step_and_certify("BRONet-L2W32", "logit_annealing", num_classes, shape, offset=2.0)
     assert len(model.power.iterates()) == 1 and not model.power.complete  # the stem; BRO counted as 1
-    x, y = torch.rand(4, *shape), torch.randint(0, num_classes, (4,))
-    k = lipschitz.estimate_body(model, cfg.pi_iters)
-    loss = criterion(model(x), y, model.head.weight, k, 0.3)
-    loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    model.eval()
-    out = certify.certify(model, [(x, y)], [36 / 255])
-    assert out["rounding"] == "rigorous" and out["float32_rounding"] == "rigorous"
-    assert out["lipschitz_body"] >= 1 and 0 <= out["cra"]["0.1412"] <= out["clean_accuracy"] <= 1
     # the float64 pass (BRO convs on the canvas by cll's own DFT) gives the float32 logits to ~1e-6
     certifier = certify.Certifier(model)
     z64, err64, _ = certifier.forward64(x)

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import host_step_and_certify
 from test_peers import jacobian_norm
 from torch import nn
 
-from cll import certify, lipschitz, losses, models
 from cll import layers as L
-from cll.config import build_config
+from cll import lipschitz, models
 from cll.layers.liresnet import cholesky_orthogonal
 from cll.lipschitz.estimate import operator_of, power_iterate
 from cll.lipschitz.operators import linear_operator
@@ -163,17 +163,4 @@ def test_only_32_and_64_pixel_inputs():
 
 @pytest.mark.parametrize("num_classes,shape", [(10, (3, 32, 32)), (100, (3, 32, 32)), (200, (3, 64, 64))])
 def test_liresnet_trains_an_emma_step_and_certifies(num_classes, shape):
-    torch.manual_seed(0)
-    cfg = build_config({"dataset": "cifar100", "arch": "LiResNet-L2W32", "loss": "emma", "eps": 36 / 255})
-    criterion = losses.create(cfg)
-    model = models.create("LiResNet-L2W32", num_classes, shape, head=criterion.head, mean=[0.4] * 3)
-    assert model.body[0].mean.flatten().tolist() == [0.5] * 3  # the reference's x - 0.5, whatever the data
-    x, y = torch.rand(4, *shape), torch.randint(0, num_classes, (4,))
-    k = lipschitz.estimate_body(model, cfg.pi_iters)
-    loss = criterion(model(x), y, model.head.weight, k, 0.3)
-    loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    model.eval()
-    out = certify.certify(model, [(x, y)], [36 / 255])
-    assert out["rounding"] == "rigorous" and out["lipschitz_body"] >= 1
-    assert 0 <= out["cra"]["0.1412"] <= out["clean_accuracy"] <= 1
+    host_step_and_certify("LiResNet-L2W32", "emma", num_classes, shape)
