@@ -368,13 +368,19 @@ def _local_lip_b(cfg) -> LocalLipB:
     return LocalLipB(cfg.eps, cfg.sparsity, cfg.eps_warmup, cfg.pi_iters)
 
 
-LOSSES.register("emma")(lambda cfg: EMMA(cfg.eps, cfg.emma_eps_start, cfg.emma_eps_end, cfg.eps_warmup, cfg.epochs))
+def _emma_schedule(cfg) -> tuple[float, float, float, int]:
+    """(start, end, ramp, epochs) of EMMA's training eps (``cll.emma.emma_eps``), LA's too."""
+    return cfg.emma_eps_start, cfg.emma_eps_end, cfg.eps_warmup, cfg.epochs
+
+
+@LOSSES.register("emma")
+def _emma(cfg) -> EMMA:
+    return EMMA(cfg.eps, *_emma_schedule(cfg))
 
 
 @LOSSES.register("logit_annealing")
 def _logit_annealing(cfg) -> LogitAnnealing:
-    schedule = (cfg.emma_eps_start, cfg.emma_eps_end, cfg.eps_warmup, cfg.epochs)
-    return LogitAnnealing(cfg.eps, *schedule, cfg.offset, cfg.temperature, cfg.la_gamma)
+    return LogitAnnealing(cfg.eps, *_emma_schedule(cfg), cfg.offset, cfg.temperature, cfg.la_gamma)
 
 
 def create(cfg) -> nn.Module:

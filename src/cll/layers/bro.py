@@ -199,17 +199,18 @@ class BROConv(EvalCache):
         n = self.canvas(in_shape)
         return self.derived(lambda: self._bound(n), name=f"bound{n}")
 
-    def _bound(self, n: int) -> float:
+    def _frequency_matrices(self, n: int):
+        """The W_f of ``evaluated(n)`` in complex128 batches of at most SPECTRUM_CHUNK entries."""
         w = self.evaluated(n)[0].reshape(-1, self.channels, self.channels)
-        step = max(1, SPECTRUM_CHUNK // self.channels**2)
-        top = max(max_top_eigenvalue(part.to(torch.complex128)) for part in w.split(step))
+        return (part.to(torch.complex128) for part in w.split(max(1, SPECTRUM_CHUNK // self.channels**2)))
+
+    def _bound(self, n: int) -> float:
+        top = max(max_top_eigenvalue(part) for part in self._frequency_matrices(n))
         return math.sqrt(top) * (1 + ROUNDING_SLACK)
 
     def _frobenius(self, n: int) -> float:
         """max_f ||W_f||_F (>= || |W_f| ||), proved in float64."""
-        w = self.evaluated(n)[0].reshape(-1, self.channels, self.channels)
-        step = max(1, SPECTRUM_CHUNK // self.channels**2)
-        top = max(frobenius_sq_bound(part.to(torch.complex128)).max().item() for part in w.split(step))
+        top = max(frobenius_sq_bound(part).max().item() for part in self._frequency_matrices(n))
         return math.sqrt(top) * (1 + ROUNDING_SLACK)
 
     def rounding(self, in_shape: tuple[int, ...], dtype: torch.dtype) -> Rounding:

@@ -10,8 +10,7 @@ conv/linear layers. The normalisation is the body's first layer (factor 1/std,
 The families register themselves into ``ARCHS`` when their module is imported: the GloRo family
 (2C2F, 4C3F, 6C2F, 8C2F, moons-mlp) in ``cll.models.gloro``, the peers' (SOC LipConvNets, CPL,
 SLL, Sandwich) in ``cll.models.peers``, LiResNet in ``cll.models.liresnet``, BRONet in
-``cll.models.bronet``. A new family is a new
-module imported here.
+``cll.models.bronet``. A new family is a new module imported here.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ head        LLN (unit rows) dense_width -> classes, or the run's head
 Sizes, the reference's benchmark configs (``bronet/configs/benchmark_reproduce``): L12W512 is
 ``cifar10.yaml`` and ``cifar100.yaml`` (rank ratio 1/2, Cholesky neck, Cholesky dense 2048 x 8),
 L6W512 is ``tiny_imagenet.yaml`` (rank ratio 1/8, BRO neck, BRO dense 2048 x 4 of rank ratio 1/8).
-Parameters, counted on the reference's builder (tests/test_bronet.py): 68,788,234 / 68,972,644
+Parameters, counted on the reference's builder (tests/test_models.py, HOST_PARAMS): 68,788,234 / 68,972,644
 (L12W512, 10 / 100 classes), 75,643,080 (L6W512, 200 classes at 64x64). L2W32 is cll's CPU size of
 L12W512's skeleton (dense 256 x 2), the size of ``LiResNet-L2W32``.
 """
@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import layers as L
 from ..layers.bro import bro_rank
-from .liresnet import PATCH, check_side, skeleton
+from .liresnet import PATCH, cholesky_dense, cholesky_neck, skeleton
 from .net import ARCHS, LipschitzNet, make_head, scaled
 
 KINDS = ("cholesky", "bro")  # the neck's and the dense layers' orthogonalisation
@@ -40,13 +40,13 @@ KINDS = ("cholesky", "bro")  # the neck's and the dense layers' orthogonalisatio
 
 def _neck(kind: str, channels: int, cells: int, dense_width: int) -> list[nn.Module]:
     if kind == "cholesky":
-        return [L.CholeskyPatchConv(channels, channels, PATCH), L.CholeskyLinear(channels * cells, dense_width)]
+        return cholesky_neck(channels, cells, dense_width)
     return [L.BROPatchConv(channels, channels, PATCH), L.BROLinear(channels * cells, dense_width)]
 
 
 def _dense(kind: str, dense_width: int, dense_depth: int, rank_ratio: float) -> list[nn.Module]:
     if kind == "cholesky":
-        return [L.CholeskyResidualLinear(dense_width, dense_depth) for _ in range(dense_depth)]
+        return cholesky_dense(dense_width, dense_depth)
     rank = bro_rank(dense_width, rank_ratio)
     return [L.BROResidualLinear(dense_width, rank, dense_depth) for _ in range(dense_depth)]
 
@@ -69,12 +69,12 @@ def bronet(
     """The network of the module docstring; ``width`` scales ``channels`` and ``dense_width`` (the
     ranks follow from the scaled widths). ``mean`` is accepted and not used: the reference shifts
     every data set by 0.5."""
-    check_side("BRONet", in_shape)
     if neck not in KINDS or dense not in KINDS:
         raise ValueError(f"BRONet's neck and dense layers are one of {', '.join(KINDS)}, got {neck!r}, {dense!r}")
     channels, dense_width = scaled(channels, width), scaled(dense_width, width)
     rank = bro_rank(channels, rank_ratio)
     return skeleton(
+        "BRONet",
         in_shape,
         channels,
         blocks=lambda: [L.BROConv(channels, rank, depth) for _ in range(depth)],

@@ -15,7 +15,7 @@ head        LLN (unit rows) dense_width -> classes, or the run's head
 
 Sizes: L12W512 is the configuration of the reference's CIFAR-10/100 and Tiny-ImageNet configs
 (dense 2048 x 8, its fixed values): 82,944,010 / 83,128,420 / 133,664,968 parameters for 10 / 100 /
-200 classes, counted on the reference's own builder (tests/test_liresnet.py). L2W32 is cll's CPU
+200 classes, counted on the reference's own builder (tests/test_models.py, HOST_PARAMS). L2W32 is cll's CPU
 size of the same skeleton (dense 256 x 2), for tests and the CPU grid. The stem is defined for
 32x32 and 64x64 inputs (the reference's ImageNet patchify stem is not built: cll has no ImageNet).
 
@@ -47,7 +47,18 @@ def check_side(family: str, in_shape: Sequence[int]) -> int:
     return side
 
 
+def cholesky_neck(channels: int, cells: int, dense_width: int) -> list[nn.Module]:
+    """LiResNet's neck: the Cholesky patch conv and the Cholesky dense map on its ``cells`` positions."""
+    return [L.CholeskyPatchConv(channels, channels, PATCH), L.CholeskyLinear(channels * cells, dense_width)]
+
+
+def cholesky_dense(dense_width: int, dense_depth: int) -> list[nn.Module]:
+    """LiResNet's ``dense_depth`` Cholesky residual dense layers."""
+    return [L.CholeskyResidualLinear(dense_width, dense_depth) for _ in range(dense_depth)]
+
+
 def skeleton(
+    family: str,
     in_shape: Sequence[int],
     channels: int,
     blocks: Callable[[], list[nn.Module]],
@@ -59,7 +70,9 @@ def skeleton(
     padding 2) with bias and orthogonal init, then ``blocks()``, ``neck(cells)`` (a patch conv and a
     dense map on the ``cells`` positions it leaves), ``dense()``, each layer of them followed by
     MinMax but the patch conv (followed by the flattening), and the head. The parts are built in
-    that order (the reference's), as their builders are called here."""
+    that order (the reference's), as their builders are called here. ``family`` names the net in the
+    error for an input the stem is not defined for."""
+    check_side(family, in_shape)
     stem = nn.Conv2d(in_shape[0], channels, 5, stride=2, padding=2)
     nn.init.orthogonal_(stem.weight)
     body: list[nn.Module] = [stem, L.MaxMinHalves()]
@@ -89,17 +102,14 @@ def liresnet(
 ) -> LipschitzNet:
     """The skeleton of the module docstring; ``width`` scales ``channels`` and ``dense_width``.
     ``mean`` is accepted and not used: the reference shifts every data set by 0.5."""
-    check_side("LiResNet", in_shape)
     channels, dense_width = scaled(channels, width), scaled(dense_width, width)
     return skeleton(
+        "LiResNet",
         in_shape,
         channels,
         blocks=lambda: [L.LiResBlock(channels, depth) for _ in range(depth)],
-        neck=lambda cells: [
-            L.CholeskyPatchConv(channels, channels, PATCH),
-            L.CholeskyLinear(channels * cells, dense_width),
-        ],
-        dense=lambda: [L.CholeskyResidualLinear(dense_width, dense_depth) for _ in range(dense_depth)],
+        neck=lambda cells: cholesky_neck(channels, cells, dense_width),
+        dense=lambda: cholesky_dense(dense_width, dense_depth),
         head=lambda: make_head(head, dense_width, num_classes),
     )
 
