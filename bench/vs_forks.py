@@ -797,6 +797,19 @@ def sll(args) -> None:
             return config, net, fork_model, model, pairs
 
         x, y = small_batch()
+
+        def whole_model(heads: str, net, fork_model, model, pairs) -> list:
+            """Rows of the whole model as is, with the fork's dense epsilon at 0 (cll has none), and so in
+            eval mode; both models are left in training mode."""
+            rows = [layer_rows(f"whole model, {heads}, as is", fork_model, model, pairs, x)]
+            for layer in net.linear_layers:
+                layer.epsilon = 0.0
+            rows.append(layer_rows(f"whole model, {heads}, dense epsilon 0", fork_model, model, pairs, x))
+            fork_model.eval(), model.eval()
+            rows.append(layer_rows(f"whole model, {heads}, dense epsilon 0, eval mode", fork_model, model, pairs, x))
+            fork_model.train(), model.train()
+            return rows
+
         config, net, fork_model, model, pairs = models("vanilla", cll_cfg)
         n_params = sum(p.numel() for p in model.parameters())
         out(
@@ -806,25 +819,13 @@ def sll(args) -> None:
             "vanilla (the fork's CLL script, --last_layer vanilla; cll's head for loss cll) and truncation "
             "(the fork's default pooling_linear; cll's head for sll_offset_ce)"
         )
-        rows = [layer_rows("whole model, vanilla head, as is", fork_model, model, pairs, x)]
-        for layer in net.linear_layers:
-            layer.epsilon = 0.0
-        rows.append(layer_rows("whole model, vanilla head, dense epsilon 0", fork_model, model, pairs, x))
-        fork_model.eval(), model.eval()
-        rows.append(layer_rows("whole model, vanilla head, dense epsilon 0, eval mode", fork_model, model, pairs, x))
-        fork_model.train(), model.train()
+        rows = whole_model("vanilla head", net, fork_model, model, pairs)
         with quiet():
             fork_loss = fork_trainer.CLL(c["eps"], c["p"], c["delta"], False, net, 1.0, detach_K=True, lambda_=c["lam"])
         losses = [cll_loss_row(c, fork_loss, cll_cfg, fork_model, model, pairs, x, y)]
 
         config, net, fork_model, model, pairs = models("pooling_linear", offset_cfg)
-        rows.append(layer_rows("whole model, truncation heads, as is", fork_model, model, pairs, x))
-        for layer in net.linear_layers:
-            layer.epsilon = 0.0
-        rows.append(layer_rows("whole model, truncation heads, dense epsilon 0", fork_model, model, pairs, x))
-        fork_model.eval(), model.eval()
-        rows.append(layer_rows("whole model, truncation heads, dense epsilon 0, eval", fork_model, model, pairs, x))
-        fork_model.train(), model.train()
+        rows += whole_model("truncation heads", net, fork_model, model, pairs)
         table(LAYER_HEADER, rows)
         z_fork, z = fork_model(x), model(x)
         losses.append(
