@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -97,7 +96,9 @@ from cll import certify as cll_certify
 from cll import data, lipschitz, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_forks import forks_on_cpu, imported_from, rel, table  # bench/ is not a package
+from vs_forks import forks_on_cpu, imported_from, rel, table
+
+from bench import emit, log  # bench/ is not a package
 
 F64 = torch.float64
 EPS = 36 / 255
@@ -108,14 +109,6 @@ REF_LOSS = {"liresnet": "emma_loss", "bronet": "logit_annealing_loss"}
 LA = dict(offset=2.0, temperature=0.75, gamma=5.0)  # the BRONet configs' loss keys
 WEIGHT_DECAY = {"liresnet": 0.0, "bronet": 4e-5}
 STUBS = ("einops",)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
 
 
 # ---------------------------------------------------------------- the parameter map (pure cll)

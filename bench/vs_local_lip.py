@@ -68,7 +68,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import pickle
 import shutil
@@ -89,7 +88,9 @@ from cll.certify import Certifier, LocalCertifier
 from cll.local_lipschitz import LocalBound
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_forks import forks_on_cpu, imported_from  # bench/ is not a package
+from vs_forks import forks_on_cpu, imported_from, rel
+
+from bench import emit, log  # bench/ is not a package
 
 EPS = 36 / 255  # the authors' CIFAR-10 evaluation eps (run_job.sh: --epsilon 0.141)
 SNITER = 2000  # run_job.sh's --test_sniter
@@ -100,14 +101,6 @@ EDITS = (  # (file, old, new): see the module docstring
     ("Local_bound.py", "torch.randn((*self.in_size[i]), ", "torch.randn(tuple(self.in_size[i]), "),
     ("Local_bound.py", ".type(torch.cuda.FloatTensor)", ".type(torch.FloatTensor)"),
 )
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
 
 
 # ---------------------------------------------------------------- the authors' code, prepared
@@ -168,11 +161,6 @@ def to_theirs(ours: nn.Module, theirs: nn.Sequential) -> None:
             a.copy_(b.reshape(a.shape))
         else:
             a[order] = b
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 # ---------------------------------------------------------------- data
