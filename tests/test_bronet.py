@@ -13,7 +13,7 @@ from test_peers import jacobian_norm
 
 from cll import certify, lipschitz, models
 from cll import layers as L
-from cll.layers.bro import BRO_SHIFT, block_reflector, bro_rank
+from cll.layers.bro import BRO_SHIFT, block_reflector, bro_rank, real_blocks
 from cll.lipschitz.fft import real_irdft2_crop, real_rdft2
 
 
@@ -148,28 +148,37 @@ def test_real_dft_products_are_rfft2_and_irfft2_on_the_canvas(side):
     torch.testing.assert_close(real_irdft2_crop(torch.cat([z.real, z.imag], -2)), expected, rtol=0, atol=1e-11)
 
 
+def _torch_fft_conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The reference's frequency convolution (no bias): crop(irfft2(W_f rfft2(pad(x)))), unitary."""
+    x = F.pad(x, (1, 1, 1, 1))
+    n = x.shape[-1]
+    z = torch.einsum("hwoi,bihw->bohw", w, torch.fft.rfft2(x, norm="ortho"))
+    return torch.fft.irfft2(z, s=(n, n), norm="ortho")[..., 1:-1, 1:-1]
+
+
 @pytest.mark.parametrize("side", [5, 16])
-def test_evaluation_forward_is_the_torch_fft_forward_within_float32_rounding(side):
-    """The evaluation forward (real products, proved) computes the function the torch.fft one does
-    (kept for training): float32 outputs within the proved bound plus torch.fft's estimate; and the
-    float32 bound holds against the float64 pass on inputs of every scale."""
+def test_real_forward_is_the_torch_fft_forward_within_float32_rounding(side):
+    """The forward (real products, proved; training and evaluation) computes the function the
+    reference's torch.fft one does: float32 outputs within the proved bound plus torch.fft's
+    estimate; the float32 bound holds against the float64 pass on inputs of every scale; and the
+    training branch is the evaluation's products on the same W, bitwise."""
     layer = _bro_conv(channels=6, rank=3, dtype=torch.float32)
     shape = (6, side, side)
     n = side + 2
     x = torch.randn(16, *shape) * torch.logspace(-3, 3, 16)[:, None, None, None]
     w, bias = layer.evaluated(n)
     with torch.no_grad():
-        new, old, exact = layer(x), layer.frequency_conv(x, w) + bias[:, None, None], layer.forward64(x)
+        new, old, exact = layer(x), _torch_fft_conv(x, w) + bias[:, None, None], layer.forward64(x)
     r32, r64 = layer.rounding(shape, torch.float32), layer.rounding(shape, torch.float64)
     norm = x.flatten(1).double().norm(dim=1)
     proved = r32.alpha * norm + r32.beta
     assert ((new.double() - exact).flatten(1).norm(dim=1) <= proved + r64.alpha * norm + r64.beta).all()
     gap = (new - old).double().flatten(1).norm(dim=1)
     assert (gap <= 2 * proved).all() and (gap <= 1e-5 * exact.flatten(1).norm(dim=1)).all()
-    layer.train()  # training still runs torch.fft: the same function
+    layer.train()
     with torch.no_grad():
-        trained = layer.frequency_conv(x, layer.spectrum(n))
-    torch.testing.assert_close(trained + bias[:, None, None], new, rtol=1e-4, atol=1e-4)
+        trained = layer.real_conv(x, real_blocks(layer.spectrum(n)))
+    assert torch.equal(trained + bias[:, None, None], new)
 
 
 def test_bro_conv_training_centres_by_the_batch_mean_and_keeps_a_running_mean():
@@ -177,12 +186,25 @@ def test_bro_conv_training_centres_by_the_batch_mean_and_keeps_a_running_mean():
     x = torch.randn(8, 4, 5, 5, dtype=torch.float64)
     before = layer.running_mean.clone()
     out = layer(x)
-    branch = L.BROConv.frequency_conv(x, layer.spectrum(7))
+    branch = _torch_fft_conv(x, layer.spectrum(7))
     mean = branch.mean((0, 2, 3))
-    torch.testing.assert_close(out, branch - mean[:, None, None] + layer.bias[:, None, None])
-    torch.testing.assert_close(layer.running_mean, before + 0.1 * (mean - before))
+    torch.testing.assert_close(out, branch - mean[:, None, None] + layer.bias[:, None, None], rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.running_mean, before + 0.1 * (mean - before), rtol=0, atol=1e-12)
     out.square().sum().backward()
     assert layer.weight.grad.abs().sum() > 0 and layer.gamma.grad.abs().sum() > 0
+
+
+def test_bro_conv_training_gradients_are_the_torch_fft_ones_in_float64():
+    """Training's real products differentiate to the reference's torch.fft gradients (float64)."""
+    torch.manual_seed(3)
+    layer = _bro_conv().train()
+    x = torch.randn(8, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    params = [x, layer.weight, layer.gamma, layer.bias]
+    ours = torch.autograd.grad(layer(x).square().sum(), params)
+    branch = _torch_fft_conv(x, layer.spectrum(7))
+    theirs = branch - branch.mean((0, 2, 3))[:, None, None] + layer.bias[:, None, None]
+    for a, b in zip(ours, torch.autograd.grad(theirs.square().sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------- the dense and neck BRO layers

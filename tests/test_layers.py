@@ -9,7 +9,7 @@ from helpers import LAYERS, plain_maxmin
 from torch import nn
 
 from cll import layers
-from cll.layers import ClippedMaxMin, MaxMin
+from cll.layers import ClippedMaxMin, MaxMin, MaxMinHalves
 
 # what cll.layers exports besides layers: the registry of the activation layers (each of them is a
 # class of __all__ too) and the function that builds a head
@@ -41,6 +41,30 @@ def test_maxmin_values_and_gradient_are_autograds_exactly(shape, channels_last, 
     assert torch.equal(torch.autograd.grad(fast, x, grad)[0], torch.autograd.grad(plain, x, grad)[0])
     with torch.no_grad():
         assert torch.equal(MaxMin()(x), plain)
+
+
+@pytest.mark.parametrize("shape,channels_last", [((4, 6, 5, 3), False), ((4, 6, 5, 3), True), ((3, 8), False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_maxmin_halves_values_and_gradient_are_the_reference_wheres_exactly(shape, channels_last, dtype):
+    """LiResNet's MinMax as its code writes it: at a tie b gets the max's gradient, a the min's."""
+    x = torch.randn(*shape, dtype=dtype).round()  # integers: many ties a == b
+    x[0] = 0.0
+    x[1, : shape[1] // 2] = -0.0  # signed zeros tie with +0.0
+    column = (-1, *[1] * (len(shape) - 2))  # a value per channel
+    x[2] = torch.tensor([1e30, -1e-30, 1e-30, -1e30] * shape[1])[: shape[1]].view(column)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    grad = torch.randn(*shape, dtype=dtype)
+    grad[-1] = torch.tensor([1e30, -1e-30] * shape[1])[: shape[1]].view(column)
+    a, b = x.chunk(2, dim=1)
+    larger = a > b
+    plain = torch.cat([torch.where(larger, a, b), torch.where(larger, b, a)], dim=1)
+    fast = MaxMinHalves()(x)
+    assert torch.equal(fast, plain) and fast.stride() == x.stride()
+    assert torch.equal(torch.autograd.grad(fast, x, grad)[0], torch.autograd.grad(plain, x, grad)[0])
+    with torch.no_grad():
+        assert torch.equal(MaxMinHalves()(x), plain)
 
 
 def test_maxmin_output_is_a_permutation_of_its_input():

@@ -68,10 +68,15 @@ def _pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pairs.select(2, 0), pairs.select(2, 1)
 
 
-def _max_min(x: torch.Tensor) -> torch.Tensor:
-    """cat([maximum(a, b), minimum(a, b)], channels) written straight into one output tensor, in
-    ``x``'s memory format (no concatenation copy)."""
-    a, b = _pairs(x)
+def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two members (a, b) = (x[:, c], x[:, c + C/2]) of every pair of ``MaxMinHalves``: views."""
+    return x.chunk(2, dim=1)
+
+
+def _max_min(x: torch.Tensor, pairing=_pairs) -> torch.Tensor:
+    """cat([maximum(a, b), minimum(a, b)], channels) over the pairs (a, b) of ``pairing``, written
+    straight into one output tensor, in ``x``'s memory format (no concatenation copy)."""
+    a, b = pairing(x)
     half = x.shape[1] // 2
     out = torch.empty_like(x)
     torch.maximum(a, b, out=out[:, :half])
@@ -80,41 +85,44 @@ def _max_min(x: torch.Tensor) -> torch.Tensor:
 
 
 class _MaxMinFunction(torch.autograd.Function):
-    """``_max_min`` with a hand-written backward that gives autograd's gradient through maximum,
-    minimum and cat exactly: each input gets its output's gradient (the max's if it is the larger
-    one of its pair, the min's otherwise), and at a tie a == b each gets half of both (autograd's
-    rule for maximum and minimum; ties are common where zero-padded inputs meet zero biases).
+    """``_max_min`` over the pairs of ``pairing`` with a hand-written backward that gives autograd's
+    gradient exactly: each input gets its output's gradient (the max's if it is the larger one of
+    its pair, the min's otherwise). At a tie a == b, with ``split_ties`` each gets half of both
+    (autograd's rule for maximum and minimum, ``MaxMin``; ties are common where zero-padded inputs
+    meet zero biases); without, a gets the min's and b the max's (``MaxMinHalves``: the rule of
+    LiResNet's ``where(a > b, ...)``).
 
     Autograd's own backward spends about 20 passes over the activation (masks, halving, scatter
-    into zeros, additions) and keeps the input alive; this one keeps two one-byte masks per pair
-    and writes the gradient in two ``lerp`` passes: lerp with weight 0 or 1 returns one of its
-    ends exactly, and on the CPU it is a vectorised kernel, where ``where`` and comparisons into
-    a float tensor are not (uint8 -> float conversion is, bool -> float is not)."""
+    into zeros, additions) and keeps the input alive; this one keeps one-byte masks per pair and
+    writes the gradient in two ``lerp`` passes: lerp with weight 0 or 1 returns one of its ends
+    exactly, and on the CPU it is a vectorised kernel, where ``where`` and comparisons into a float
+    tensor are not (uint8 -> float conversion is, bool -> float is not)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out = _max_min(x)
-        a, b = _pairs(x)
-        ctx.save_for_backward(torch.gt(a, b), torch.eq(a, b))
+    def forward(ctx, x: torch.Tensor, pairing, split_ties: bool) -> torch.Tensor:
+        out = _max_min(x, pairing)
+        a, b = pairing(x)
+        ctx.pairing = pairing
+        ctx.save_for_backward(torch.gt(a, b), torch.eq(a, b) if split_ties else None)
         return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor):
         larger, tie = ctx.saved_tensors
         half = grad.shape[1] // 2
         g_max, g_min = grad[:, :half], grad[:, half:]
         weight = larger.view(torch.uint8).to(grad.dtype)  # 1 where a is the max, 0 where b is
         grad_x = torch.empty_like(grad)
-        g_a, g_b = _pairs(grad_x)
+        g_a, g_b = ctx.pairing(grad_x)
         torch.lerp(g_min, g_max, weight, out=g_a)
         torch.lerp(g_max, g_min, weight, out=g_b)
         # on a GPU no host sync: there the fix-up costs less than a wait
-        if grad.device.type != "cpu" or (tie.numel() and tie.view(torch.uint8).amax()):
+        if tie is not None and (grad.device.type != "cpu" or (tie.numel() and tie.view(torch.uint8).amax())):
             split = g_max / 2 + g_min / 2
             g_a.copy_(torch.where(tie, split, g_a))
             g_b.copy_(torch.where(tie, split, g_b))
-        return grad_x
+        return grad_x, None, None
 
 
 # functorch transforms (jacrev, vmap: the local-bound tests) need autograd's own backward
@@ -141,7 +149,7 @@ class MaxMin(nn.Module):
             a, b = _pairs(x)
             return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _MaxMinFunction.apply(x)
+            return _MaxMinFunction.apply(x, _pairs, True)
         return _max_min(x)
 
 
@@ -150,14 +158,22 @@ class MaxMinHalves(nn.Module):
     min(a, b)]) with a, b the two halves of the channels (LiResNet's ``MinMax``; a tie gives the max
     b's gradient, as its ``where`` does). Not cll's ``MaxMin`` relabelled: that one pairs adjacent
     channels and writes each pair to (c, c + C/2), a channel permutation on top of the sort, which
-    would turn LiResNet's identity skip into a permutation. 1-Lipschitz, exact in floating point."""
+    would turn LiResNet's identity skip into a permutation. 1-Lipschitz, exact in floating point.
+
+    Runs like ``MaxMin``: ``_MaxMinFunction`` in training (the reference's values and gradient; its
+    two ``where`` passes and the concatenation forward, four ``where`` passes backward, replaced by
+    vectorised kernels), the plain expression under torch.compile and functorch transforms."""
 
     exact_bound = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = x.chunk(2, dim=1)
-        larger = a > b
-        return torch.cat([torch.where(larger, a, b), torch.where(larger, b, a)], dim=1)
+        if torch.compiler.is_compiling() or _transforms_active():
+            a, b = _halves(x)
+            larger = a > b
+            return torch.cat([torch.where(larger, a, b), torch.where(larger, b, a)], dim=1)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _MaxMinFunction.apply(x, _halves, False)
+        return _max_min(x, _halves)
 
     def upper_bound(self, in_shape: tuple[int, ...]) -> float:
         return 1.0

@@ -29,12 +29,14 @@ bias less the running mean), cached once per weights (``EvalCache``), so the for
 the float64 pass use the same ones. Computed in float32 the W_f are orthogonal only up to the
 rounding of the solve (whose Gram matrix may be ill-conditioned: eps is only 1e-7 relative), so
 ``upper_bound`` is max_f ||W_f|| of those matrices, proved in float64 (``max_top_eigenvalue``), never
-"1 by construction". Rounding: in evaluation the forward runs no FFT library (``torch.fft`` has no
-proved error bound; training keeps it, for speed and gradients) but real matrix products with the
-canvas's cos/sin DFT matrices from correctly rounded roots of unity (``real_rdft2``, ``real_conv``,
-``real_irdft2_crop``), whose float32 rounding is proved from Higham's gamma_n (``rigorous=True``), so
-the certifier's float32 pass certifies by itself; the float64 pass (``forward64``) runs
-``cll.lipschitz.fft.dft2`` on the whole canvas, whose error is proved too.
+"1 by construction". Rounding: the forward runs no FFT library (``torch.fft`` has no proved error
+bound) but real matrix products with the canvas's cos/sin DFT matrices from correctly rounded roots
+of unity (``real_rdft2``, ``real_conv``, ``real_irdft2_crop``), whose float32 rounding is proved from
+Higham's gamma_n (``rigorous=True``), so the certifier's float32 pass certifies by itself; the
+float64 pass (``forward64``) runs ``cll.lipschitz.fft.dft2`` on the whole canvas, whose error is
+proved too. Training runs the same products (on W_f made afresh, with autograd): on this small canvas
+they are faster than torch.fft on the CPU (the reference's rfft2/irfft2: the same function, bench/
+README "BRONet"), and the function trained is the one certified.
 
 The dense BRO layers are matrices like LiResNet's Cholesky layers (``DerivedLinear``,
 ``DerivedPatchConv``): ``BROResidualLinear`` (``LiBroMLP``) with V = I_{:, :k} + s gamma X, and the
@@ -98,6 +100,15 @@ def block_reflector(v: torch.Tensor, shift: float, rows: int | None = None, deta
     return torch.eye(top.shape[-2], m, dtype=v.dtype, device=v.device) - 2 * top @ solved
 
 
+def real_blocks(w: torch.Tensor) -> torch.Tensor:
+    """The complex c x c matrices W_f (n, m, c, c) as real 2c x 2c blocks [[Re, -Im], [Im, Re]]:
+    (n m, 2c, 2c), rows (out part, out channel), columns (in part, in channel); exactly W's parts."""
+    n, m, c = w.shape[:3]
+    re, im = w.real, w.imag
+    rows = torch.stack([torch.stack([re, -im], dim=3), torch.stack([im, re], dim=3)], dim=2)
+    return rows.reshape(n * m, 2 * c, 2 * c)
+
+
 class BROConv(EvalCache):
     """BRO convolution with bias on (N, channels, H, H) (square inputs, any H), per frequency of the
     zero-padded (H + 2) x (H + 2) canvas; V of rank ``rank`` < channels."""
@@ -139,39 +150,32 @@ class BROConv(EvalCache):
             raise ValueError(f"BROConv takes square inputs (channels, H, H), got {tuple(in_shape)}")
         return in_shape[1] + 2
 
-    @staticmethod
-    def frequency_conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """crop(irfft2(W_f rfft2(pad(x)))), unitary transforms (the reference's norm="ortho")."""
-        x = F.pad(x, (1, 1, 1, 1))
-        n = x.shape[-1]
-        z = torch.einsum("hwoi,bihw->bohw", w, torch.fft.rfft2(x, norm="ortho"))
-        return torch.fft.irfft2(z, s=(n, n), norm="ortho")[..., 1:-1, 1:-1]
-
     def real_spectrum(self, n: int) -> torch.Tensor:
-        """W_f as real 2c x 2c blocks [[Re, -Im], [Im, Re]]: (n, n//2+1, 2, c, 2, c), (out part, out
-        channel, in part, in channel), exactly the parts of ``evaluated(n)``'s W, once per weights."""
+        """``real_blocks`` of ``evaluated(n)``'s W, once per weights: exactly the parts of the W the
+        bound and the float64 pass use."""
+        return self.derived(lambda: real_blocks(self.evaluated(n)[0]), name=f"real{n}")
 
-        def make() -> torch.Tensor:
-            w = self.evaluated(n)[0]
-            re, im = w.real, w.imag
-            return torch.stack([torch.stack([re, -im], dim=3), torch.stack([im, re], dim=3)], dim=2)
-
-        return self.derived(make, name=f"real{n}")
-
-    def real_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """The evaluation forward without the bias, all in real matrix products (``rounding``): the
-        half spectrum [Re; Im] of the padded canvas (``real_rdft2``), W_f X_f per frequency as one
-        real 2c x 2c product, irfft2's inverse at the interior (``real_irdft2_crop``), / n^2."""
-        n = x.shape[-1] + 2
-        spectrum = real_rdft2(x).unflatten(-2, (2, n))  # (N, c, 2, n, m)
-        product = torch.einsum("hwpoqi,biqhw->bophw", self.real_spectrum(n).to(x.dtype), spectrum)
-        return real_irdft2_crop(product.flatten(-3, -2)) / (n * n)
+    @staticmethod
+    def real_conv(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """crop(irfft2(W_f rfft2(pad(x)))) in unitary units, without the bias, all in real matrix
+        products (``rounding``): the half spectrum [Re; Im] of the padded canvas (``real_rdft2``),
+        W_f X_f per frequency as one real 2c x 2c product (``blocks``, from ``real_blocks``), the
+        inverse at the interior (``real_irdft2_crop``), / n^2. The products run frequency-major, as
+        one batched matrix product over the n (n//2 + 1) frequencies of (N, 2c) by (2c, 2c)."""
+        b, c, n = x.shape[0], x.shape[1], x.shape[-1] + 2
+        m = n // 2 + 1
+        spectrum = real_rdft2(x).view(b, c, 2, n, m).permute(3, 4, 0, 2, 1).reshape(n * m, b, 2 * c)
+        product = torch.bmm(spectrum, blocks.mT)  # (frequency, sample, (part, channel))
+        product = product.view(n, m, b, 2, c).permute(2, 4, 3, 0, 1).reshape(b, c, 2 * n, m)
+        return real_irdft2_crop(product) / (n * n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.canvas(tuple(x.shape[1:]))
         if not self.training:
-            return self.real_conv(x) + self.evaluated(n)[1][:, None, None]
-        out = self.frequency_conv(x, self.spectrum(n))
+            return self.real_conv(x, self.real_spectrum(n).to(x.dtype)) + self.evaluated(n)[1][:, None, None]
+        # training runs the evaluation's real products (faster here than torch.fft on this small
+        # canvas, and what is trained is what is certified) on W_f made afresh, with autograd
+        out = self.real_conv(x, real_blocks(self.spectrum(n)))
         mean = out.mean((0, 2, 3))
         with torch.no_grad():  # centring in place of a normalisation: the batch mean, and its average
             self.running_mean.add_((mean - self.running_mean) * CENTRING_MOMENTUM)

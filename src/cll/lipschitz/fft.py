@@ -177,6 +177,12 @@ def real_dft_matrices(n: int, dtype: torch.dtype, device: torch.device) -> tuple
       (j, part) interleaved (Re U = C Re Z - S Im Z, Im U = S Re Z + C Im Z);
     * ``last`` (2m, H) on [Re U | Im U]: irfft's c2r at the H interior columns, sum_k a_k (Re U_k
       cos - Im U_k sin), a_k = 1 for columns 0 and n/2 (their imaginary parts drop out), else 2."""
+    with torch.device("cpu"):  # made on the CPU whatever the default device (meta: shape tracing)
+        matrices = _real_dft_matrices(n)
+    return tuple(t.to(dtype=dtype, device=device).contiguous() for t in matrices)
+
+
+def _real_dft_matrices(n: int) -> tuple[torch.Tensor, ...]:
     m, h = n // 2 + 1, n - 2
     roots, half, full, inner = roots_of_unity(n), torch.arange(m), torch.arange(n), torch.arange(1, n - 1)
 
@@ -196,7 +202,7 @@ def real_dft_matrices(n: int, dtype: torch.dtype, device: torch.device) -> tuple
     if n % 2 == 0:
         a[n // 2] = 1.0
     last = torch.cat([a * c, -a * s], dim=0)
-    return tuple(t.to(dtype=dtype, device=device).contiguous() for t in (first, rows, back, last))
+    return first, rows, back, last
 
 
 def real_rdft2(x: torch.Tensor) -> torch.Tensor:
