@@ -34,9 +34,9 @@ bound) but real matrix products with the canvas's cos/sin DFT matrices from corr
 of unity (``real_rdft2``, ``real_conv``, ``real_irdft2_crop``), whose float32 rounding is proved from
 Higham's gamma_n (``rigorous=True``), so the certifier's float32 pass certifies by itself; the
 float64 pass (``forward64``) runs ``cll.lipschitz.fft.dft2`` on the whole canvas, whose error is
-proved too. Training runs the same products (on W_f made afresh, with autograd): on this small canvas
-they are faster than torch.fft on the CPU (the reference's rfft2/irfft2: the same function, bench/
-README "BRONet"), and the function trained is the one certified.
+proved too. Training runs the same products (on W_f made afresh, with autograd): on this small
+canvas they are faster on the CPU than the reference's torch.fft rfft2/irfft2, which compute the same
+function (bench/README, vs_hosts "(d)"), and the function trained is the one certified.
 
 The dense BRO layers are matrices like LiResNet's Cholesky layers (``DerivedLinear``,
 ``DerivedPatchConv``): ``BROResidualLinear`` (``LiBroMLP``) with V = I_{:, :k} + s gamma X, and the
