@@ -73,6 +73,10 @@ NECK_SHIFT = 1e-5  # the neck's, detached (the reference takes it with .item())
 SPECTRUM_CHUNK = 2**24  # complex entries of W per float64 step (256 MB in complex128)
 
 
+def _complex(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
 def bro_rank(width: int, ratio: float) -> int:
     """The reference's rank of V for a layer of ``width`` and a rank ratio: width * ratio rounded
     down, width - 1 for ratio 1 and 1 for ratio 0."""
@@ -98,15 +102,6 @@ def block_reflector(v: torch.Tensor, shift: float, rows: int | None = None, deta
         solved = torch.linalg.solve(gram + eps[..., None, None] * eye_k, vh)  # (V^H V + eps I)^-1 V^H
     top = v if rows is None else v[..., :rows, :]
     return torch.eye(top.shape[-2], m, dtype=v.dtype, device=v.device) - 2 * top @ solved
-
-
-def real_blocks(w: torch.Tensor) -> torch.Tensor:
-    """The complex c x c matrices W_f (n, m, c, c) as real 2c x 2c blocks [[Re, -Im], [Im, Re]]:
-    (n m, 2c, 2c), rows (out part, out channel), columns (in part, in channel); exactly W's parts."""
-    n, m, c = w.shape[:3]
-    re, im = w.real, w.imag
-    rows = torch.stack([torch.stack([re, -im], dim=3), torch.stack([im, re], dim=3)], dim=2)
-    return rows.reshape(n * m, 2 * c, 2 * c)
 
 
 class BROConv(EvalCache):
@@ -150,32 +145,31 @@ class BROConv(EvalCache):
             raise ValueError(f"BROConv takes square inputs (channels, H, H), got {tuple(in_shape)}")
         return in_shape[1] + 2
 
-    def real_spectrum(self, n: int) -> torch.Tensor:
-        """``real_blocks`` of ``evaluated(n)``'s W, once per weights: exactly the parts of the W the
-        bound and the float64 pass use."""
-        return self.derived(lambda: real_blocks(self.evaluated(n)[0]), name=f"real{n}")
-
     @staticmethod
-    def real_conv(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """crop(irfft2(W_f rfft2(pad(x)))) in unitary units, without the bias, all in real matrix
-        products (``rounding``): the half spectrum [Re; Im] of the padded canvas (``real_rdft2``),
-        W_f X_f per frequency as one real 2c x 2c product (``blocks``, from ``real_blocks``), the
-        inverse at the interior (``real_irdft2_crop``), / n^2. The products run frequency-major, as
-        one batched matrix product over the n (n//2 + 1) frequencies of (N, 2c) by (2c, 2c)."""
+    def real_conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """crop(irfft2(W_f rfft2(pad(x)))) in unitary units, without the bias, in matrix products
+        (``rounding``): the half spectrum [Re; Im] of the padded canvas by two real products
+        (``real_rdft2``), W_f X_f at each frequency (one batched complex product of (N, c) by the
+        (c, c) W_f^T over the n (n//2 + 1) frequencies: conventional complex arithmetic, each real
+        output a sum of 2c real products, as a real 2c x 2c product would be), the inverse at the
+        interior by two real products (``real_irdft2_crop``), / n^2. W stays complex: half the memory
+        of its real 2c x 2c form, which at width 512 is 0.75 GB a layer."""
         b, c, n = x.shape[0], x.shape[1], x.shape[-1] + 2
         m = n // 2 + 1
-        spectrum = real_rdft2(x).view(b, c, 2, n, m).permute(3, 4, 0, 2, 1).reshape(n * m, b, 2 * c)
-        product = torch.bmm(spectrum, blocks.mT)  # (frequency, sample, (part, channel))
-        product = product.view(n, m, b, 2, c).permute(2, 4, 3, 0, 1).reshape(b, c, 2 * n, m)
+        spectrum = real_rdft2(x).view(b, c, 2, n, m).permute(3, 4, 0, 2, 1)  # (j, col, sample, part, channel)
+        spectrum = torch.complex(spectrum[..., 0, :], spectrum[..., 1, :]).reshape(n * m, b, c)
+        product = torch.bmm(spectrum, w.reshape(n * m, c, c).mT)  # (frequency, sample, channel)
+        product = torch.view_as_real(product).view(n, m, b, c, 2).permute(2, 3, 4, 0, 1).reshape(b, c, 2 * n, m)
         return real_irdft2_crop(product) / (n * n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.canvas(tuple(x.shape[1:]))
         if not self.training:
-            return self.real_conv(x, self.real_spectrum(n).to(x.dtype)) + self.evaluated(n)[1][:, None, None]
-        # training runs the evaluation's real products (faster here than torch.fft on this small
-        # canvas, and what is trained is what is certified) on W_f made afresh, with autograd
-        out = self.real_conv(x, real_blocks(self.spectrum(n)))
+            w, bias = self.evaluated(n)
+            return self.real_conv(x, w.to(_complex(x.dtype))) + bias[:, None, None]
+        # training runs the evaluation's products (faster here than torch.fft on this small canvas,
+        # and what is trained is what is certified) on W_f made afresh, with autograd
+        out = self.real_conv(x, self.spectrum(n))
         mean = out.mean((0, 2, 3))
         with torch.no_grad():  # centring in place of a normalisation: the batch mean, and its average
             self.running_mean.add_((mean - self.running_mean) * CENTRING_MOMENTUM)
@@ -222,7 +216,7 @@ class BROConv(EvalCache):
         which cancels): each transform off by at most e relative (``dft2_error``, proved), each
         per-frequency product by sqrt2 gamma_{c+2} ||W_f||_F ||X_f|| (Higham sec. 3.6), the scaling
         by u, the bias by u of the sum; errors pass on through w = max_f ||W_f|| (``upper_bound``).
-        float32: ``real_conv``'s five real products, proved the same way (``_real_error``)."""
+        float32: ``real_conv``'s five products (four real, one complex), proved the same way (``_real_error``)."""
         n, u = self.canvas(in_shape), unit(dtype)
         w = self.upper_bound(in_shape)
         fro = self.derived(lambda: self._frobenius(n), f"fro{n}")
@@ -254,8 +248,10 @@ class BROConv(EvalCache):
         into ||A|| E + sqrt(R L) a c_L (S + E). Steps (H = n - 2, m = n//2 + 1, per channel):
         [P | Q] = x [C | S]: L = H, R = 2m, exact size <= sqrt(n) ||x|| (a row DFT);
         [Re X; Im X]: L = 2H, R = 2n, ||A|| <= sqrt(n) (columns of the n x n DFT), size n ||x||;
-        W_f X_f: one real 2c x 2c product per frequency, error w E + sqrt2 gamma_{2c} ||W_f||_F S (|.| of
-        the real form has norm <= its Frobenius norm, sqrt2 ||W_f||_F), size w n ||x||;
+        W_f X_f: per frequency, every real output of the complex product (conventional arithmetic, as
+        BLAS computes it, with or without FMA) is a 2c-term real inner product with a row of W_f's real
+        form [[Re, -Im], [Im, Re]], so the error is w E + sqrt2 gamma_{2c} ||W_f||_F S (|.| of the real
+        form has norm <= its Frobenius norm, sqrt2 ||W_f||_F), size w n ||x||;
         back rows: L = 2n, R = 2H, ||A|| <= sqrt(n); last: L = 2m, R = H, a = 2, ||A|| <= sqrt(2n) (a
         middle column counts as itself and its conjugate, the others at most once), and the exact
         cropped canvas is n^2 times the unitary map's, <= w n^2 ||x||; / n^2 rounds by u, + b by u of
