@@ -10,7 +10,9 @@
    ``cll certify`` (sound bound, float32 screening without cuDNN, float64 pass) and ``cll audit``,
    each a subprocess; wall times and results.
 3. Training throughput of 8C2F (the reference's CLL recipe, batch 256), LipConv-20 and SLL-XL (their
-   config/paper.yaml recipes and batch sizes): ``train.make_step`` eager fp32, with ``amp`` and with
+   config/paper.yaml recipes and batch sizes; the hosts LiResNet-L12W512, BRONet-L12W512 and
+   BRONet-L6W512 with ``--arch``, to size the paper grid's runtime: bookings): ``train.make_step``
+   eager fp32, with ``amp`` and with
    ``compile`` (bench.bench_train: median step over a pool of random batches); FLOPs per step counted
    once (torch.utils.flop_counter: convolutions and matmuls of the forward, the backward and the power
    iterations), hence achieved TFLOP/s and its share of the card's peaks; peak memory; the top
@@ -46,6 +48,9 @@ from cll.config import RunConfig, build_config
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("CLL_SHARED_DATA", REPO.parent / "shared" / "data")) / "tinyimagenet-subset.tgz"
 ARCHS = ("8C2F", "LipConv-20", "SLL-XL")
+# today's hosts (config/paper.yaml, table hosts), by --arch only: their step times size the grid's
+# runtime: bookings, which were estimated from FLOP counts while no GPU was lent
+HOSTS = ("LiResNet-L12W512", "BRONet-L12W512", "BRONet-L6W512")
 MODES = {"eager": {}, "amp": {"amp": True}, "compile": {"compile": True}}
 # dense TFLOP/s (no sparsity) from the vendors' data sheets: fp32 (CUDA cores), tf32 and bf16 (tensor cores)
 PEAKS = {
@@ -292,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DATA, help=f"Tiny-ImageNet subset tarball (default {DATA})")
     ap.add_argument("--data-root", type=Path, help="a folder holding tiny-imagenet-200/ already (instead of --data)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds after which nothing new starts (540)")
-    ap.add_argument("--arch", action="append", choices=ARCHS, help="repeatable; default all three")
+    ap.add_argument("--arch", action="append", choices=ARCHS + HOSTS, help=f"repeatable; default {', '.join(ARCHS)}")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -194,6 +194,21 @@ def test_bro_conv_training_centres_by_the_batch_mean_and_keeps_a_running_mean():
     assert layer.weight.grad.abs().sum() > 0 and layer.gamma.grad.abs().sum() > 0
 
 
+def test_bro_conv_trains_under_bf16_autocast():
+    """amp (bf16 autocast around the body): the DFT products run in bf16, the complex per-frequency
+    product in complex64; the output is the fp32 one to bf16 precision, and gradients flow."""
+    torch.manual_seed(4)
+    layer = _bro_conv(dtype=torch.float32).train()
+    x = torch.randn(8, 4, 5, 5, requires_grad=True)
+    with torch.no_grad():
+        exact = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    torch.testing.assert_close(out.float(), exact, rtol=0.05, atol=0.05)
+    out.float().square().sum().backward()
+    assert x.grad.isfinite().all() and layer.weight.grad.abs().sum() > 0
+
+
 def test_bro_conv_training_gradients_are_the_torch_fft_ones_in_float64():
     """Training's real products differentiate to the reference's torch.fft gradients (float64)."""
     torch.manual_seed(3)

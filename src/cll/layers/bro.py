@@ -157,7 +157,8 @@ class BROConv(EvalCache):
         b, c, n = x.shape[0], x.shape[1], x.shape[-1] + 2
         m = n // 2 + 1
         spectrum = real_rdft2(x).view(b, c, 2, n, m).permute(3, 4, 0, 2, 1)  # (j, col, sample, part, channel)
-        spectrum = torch.complex(spectrum[..., 0, :], spectrum[..., 1, :]).reshape(n * m, b, c)
+        real = w.real.dtype  # under bf16 autocast (amp) the DFT products come out in bf16, W in complex64
+        spectrum = torch.complex(spectrum[..., 0, :].to(real), spectrum[..., 1, :].to(real)).reshape(n * m, b, c)
         product = torch.bmm(spectrum, w.reshape(n * m, c, c).mT)  # (frequency, sample, channel)
         product = torch.view_as_real(product).view(n, m, b, c, 2).permute(2, 3, 4, 0, 1).reshape(b, c, 2 * n, m)
         return real_irdft2_crop(product) / (n * n)
