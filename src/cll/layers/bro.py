@@ -73,10 +73,6 @@ NECK_SHIFT = 1e-5  # the neck's, detached (the reference takes it with .item())
 SPECTRUM_CHUNK = 2**24  # complex entries of W per float64 step (256 MB in complex128)
 
 
-def _complex(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
 def bro_rank(width: int, ratio: float) -> int:
     """The reference's rank of V for a layer of ``width`` and a rank ratio: width * ratio rounded
     down, width - 1 for ratio 1 and 1 for ratio 0."""
@@ -167,7 +163,7 @@ class BROConv(EvalCache):
         n = self.canvas(tuple(x.shape[1:]))
         if not self.training:
             w, bias = self.evaluated(n)
-            return self.real_conv(x, w.to(_complex(x.dtype))) + bias[:, None, None]
+            return self.real_conv(x, w.to(torch.promote_types(x.dtype, w.dtype))) + bias[:, None, None]
         # training runs the evaluation's products (faster here than torch.fft on this small canvas,
         # and what is trained is what is certified) on W_f made afresh, with autograd
         out = self.real_conv(x, self.spectrum(n))

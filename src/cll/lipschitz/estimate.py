@@ -72,9 +72,9 @@ def power_norm(
     grad = n_iter > 0 and torch.is_grad_enabled() and weight.requires_grad
     if grad and not last_step_gradient:
         return _PowerNorm.apply(weight, u, layer, shape, n_iter)
-    forward, _ = linear_operator(layer, shape, weight)
-    with torch.no_grad():
-        u = power_iterate(*linear_operator(layer, shape, weight.detach()), u, n_iter)
+    forward, adjoint = linear_operator(layer, shape, weight)
+    with torch.no_grad():  # the steps keep no graph: only sigma's own application below is differentiated
+        u = power_iterate(forward, adjoint, u, n_iter)
     return forward(u).norm() / (u.norm() + 1e-12), u
 
 
